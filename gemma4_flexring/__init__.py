@@ -1,0 +1,9 @@
+"""gemma4-flexring: exact context-parallel ring attention for Gemma 4 masks."""
+
+from .api import ring_attention
+from .cache import clear_mask_cache, mask_cache_info
+from .info import SequenceInfo
+from .layout import Layout
+from .masks import MaskSpec
+
+__all__ = ["MaskSpec", "SequenceInfo", "Layout", "ring_attention", "mask_cache_info", "clear_mask_cache"]

@@ -1,0 +1,77 @@
+"""What users call."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
+from .info import SequenceInfo
+from .layout import Layout
+from .masks import MaskSpec
+
+# Generation of calls without metadata: their masks depend only on the mask spec and lengths.
+_NO_INFO = SequenceInfo()
+_NO_INFO.generation = torch.zeros((), dtype=torch.int64)
+
+
+def group_name(group=None) -> str:
+    """Name of a ProcessGroup / 1-D DeviceMesh / None (default group); "" for a world of one."""
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            return ""
+        group = dist.group.WORLD
+    elif not isinstance(group, dist.ProcessGroup):
+        get_group = getattr(group, "get_group", None)  # DeviceMesh
+        if get_group is None:
+            raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+        if group.ndim != 1:
+            raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim} dimensions")
+        group = get_group()
+    return group.group_name
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
+                   info: SequenceInfo | None = None, layout: Layout | None = None, group=None,
+                   scale: float | None = None) -> Tensor:
+    """Exact context-parallel attention of this rank's queries against the whole sequence.
+
+    Shapes (P ranks, S = P * L):
+        q: [B, Hq, L, D], this rank's queries in ``layout`` order.
+        k, v: [B, Hkv, L, D], this rank's keys and values; Hq % Hkv == 0.
+        returns: [B, Hq, L, D], q's dtype, differentiable w.r.t. q, k, v.
+
+    Args:
+        mask: the layer's MaskSpec (default: causal, no window).
+        info: whole-sequence metadata (documents, image blocks, padding), the same on every rank.
+        layout: how the sequence is sharded (default: contiguous over the group).
+        group: a ProcessGroup, a 1-D DeviceMesh, or None (default group; a world of one when
+            torch.distributed is not initialized).
+        scale: score scale, default ``D ** -0.5`` (Gemma 4 uses 1.0).
+
+    Raises:
+        TypeError / ValueError: on bad arguments, on every rank, before any exchange.
+    """
+    for name, t in zip("qkv", (q, k, v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ring_attention: {name} must be a Tensor, got {type(t).__name__}")
+    mask = MaskSpec() if mask is None else mask
+    if not isinstance(mask, MaskSpec):
+        raise TypeError(f"ring_attention: mask must be a MaskSpec, got {type(mask).__name__}")
+    info = _NO_INFO if info is None else info
+    if not isinstance(info, SequenceInfo):
+        raise TypeError(f"ring_attention: info must be a SequenceInfo or None, got {type(info).__name__}")
+    name = group_name(group)
+    world_size = dist.get_world_size(dist.distributed_c10d._resolve_process_group(name)) if name else 1
+    layout = Layout("contiguous", world_size) if layout is None else layout
+    if not isinstance(layout, Layout):
+        raise TypeError(f"ring_attention: layout must be a Layout, got {type(layout).__name__}")
+    if layout.world_size != world_size:
+        raise ValueError(f"ring_attention: layout is for {layout.world_size} ranks, the group has {world_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    document_ids, block_ids, padding = (None if t is None else t.to(q.device) for t in info.tensors())
+    out, _ = torch.ops.gemma4_flexring.ring_attention(
+        q, k, v, info.generation, document_ids, block_ids, padding, mask.causal,
+        mask.sliding_window, mask.block_bidirectional, layout.kind, name, scale)
+    return out

@@ -1,0 +1,56 @@
+"""Dense float64 reference on the whole sequence, written straight from the mask formula.
+
+Deliberately shares no code with the ring (no mask_mods, no kernels): it is what tests and
+the demo compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .info import SequenceInfo
+from .masks import MaskSpec
+
+
+def reference_mask(spec: MaskSpec, info: SequenceInfo | None, batch: int, seq_len: int) -> Tensor:
+    """Allowed (query i, key j) pairs as bool [B, S, S]."""
+    i = torch.arange(seq_len).view(1, -1, 1)
+    j = torch.arange(seq_len).view(1, 1, -1)
+    allowed = torch.ones(batch, seq_len, seq_len, dtype=torch.bool)
+    order = (j <= i) if spec.causal else torch.ones_like(allowed)
+    doc = block = pad = None
+    if info is not None:
+        doc, block, pad = (None if t is None else t.cpu() for t in info.tensors())
+    if spec.block_bidirectional and block is not None:
+        same = (block[:, :, None] >= 0) & (block[:, :, None] == block[:, None, :])
+        order = order | same
+    allowed = allowed & order
+    if spec.sliding_window is not None:
+        w = spec.sliding_window
+        allowed = allowed & ((j > i - w) if spec.causal else ((i - j).abs() <= w))
+    if doc is not None:
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    if pad is not None:
+        allowed = allowed & ~pad[:, None, :]
+    return allowed
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, info: SequenceInfo | None = None,
+                        scale: float | None = None) -> Tensor:
+    """Whole-sequence attention in float64: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D].
+
+    Rows with no allowed key return zeros. Differentiable (plain autograd).
+    """
+    batch, q_heads, seq_len, head_dim = q.shape
+    groups = q_heads // k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+    k64 = k64.repeat_interleave(groups, dim=1)
+    v64 = v64.repeat_interleave(groups, dim=1)
+    allowed = reference_mask(spec, info, batch, seq_len).to(q.device).unsqueeze(1)
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_alive = allowed.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~row_alive, 0.0), dim=-1) * row_alive
+    return probs @ v64

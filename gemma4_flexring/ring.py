@@ -1,0 +1,112 @@
+"""The ring: key/value chunks travel rank to rank by point-to-point exchanges.
+
+Forward: at step s rank r attends its queries to the chunk of rank (r - s) mod P while the
+chunk travels on to r + 1; partial results merge through their LSE. Backward: the chunks
+travel the same way, each with its dK/dV accumulator, which arrives home after P steps.
+Memory per rank is O(S / P): two chunk buffers and the accumulators, never the whole K/V.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .kernels import ChunkKernel
+from .merge import accumulator_dtype, merge_
+from .schedule import PairPlan, ring_owner
+
+PlanFor = Callable[[int], PairPlan]
+
+
+class RingComm:
+    """Sends to rank + 1 and receives from rank - 1 of ``group`` (None: a world of one)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.rank = 0 if group is None else group.rank()
+        self.world_size = 1 if group is None else group.size()
+        if group is not None:
+            self._next = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
+            self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
+        self.bytes_sent = 0
+
+    def start(self, send: Tensor, recv: Tensor) -> list:
+        """Begin sending ``send`` to the next rank and receiving into ``recv`` from the previous."""
+        ops = [dist.P2POp(dist.isend, send, self._next, self.group),
+               dist.P2POp(dist.irecv, recv, self._prev, self.group)]
+        self.bytes_sent += send.numel() * send.element_size()
+        return dist.batch_isend_irecv(ops)
+
+    def swap(self, send: Tensor, recv: Tensor) -> None:
+        """Blocking ``start``: ``recv`` holds the previous rank's ``send`` on return."""
+        for work in self.start(send, recv):
+            work.wait()
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingComm,
+                 kernel: ChunkKernel, scale: float) -> tuple[Tensor, Tensor]:
+    """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
+
+    Returns:
+        out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in the accumulator dtype.
+    """
+    acc = accumulator_dtype(q.dtype)
+    out = q.new_zeros(q.shape, dtype=acc)
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
+    kv = torch.stack((k, v))
+    recv = torch.empty_like(kv) if comm.world_size > 1 else None
+    for step in range(comm.world_size):
+        works = comm.start(kv, recv) if step < comm.world_size - 1 else []
+        for tile in plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles:
+            rows, cols = tile.q_rows, tile.kv_rows
+            tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
+            merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
+        if works:
+            _wait(works)
+            kv, recv = recv, kv
+    return out.to(q.dtype), lse
+
+
+def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  plan_for: PlanFor, comm: RingComm, kernel: ChunkKernel,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
+
+    Returns:
+        dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
+    """
+    acc = accumulator_dtype(q.dtype)
+    # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    dq = q.new_zeros(q.shape, dtype=acc)
+    kv = torch.stack((k, v))
+    dkv = kv.new_zeros(kv.shape, dtype=acc)
+    many = comm.world_size > 1
+    kv_recv, dkv_recv = (torch.empty_like(kv), torch.empty_like(dkv)) if many else (None, None)
+    for step in range(comm.world_size):
+        works = comm.start(kv, kv_recv) if step < comm.world_size - 1 else []
+        for tile in plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles:
+            rows, cols = tile.q_rows, tile.kv_rows
+            tile_dq, tile_dk, tile_dv = kernel.backward(
+                grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols],
+                out[:, :, rows], lse[:, :, rows], tile, scale)
+            dq[:, :, rows] += tile_dq
+            dkv[0, :, :, cols] += tile_dk
+            dkv[1, :, :, cols] += tile_dv
+        if works:
+            _wait(works)
+            kv, kv_recv = kv_recv, kv
+        if many:
+            # This chunk's gradient moves on with the chunk; after P moves it is home.
+            comm.swap(dkv, dkv_recv)
+            dkv, dkv_recv = dkv_recv, dkv
+    # dk and dv are views of one buffer: copy them apart, an op's outputs must not alias.
+    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)

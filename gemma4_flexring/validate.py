@@ -1,0 +1,112 @@
+"""Input checks that run before the first exchange.
+
+Local problems are collected, not raised, so that every rank reaches the agreement step: ranks
+then compare a small signature of their inputs (shapes, dtype, mask, layout, a fingerprint of
+the metadata) and all of them raise the same clear error, instead of one rank raising while
+the others wait in the ring forever.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .kernels import kernel_for, supported_devices
+from .layout import LAYOUTS, Layout
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "head_dim", "dtype",
+                     "causal", "sliding_window", "block_bidirectional", "layout", "scale",
+                     "document_ids", "block_ids", "padding")
+
+
+def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor | None, ...],
+                   sliding_window: int | None, layout: str, world_size: int) -> list[str]:
+    """Everything wrong with one rank's arguments, as readable sentences (empty when fine)."""
+    problems = []
+    for name, t in zip("qkv", (q, k, v)):
+        if t.dim() != 4:
+            problems.append(f"{name} must be [B, H, S_local, D] (4-D), got shape {tuple(t.shape)}")
+    if problems:
+        return problems
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        problems.append(f"q, k, v must share one dtype of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        problems.append(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    elif kernel_for(q.device) is None:
+        problems.append(f"no chunk kernel for device type {q.device.type!r}; supported: {supported_devices()}")
+    if k.shape != v.shape:
+        problems.append(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, q_heads, local_len, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, local_len, head_dim):
+        problems.append(f"k must be [B={batch}, Hkv, S_local={local_len}, D={head_dim}] like q, got {tuple(k.shape)}")
+    elif k.shape[1] < 1 or q_heads % k.shape[1]:
+        problems.append(f"query heads ({q_heads}) must be a multiple of key/value heads ({k.shape[1]})")
+    if local_len < 1:
+        problems.append("the local sequence is empty")
+    if sliding_window is not None and sliding_window < 1:
+        problems.append(f"sliding_window must be None or positive, got {sliding_window}")
+    if layout not in LAYOUTS:
+        problems.append(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    else:
+        try:
+            Layout(layout, world_size).check_length(local_len * world_size)
+        except ValueError as e:
+            problems.append(str(e))
+    for name, t in zip(("document_ids", "block_ids", "padding"), info):
+        if t is None:
+            continue
+        if tuple(t.shape) != (batch, local_len * world_size):
+            problems.append(f"SequenceInfo.{name} must be the whole sequence [B={batch}, "
+                            f"S={local_len * world_size}], got {tuple(t.shape)}")
+        if t.device != q.device:
+            problems.append(f"SequenceInfo.{name} is on {t.device}, q on {q.device}")
+    return problems
+
+
+def signature(q: Tensor, k: Tensor, info: tuple[Tensor | None, ...], causal: bool,
+              sliding_window: int | None, block_bidirectional: bool, layout: str, scale: float,
+              failed: bool) -> list[int]:
+    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``)."""
+    if failed:
+        return [1] + [0] * (len(_SIGNATURE_FIELDS) - 1)
+    dtype = _DTYPES.index(q.dtype)
+    scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+    return [0, *q.shape[:2], k.shape[1], *q.shape[2:], dtype, int(causal),
+            -1 if sliding_window is None else sliding_window, int(block_bidirectional),
+            LAYOUTS.index(layout), scale_bits, *(_fingerprint(t) for t in info)]
+
+
+def _fingerprint(t: Tensor | None) -> int:
+    """A cheap content hash of a metadata tensor (-1 for None)."""
+    if t is None:
+        return -1
+    flat = t.detach().flatten().to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) * 2654435761 % 1000003 + 1
+    return int((flat * weights).sum()) * 31 + flat.numel()
+
+
+def check_inputs(problems: list[str], sig: list[int], group: dist.ProcessGroup | None) -> None:
+    """Raise the same ValueError on every rank when any rank's inputs are bad or ranks disagree."""
+    if group is None or group.size() == 1:
+        if problems:
+            raise ValueError("ring_attention: " + "; ".join(problems))
+        return
+    mine = torch.tensor(sig, dtype=torch.int64)
+    table = [torch.empty_like(mine) for _ in range(group.size())]
+    dist.all_gather(table, mine, group=group)
+    rows = [t.tolist() for t in table]
+    if not any(r[0] for r in rows) and all(r == rows[0] for r in rows):
+        return
+    messages: list = [None] * group.size()
+    dist.all_gather_object(messages, problems, group=group)
+    lines = [f"rank {r}: {'; '.join(m)}" for r, m in enumerate(messages) if m]
+    if not lines:
+        for i, field in enumerate(_SIGNATURE_FIELDS):
+            values = [r[i] for r in rows]
+            if len(set(values)) > 1:
+                lines.append(f"ranks disagree on {field}: {values}")
+    raise ValueError("ring_attention: bad input, no exchange was started:\n  " + "\n  ".join(lines))

@@ -1,0 +1,91 @@
+"""Deterministic inputs for ring tests and the worker that runs one rank of a case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+from gemma4_flexring import schedule
+
+SPECS = {
+    "causal": MaskSpec(causal=True),
+    "sliding": MaskSpec(causal=True, sliding_window=7),
+    "sliding_vision": MaskSpec(causal=True, sliding_window=7, block_bidirectional=True),
+    "causal_vision": MaskSpec(causal=True, block_bidirectional=True),
+    "bidirectional": MaskSpec(causal=False),
+    "bidirectional_window": MaskSpec(causal=False, sliding_window=5),
+}
+INFOS = ("none", "documents", "padding", "vision", "packed_padded", "all")
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: str
+    info: str
+    dtype: torch.dtype = torch.float64
+    seq_len: int = 48
+    batch: int = 2
+    q_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    scale: float | None = None
+    seed: int = 0
+    block_size: int | None = None
+
+    @property
+    def mask(self) -> MaskSpec:
+        return SPECS[self.spec]
+
+
+def make_info(kind: str, batch: int, seq_len: int) -> SequenceInfo | None:
+    """Metadata whose blocks and documents cross rank boundaries; image 0 is longer than W=7."""
+    if kind == "none":
+        return None
+    s = seq_len
+    docs = torch.zeros(batch, s, dtype=torch.long)
+    docs[:, s * 3 // 8:] = 1
+    docs[:, s * 7 // 8:] = 2
+    docs[-1, : s // 4] = 3  # rows differ
+    blocks = torch.full((batch, s), -1, dtype=torch.long)
+    blocks[:, s // 5: s * 3 // 5] = 0
+    blocks[:, s * 3 // 4: s * 3 // 4 + 4] = 1
+    padding = torch.zeros(batch, s, dtype=torch.bool)
+    padding[-1, s * 7 // 8:] = True  # a whole padded document: its queries see no key
+    padding[0, :2] = True
+    use = {"documents": (docs, None, None), "padding": (None, None, padding), "vision": (None, blocks, None),
+           "packed_padded": (docs, None, padding), "all": (docs, blocks, padding)}[kind]
+    return SequenceInfo(*use)
+
+
+def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
+    """Whole-sequence q [B, Hq, S, D], k, v [B, Hkv, S, D] and an output gradient."""
+    g = torch.Generator().manual_seed(case.seed)
+    b, s, d = case.batch, case.seq_len, case.head_dim
+    q = torch.randn(b, case.q_heads, s, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, case.kv_heads, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, case.kv_heads, s, d, generator=g, dtype=torch.float64)
+    grad = torch.randn(b, case.q_heads, s, d, generator=g, dtype=torch.float64)
+    return tuple(t.to(case.dtype) for t in (q, k, v, grad))
+
+
+def run_case(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[torch.Tensor, ...]:
+    """One rank's (out, dq, dk, dv) for its shard of ``case``."""
+    q, k, v, grad = make_tensors(case)
+    layout = Layout(layout_kind, world_size)
+    local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+    saved = schedule.BLOCK_SIZE
+    if case.block_size is not None:
+        schedule.BLOCK_SIZE = case.block_size
+    try:
+        out = ring_attention(*local, mask=case.mask, info=make_info(case.info, case.batch, case.seq_len),
+                             layout=layout, scale=case.scale)
+        out.backward(layout.shard(grad, 2, rank))
+    finally:
+        schedule.BLOCK_SIZE = saved
+    return (out.detach(), *(t.grad for t in local))
+
+
+def run_cases(rank: int, world_size: int, cases: list[Case], layout_kind: str) -> list:
+    return [run_case(rank, world_size, c, layout_kind) for c in cases]
