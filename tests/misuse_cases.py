@@ -1,0 +1,39 @@
+"""Workers that hand the ring inconsistent inputs on purpose."""
+
+from __future__ import annotations
+
+import torch
+
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+
+
+def _qkv(local_len: int, dtype=torch.float32, q_heads: int = 4):
+    return (torch.randn(1, q_heads, local_len, 8, dtype=dtype), torch.randn(1, 2, local_len, 8, dtype=dtype),
+            torch.randn(1, 2, local_len, 8, dtype=dtype))
+
+
+def lengths_differ(rank: int, world_size: int) -> None:
+    ring_attention(*_qkv(8 + 2 * rank), layout=Layout("zigzag", world_size))
+
+
+def one_rank_bad_dtype(rank: int, world_size: int) -> None:
+    q, k, v = _qkv(8)
+    if rank == 1:
+        k = k.double()
+    ring_attention(q, k, v, layout=Layout("contiguous", world_size))
+
+
+def metadata_differs(rank: int, world_size: int) -> None:
+    docs = torch.zeros(1, 8 * world_size, dtype=torch.long)
+    docs[0, 3 + rank:] = 1
+    ring_attention(*_qkv(8), info=SequenceInfo(document_ids=docs), layout=Layout("contiguous", world_size))
+
+
+def masks_differ(rank: int, world_size: int) -> None:
+    ring_attention(*_qkv(8), mask=MaskSpec(sliding_window=4 + rank), layout=Layout("contiguous", world_size))
+
+
+def then_works(rank: int, world_size: int) -> float:
+    """After the failures the group is still usable."""
+    out = ring_attention(*_qkv(8), layout=Layout("contiguous", world_size))
+    return float(out.abs().sum())

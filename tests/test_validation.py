@@ -1,0 +1,74 @@
+"""Bad input: a clear error on every rank, before any exchange, and no hang."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import misuse_cases
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+
+
+def qkv(b=1, hq=4, hkv=2, s=8, d=8, dtype=torch.float32):
+    return torch.randn(b, hq, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: (torch.randn(4, 8, 8), *qkv()[1:]), "4-D"),
+    (lambda: (qkv()[0], qkv(dtype=torch.float64)[1], qkv()[2]), "one dtype"),
+    (lambda: tuple(t.long() for t in qkv()), "one dtype"),
+    (lambda: qkv(hq=3, hkv=2), "multiple of key/value heads"),
+    (lambda: (qkv()[0], qkv(s=6)[1], qkv(s=6)[2]), "S_local=8"),
+    (lambda: (qkv()[0], qkv(d=4)[1], qkv()[2]), "one shape"),
+])
+def test_bad_tensors(make, match):
+    with pytest.raises(ValueError, match=match):
+        ring_attention(*make())
+
+
+def test_wrong_argument_types():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="q must be a Tensor"):
+        ring_attention(q.numpy(), k, v)
+    with pytest.raises(TypeError, match="mask must be a MaskSpec"):
+        ring_attention(q, k, v, mask={"causal": True})
+    with pytest.raises(TypeError, match="info must be a SequenceInfo"):
+        ring_attention(q, k, v, info=torch.zeros(1, 8))
+    with pytest.raises(TypeError, match="layout must be a Layout"):
+        ring_attention(q, k, v, layout="zigzag")
+    with pytest.raises(TypeError, match="group must be"):
+        ring_attention(q, k, v, group="world")
+
+
+def test_layout_and_metadata_checks():
+    q, k, v = qkv(s=7)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        ring_attention(q, k, v, layout=Layout("zigzag", 1))
+    with pytest.raises(ValueError, match="layout is for 2 ranks"):
+        ring_attention(*qkv(), layout=Layout("zigzag", 2))
+    with pytest.raises(ValueError, match="whole sequence"):
+        ring_attention(*qkv(), info=SequenceInfo(document_ids=torch.zeros(1, 9, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"whole sequence \[B=2"):
+        ring_attention(*qkv(b=2), info=SequenceInfo(padding=torch.zeros(1, 8, dtype=torch.bool)))
+
+
+def test_fully_masked_input_gives_zeros_not_nans():
+    q, k, v = (t.requires_grad_(True) for t in qkv())
+    info = SequenceInfo(padding=torch.ones(1, 8, dtype=torch.bool))
+    out = ring_attention(q, k, v, mask=MaskSpec(causal=False), info=info)
+    out.sum().backward()
+    assert out.abs().max() == 0 and q.grad.abs().max() == 0 and k.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("worker, match", [
+    (misuse_cases.lengths_differ, "ranks disagree on local_len"),
+    (misuse_cases.one_rank_bad_dtype, "rank 1: q, k, v must share one dtype"),
+    (misuse_cases.metadata_differs, "ranks disagree on document_ids"),
+    (misuse_cases.masks_differ, "ranks disagree on sliding_window"),
+])
+def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
+    errors = cluster(2).errors(worker)
+    for name, message in errors:
+        assert name == "ValueError", errors
+        assert match in message and "no exchange was started" in message
+    assert len(cluster(2).run(misuse_cases.then_works)) == 2
