@@ -16,11 +16,12 @@ _NO_INFO = SequenceInfo()
 _NO_INFO.generation = torch.zeros((), dtype=torch.int64)
 
 
-def group_name(group=None) -> str:
-    """Name of a ProcessGroup / 1-D DeviceMesh / None (default group); "" for a world of one."""
+def process_group(group=None) -> dist.ProcessGroup | None:
+    """The ProcessGroup of a ProcessGroup / 1-D DeviceMesh / None (default group; None when
+    torch.distributed is not initialized, a world of one)."""
     if group is None:
         if not dist.is_available() or not dist.is_initialized():
-            return ""
+            return None
         group = dist.group.WORLD
     elif not isinstance(group, dist.ProcessGroup):
         get_group = getattr(group, "get_group", None)  # DeviceMesh
@@ -29,7 +30,13 @@ def group_name(group=None) -> str:
         if group.ndim != 1:
             raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim} dimensions")
         group = get_group()
-    return group.group_name
+    return group
+
+
+def group_name(group=None) -> str:
+    """Name of a ProcessGroup / 1-D DeviceMesh / None (default group); "" for a world of one."""
+    pg = process_group(group)
+    return "" if pg is None else pg.group_name
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
@@ -62,8 +69,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     info = _NO_INFO if info is None else info
     if not isinstance(info, SequenceInfo):
         raise TypeError(f"ring_attention: info must be a SequenceInfo or None, got {type(info).__name__}")
-    name = group_name(group)
-    world_size = dist.get_world_size(dist.distributed_c10d._resolve_process_group(name)) if name else 1
+    # The group object, not its name, gives the size: dynamo traces ProcessGroup methods (constant
+    # per group) but not the C++ name lookup ``_resolve_process_group``.
+    pg = process_group(group)
+    name = "" if pg is None else pg.group_name
+    world_size = 1 if pg is None else dist.get_world_size(pg)
     layout = Layout("contiguous", world_size) if layout is None else layout
     if not isinstance(layout, Layout):
         raise TypeError(f"ring_attention: layout must be a Layout, got {type(layout).__name__}")

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-import itertools
+import os
+import threading
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-_generations = itertools.count(1)
+
+def _random_start() -> int:
+    # Each process counts from its own random point (below 2**56, leaving room to count): a
+    # SequenceInfo built in another process (a DataLoader worker, forked or spawned) and sent here
+    # must not carry a generation this process also hands out, or it could hit stale plans.
+    return int.from_bytes(os.urandom(7), "little") + 1
+
+
+# The last generation handed out. A tensor, not a Python counter: when a ``SequenceInfo`` is built
+# inside a compiled function, dynamo would burn a Python int into the graph and guard on the
+# counter (one recompile per batch); an in-place add on a module tensor is traced as a runtime
+# mutation instead, so every call of the compiled code still gets a fresh generation.
+_LAST_GENERATION = torch.tensor(_random_start(), dtype=torch.int64)
+_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: _LAST_GENERATION.fill_(_random_start()))
+
+
+def next_generation() -> Tensor:
+    """A fresh int64 scalar tensor: larger than every generation this process handed out before,
+    and with overwhelming probability one no other process hands out. Never 0 (the generation
+    of calls without metadata)."""
+    if torch.compiler.is_compiling():
+        return _LAST_GENERATION.add_(1).clone()
+    with _LOCK:
+        return _LAST_GENERATION.add_(1).clone()
 
 
 def _check_2d(name: str, t: Tensor | None, allowed: tuple[torch.dtype, ...]) -> None:
@@ -44,13 +70,16 @@ class SequenceInfo:
         _check_2d("document_ids", document_ids, _INT_DTYPES)
         _check_2d("block_ids", block_ids, _INT_DTYPES)
         _check_2d("padding", padding, (torch.bool,))
-        shapes = {tuple(t.shape) for t in (document_ids, block_ids, padding) if t is not None}
-        if len(shapes) > 1:
-            raise ValueError(f"SequenceInfo tensors must share one [B, S] shape, got {sorted(shapes)}")
+        # Compared pairwise, not hashed in a set: hashing a symbolic size under torch.compile
+        # would specialize the sequence length.
+        present = [t for t in (document_ids, block_ids, padding) if t is not None]
+        if any(t.shape != present[0].shape for t in present[1:]):
+            shapes = sorted({tuple(t.shape) for t in present})
+            raise ValueError(f"SequenceInfo tensors must share one [B, S] shape, got {shapes}")
         self.document_ids = document_ids
         self.block_ids = block_ids
         self.padding = padding
-        self.generation = torch.tensor(next(_generations), dtype=torch.int64)
+        self.generation = next_generation()
 
     @classmethod
     def from_hf(cls, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -80,11 +109,14 @@ class SequenceInfo:
 
 
 def documents_from_positions(position_ids: Tensor) -> Tensor | None:
-    """[B, S] document index from position resets; None when every row is one document."""
+    """[B, S] document index from position resets; None when every row is one document (except
+    under torch.compile, where the all-zero ids come back: the same mask, no data-dependent branch)."""
     first = position_ids[:, :1] - 1
     starts = torch.diff(position_ids, prepend=first, dim=-1) != 1
     document_ids = starts.cumsum(-1)
-    if (document_ids[:, -1] == 0).all():
+    # The single-document shortcut reads data; under torch.compile that would break the graph,
+    # so compiled code keeps the (all-zero, same-mask) document ids instead.
+    if not torch.compiler.is_compiling() and (document_ids[:, -1] == 0).all():
         return None
     return document_ids
 
@@ -95,3 +127,30 @@ def blocks_from_token_types(mm_token_type_ids: Tensor) -> Tensor:
     prev_vision = torch.nn.functional.pad(is_vision[:, :-1], (1, 0), value=False)
     block = (is_vision & ~prev_vision).cumsum(-1) - 1
     return torch.where(is_vision, block, torch.full_like(block, -1))
+
+
+# A pytree node, so that ``torch.export`` takes a ``SequenceInfo`` as a model input (its tensors,
+# generation included, become graph inputs) and ``torch.export.save`` / ``load`` round-trip it.
+_FIELDS = ("document_ids", "block_ids", "padding", "generation")
+
+
+def _flatten(info: SequenceInfo):
+    return [getattr(info, f) for f in _FIELDS], None
+
+
+def _flatten_with_keys(info: SequenceInfo):
+    return [(pytree.GetAttrKey(f), getattr(info, f)) for f in _FIELDS], None
+
+
+def _unflatten(values, context) -> SequenceInfo:
+    info = SequenceInfo.__new__(SequenceInfo)  # no __init__: keep the given generation
+    for f, value in zip(_FIELDS, values):
+        setattr(info, f, value)
+    return info
+
+
+pytree.register_pytree_node(SequenceInfo, _flatten, _unflatten, serialized_type_name="gemma4_flexring.SequenceInfo",
+                            flatten_with_keys_fn=_flatten_with_keys)
+# ``torch.export.save`` stores example inputs, SequenceInfo among them; let ``torch.export.load``
+# (weights_only unpickling) rebuild it without falling back to a full unpickle.
+torch.serialization.add_safe_globals([SequenceInfo])
