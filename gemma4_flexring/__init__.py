@@ -5,5 +5,7 @@ from .cache import clear_mask_cache, mask_cache_info
 from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec
+from .stats import RingStats, reset_ring_stats, ring_stats
 
-__all__ = ["MaskSpec", "SequenceInfo", "Layout", "ring_attention", "mask_cache_info", "clear_mask_cache"]
+__all__ = ["MaskSpec", "SequenceInfo", "Layout", "ring_attention", "mask_cache_info", "clear_mask_cache",
+           "RingStats", "ring_stats", "reset_ring_stats"]

@@ -17,6 +17,7 @@ from torch import Tensor
 from .kernels import ChunkKernel
 from .merge import accumulator_dtype, merge_
 from .schedule import PairPlan, ring_owner
+from .stats import record_send, record_step
 
 PlanFor = Callable[[int], PairPlan]
 
@@ -31,13 +32,12 @@ class RingComm:
         if group is not None:
             self._next = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
             self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
-        self.bytes_sent = 0
 
     def start(self, send: Tensor, recv: Tensor) -> list:
         """Begin sending ``send`` to the next rank and receiving into ``recv`` from the previous."""
         ops = [dist.P2POp(dist.isend, send, self._next, self.group),
                dist.P2POp(dist.irecv, recv, self._prev, self.group)]
-        self.bytes_sent += send.numel() * send.element_size()
+        record_send(send.numel() * send.element_size())
         return dist.batch_isend_irecv(ops)
 
     def swap(self, send: Tensor, recv: Tensor) -> None:
@@ -65,7 +65,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingC
     recv = torch.empty_like(kv) if comm.world_size > 1 else None
     for step in range(comm.world_size):
         works = comm.start(kv, recv) if step < comm.world_size - 1 else []
-        for tile in plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles:
+        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
+        record_step(len(tiles))
+        for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
             merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
@@ -93,7 +95,9 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     kv_recv, dkv_recv = (torch.empty_like(kv), torch.empty_like(dkv)) if many else (None, None)
     for step in range(comm.world_size):
         works = comm.start(kv, kv_recv) if step < comm.world_size - 1 else []
-        for tile in plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles:
+        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
+        record_step(len(tiles))
+        for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_dq, tile_dk, tile_dv = kernel.backward(
                 grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols],

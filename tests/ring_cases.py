@@ -89,3 +89,13 @@ def run_case(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[
 
 def run_cases(rank: int, world_size: int, cases: list[Case], layout_kind: str) -> list:
     return [run_case(rank, world_size, c, layout_kind) for c in cases]
+
+
+def causal_step_stats(rank: int, world_size: int):
+    """Ring counters of one contiguous causal forward and backward (float32, B=1, Hkv=2, L=8, D=8)."""
+    from gemma4_flexring import reset_ring_stats, ring_stats
+
+    case = Case("causal", "none", torch.float32, seq_len=8 * world_size, batch=1)
+    reset_ring_stats()
+    run_case(rank, world_size, case, "contiguous")
+    return ring_stats()

@@ -1,0 +1,238 @@
+"""Tiny random Gemma 4 models, whole-sequence batches and the per-rank worker for the HF tests.
+
+Every process builds the same float64 model from the same seed, so the gloo workers and the
+one-process reference in the test process hold identical weights without sending any.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
+                          Gemma4VisionConfig)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, hf
+from gemma4_flexring.reference import reference_mask
+
+SEQ_LEN = 48  # splits into 4 and 6 equal pieces: zigzag over 2 and 3 ranks
+BATCH = 2
+WINDOW = 8
+VOCAB = 128
+IMAGE_TOKEN = 5
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def text_config(bidirectional: str | None = None, **overrides) -> Gemma4TextConfig:
+    """4 layers (sliding, global, sliding, global), GQA, per-layer inputs, a wider global head."""
+    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=len(LAYER_TYPES),
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                  sliding_window=WINDOW, layer_types=list(LAYER_TYPES), vocab_size_per_layer_input=VOCAB,
+                  hidden_size_per_layer_input=8, final_logit_softcapping=30.0, pad_token_id=0,
+                  use_bidirectional_attention=bidirectional)
+    return Gemma4TextConfig(**{**fields, **overrides})
+
+
+def multimodal_config() -> Gemma4Config:
+    """The text stack with ``use_bidirectional_attention="vision"`` and a one-layer vision tower."""
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
+                                position_embedding_size=64)
+    return Gemma4Config(text_config=text_config("vision"), vision_config=vision, audio_config=None,
+                        image_token_id=IMAGE_TOKEN, boi_token_id=6, eoi_token_id=7, video_token_id=8,
+                        audio_token_id=9)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A whole-sequence batch, [B, S] each (None when absent)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
+
+    def model_kwargs(self) -> dict:
+        names = ("input_ids", "labels", "position_ids", "attention_mask", "mm_token_type_ids")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def packed_positions(boundaries: list[list[int]]) -> torch.Tensor:
+    """[B, S] position ids that restart at each row's document boundaries."""
+    rows = []
+    for cuts in boundaries:
+        starts = [0, *cuts]
+        lengths = [b - a for a, b in zip(starts, [*cuts, SEQ_LEN])]
+        rows.append(torch.cat([torch.arange(n) for n in lengths]))
+    return torch.stack(rows)
+
+
+def make_batch(packed: bool, padded: bool, images: bool, seed: int = 1) -> Batch:
+    """Random tokens; documents, padding and image blocks cross rank boundaries.
+
+    Row 0: documents start at 13 and 30; an image block of 14 tokens (longer than the window)
+    at 9..22, across a document start (documents still separate). Row 1: a document starts at
+    21; image blocks at 4..9 and 26..31; 7 padding tokens at the end.
+    """
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(10, VOCAB, (BATCH, SEQ_LEN), generator=g)
+    position_ids = packed_positions([[13, 30], [21]]) if packed else None
+    attention_mask = mm_token_type_ids = None
+    if images:
+        mm_token_type_ids = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+        mm_token_type_ids[0, 9:23] = 1
+        mm_token_type_ids[1, 4:10] = 1
+        mm_token_type_ids[1, 26:32] = 1
+        input_ids = input_ids.masked_fill(mm_token_type_ids == 1, IMAGE_TOKEN)
+    labels = input_ids.clone()
+    if images:
+        labels = labels.masked_fill(mm_token_type_ids == 1, -100)
+    if padded:
+        attention_mask = torch.ones(BATCH, SEQ_LEN, dtype=torch.long)
+        attention_mask[1, -7:] = 0
+        input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    return Batch(input_ids, labels, position_ids, attention_mask, mm_token_type_ids)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison: a model kind, a batch, and how the one-process reference gets its masks.
+
+    ``explicit_masks``: the reference runs on masks built from ``reference_mask`` (for batches
+    whose mask transformers cannot build: packing with padding, packing with images, packing
+    with bidirectional attention); otherwise transformers builds its own masks.
+    ``image_features``: the image tokens get soft-token features (a leaf [N, hidden], standing in
+    for the vision tower's output) through ``mm_encoder_outputs``; their gradient is compared too.
+    """
+
+    name: str
+    multimodal: bool = False
+    bidirectional: str | None = None
+    packed: bool = False
+    padded: bool = False
+    explicit_masks: bool = False
+    image_features: bool = False
+
+    def config(self):
+        return multimodal_config() if self.multimodal else text_config(self.bidirectional)
+
+    def batch(self) -> Batch:
+        return make_batch(self.packed, self.padded, images=self.multimodal)
+
+    def layer_specs(self) -> dict[str, MaskSpec]:
+        """The intended mask of each layer type, written out independently of ``hf.mask_spec``."""
+        text = self.config().get_text_config()
+        causal = text.use_bidirectional_attention != "all"
+        vision = text.use_bidirectional_attention == "vision"
+        return {"full_attention": MaskSpec(causal=causal),
+                "sliding_attention": MaskSpec(causal=causal, sliding_window=text.sliding_window,
+                                              block_bidirectional=vision)}
+
+
+CASES = {c.name: c for c in [
+    Case("packed", packed=True),
+    Case("padded", padded=True),
+    Case("packed_padded", packed=True, padded=True, explicit_masks=True),
+    Case("bidirectional_padded", bidirectional="all", padded=True),
+    Case("bidirectional_packed", bidirectional="all", packed=True, explicit_masks=True),
+    Case("vision_padded", multimodal=True, padded=True),
+    Case("vision_packed_padded", multimodal=True, packed=True, padded=True, explicit_masks=True),
+    Case("vision_features", multimodal=True, packed=True, padded=True, explicit_masks=True, image_features=True),
+]}
+
+
+def make_model(case: Case, ring: bool) -> torch.nn.Module:
+    """The case's model in float64, seeded; its text attention is the ring or sdpa."""
+    torch.manual_seed(0)
+    cls = Gemma4ForConditionalGeneration if case.multimodal else Gemma4ForCausalLM
+    model = cls(case.config()).to(torch.float64)
+    return hf.use_ring_attention(model) if ring else model
+
+
+def explicit_masks(case: Case, batch: Batch) -> dict[str, torch.Tensor]:
+    """Per layer type, the allowed pairs as bool [B, 1, S, S], from the dense reference mask."""
+    info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
+    return {kind: reference_mask(spec, info, BATCH, SEQ_LEN).unsqueeze(1)
+            for kind, spec in case.layer_specs().items()}
+
+
+@dataclass
+class Result:
+    """Logits [B, S or L, V], loss, and every parameter gradient by name (plus "image_features")."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+
+def image_features(batch: Batch) -> torch.Tensor:
+    """Seeded features of every image token, [N, hidden], requiring grad."""
+    count = int((batch.input_ids == IMAGE_TOKEN).sum())
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(count, 32, generator=g, dtype=torch.float64).requires_grad_(True)
+
+
+def image_outputs(features: torch.Tensor) -> dict:
+    return {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
+
+
+def _result(model: torch.nn.Module, out, features: torch.Tensor | None = None) -> Result:
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if features is not None:
+        grads["image_features"] = features.grad
+    return Result(out.logits.detach(), out.loss.detach(), grads)
+
+
+@contextmanager
+def single_thread():
+    """Tiny models run fastest on one thread; on a busy machine extra OpenMP threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def reference(case: Case) -> Result:
+    """One transformers run on the whole sequence: sdpa, no cache, the model's own loss."""
+    batch = case.batch()
+    model = make_model(case, ring=False)
+    kwargs = batch.model_kwargs()
+    if case.explicit_masks:
+        kwargs["attention_mask"] = explicit_masks(case, batch)
+    features = image_features(batch) if case.image_features else None
+    if features is not None:
+        kwargs["mm_encoder_outputs"] = image_outputs(features)
+    with single_thread():
+        return _result(model, model(**kwargs, use_cache=False), features)
+
+
+def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str) -> list[Result]:
+    """This rank's logits [B, L, V], loss share and gradient share for each named case."""
+    layout = Layout(layout_kind, world_size)
+    results = []
+    for name in names:
+        case, batch = CASES[name], CASES[name].batch()
+        model = make_model(case, ring=True)
+        kwargs = hf.shard_inputs(**batch.model_kwargs(), layout=layout, rank=rank)
+        features = image_features(batch) if case.image_features else None
+        if features is not None:
+            local = hf.shard_token_features(features, batch.input_ids == IMAGE_TOKEN, layout, rank)
+            kwargs["mm_encoder_outputs"] = image_outputs(local)
+        with single_thread():
+            results.append(_result(model, model(**kwargs), features))
+    return results
+
+
+def shard_kwargs(rank: int, world_size: int, layout_kind: str) -> dict:
+    """This rank's ``shard_inputs`` for the multimodal packed, padded batch, minus the context."""
+    batch = make_batch(packed=True, padded=True, images=True)
+    kwargs = hf.shard_inputs(**batch.model_kwargs(), layout=Layout(layout_kind, world_size), rank=rank)
+    kwargs.pop(hf.CONTEXT_KWARG)
+    return kwargs

@@ -1,0 +1,192 @@
+"""transformers integration: Gemma 4 under CP with ``attn_implementation="gemma4_flexring"``.
+
+Every case runs a tiny random float64 Gemma 4 (sliding and global layers) on 2 and 3 gloo ranks
+in both layouts, and compares with one transformers run on the whole sequence (sdpa,
+use_cache=False): logits, the loss (per-rank losses summed) and every parameter gradient
+(per-rank gradients summed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, Gemma4ForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from gemma4_flexring import Layout, MaskSpec, hf
+from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp, shard_kwargs,
+                      text_config)
+
+# transformers computes RMSNorm and the loss in float32, so float64 runs agree to ~1e-7 relative
+# on gradients and the loss; the logits go through the same float32 rounding and come out equal.
+LOGITS_TOLERANCE = 1e-10
+LOSS_RTOL = 1e-6
+GRAD_RTOL = 2e-6
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {name: reference(case) for name, case in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def cp_results(cluster):
+    """``cp_results(world_size, layout)``: every case's per-rank results, one cluster call each."""
+    cache = {}
+
+    def get(world_size: int, layout: str):
+        if (world_size, layout) not in cache:
+            cache[world_size, layout] = cluster(world_size).run(run_cp, list(CASES), layout)
+        return cache[world_size, layout]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_one_process(references, cp_results, name, world_size, layout):
+    want = references[name]
+    ranks = [r[list(CASES).index(name)] for r in cp_results(world_size, layout)]
+    logits = Layout(layout, world_size).unshard([r.logits for r in ranks], dim=1)
+    assert (logits - want.logits).abs().max().item() <= LOGITS_TOLERANCE
+    loss = sum(r.loss for r in ranks)
+    assert abs(loss.item() - want.loss.item()) <= LOSS_RTOL * want.loss.item()
+    assert set(ranks[0].grads) == set(want.grads)
+    errors = {n: relative_error(sum(r.grads[n] for r in ranks), g) for n, g in want.grads.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.1e}"
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_shard_inputs_on_ranks(cluster, layout):
+    """Local tokens in layout order, global positions, labels shifted before sharding."""
+    batch = make_batch(packed=True, padded=True, images=True)
+    sharding = Layout(layout, 3)
+    parts = cluster(3).run(shard_kwargs, layout)
+    for rank, kwargs in enumerate(parts):
+        assert torch.equal(kwargs["position_ids"], sharding.shard(batch.position_ids, 1, rank))
+        assert kwargs["input_ids"].is_contiguous() and kwargs["shift_labels"].is_contiguous()
+        assert kwargs["use_cache"] is False
+    for key in ("input_ids", "mm_token_type_ids"):
+        assert torch.equal(sharding.unshard([p[key] for p in parts], dim=1), getattr(batch, key))
+    labels = sharding.unshard([p["labels"] for p in parts], dim=1)
+    assert torch.equal(labels, hf.shift_labels(batch.labels, batch.attention_mask))
+    assert all(int(p["num_items_in_batch"]) == int((labels != -100).sum()) for p in parts)
+
+
+def test_world_of_one_matches_one_process():
+    """Without torch.distributed the ring is a world of one: same model, same numbers."""
+    want = reference(CASES["vision_packed_padded"])
+    got, = run_cp(0, 1, ["vision_packed_padded"], "zigzag")
+    assert (got.logits - want.logits).abs().max().item() <= LOGITS_TOLERANCE
+    assert abs(got.loss.item() - want.loss.item()) <= LOSS_RTOL * want.loss.item()
+    for n, g in want.grads.items():
+        assert relative_error(got.grads[n], g) <= GRAD_RTOL, n
+
+
+@pytest.mark.parametrize("case_name, wrong", [
+    ("vision_padded", lambda spec: MaskSpec(spec.causal, spec.sliding_window, False)),
+    ("packed", lambda spec: MaskSpec(spec.causal, spec.sliding_window and spec.sliding_window + 1)),
+])
+def test_a_wrong_mask_is_caught(monkeypatch, case_name, wrong):
+    """The comparison is sensitive: one image block seen causally, or a window one token wider, fails it."""
+    want = reference(CASES[case_name])
+    right = hf.mask_spec
+    monkeypatch.setattr(hf, "mask_spec", lambda module: wrong(right(module)))
+    got, = run_cp(0, 1, [case_name], "zigzag")
+    assert (got.logits - want.logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("bidirectional, sliding", [
+    (None, MaskSpec(True, WINDOW)),
+    ("vision", MaskSpec(True, WINDOW, block_bidirectional=True)),
+    ("all", MaskSpec(False, WINDOW // 2 + 1)),  # transformers halves the window for "all"
+])
+def test_mask_spec_per_layer(bidirectional, sliding):
+    """Sliding layers: window (and image blocks with "vision"); global layers: no window, causal unless "all"."""
+    model = Gemma4ForCausalLM(text_config(bidirectional))
+    specs = [hf.mask_spec(layer.self_attn) for layer in model.model.layers]
+    glob = MaskSpec(causal=bidirectional != "all")
+    assert specs == [sliding, glob, sliding, glob]
+
+
+def test_register_installs_attention_and_no_mask():
+    """transformers builds no whole-sequence mask for the ring: the hook returns None."""
+    hf.register()
+    assert AttentionInterface()[hf.ATTN_IMPLEMENTATION] is hf.attention_forward
+    config = text_config(attn_implementation=hf.ATTN_IMPLEMENTATION)
+    embeds = torch.zeros(2, SEQ_LEN, 32)
+    attention_mask = torch.ones(2, SEQ_LEN, dtype=torch.long)
+    position_ids = torch.arange(SEQ_LEN).expand(2, -1)
+    for build in (create_causal_mask, create_sliding_window_causal_mask):
+        assert build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
+                     position_ids=position_ids) is None
+
+
+def test_use_ring_attention_keeps_the_vision_tower():
+    model = make_model(CASES["vision_padded"], ring=True)
+    assert model.config.get_text_config()._attn_implementation == hf.ATTN_IMPLEMENTATION
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_shift_labels():
+    labels = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, -100, -100]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert hf.shift_labels(labels).tolist() == [[2, 3, 4, 5, -100], [7, 8, -100, -100, -100]]
+    left_padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    # A padding position predicts nothing, even a real next token.
+    assert hf.shift_labels(labels, left_padded).tolist() == [[-100, -100, 4, 5, -100], [7, 8, -100, -100, -100]]
+    assert hf.shift_labels(labels, attention_mask).tolist() == [[2, 3, 4, 5, -100], [7, 8, -100, -100, -100]]
+
+
+def test_dropout_raises_before_any_exchange():
+    model = hf.use_ring_attention(Gemma4ForCausalLM(text_config(attention_dropout=0.1)))
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(**hf.shard_inputs(**CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
+    model.eval()  # no dropout at evaluation
+    model(**hf.shard_inputs(**CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
+
+
+def test_missing_context_raises():
+    model = make_model(CASES["packed"], ring=True)
+    with pytest.raises(ValueError, match="shard_inputs"):
+        model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
+
+
+def _batch() -> Batch:
+    return make_batch(packed=True, padded=True, images=False)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(input_ids=torch.ones(2, 46, dtype=torch.long), labels=None, position_ids=None, attention_mask=None,
+          layout=Layout("zigzag", 2)), ValueError, "multiple of 4"),
+    (dict(layout=Layout("zigzag", 2), rank=2), ValueError, "rank"),
+    (dict(layout="zigzag"), TypeError, "Layout"),
+    (dict(labels=torch.ones(2, 47, dtype=torch.long)), ValueError, "labels"),
+    (dict(position_ids=[0, 1]), TypeError, "position_ids"),
+    (dict(input_ids=torch.ones(SEQ_LEN, dtype=torch.long)), ValueError, "input_ids"),
+    (dict(layout=Layout("zigzag", 2), rank=0), ValueError, "the group has 1"),
+])
+def test_shard_inputs_rejects_bad_input(change, error, match):
+    batch = _batch()
+    kwargs = dict(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                  attention_mask=batch.attention_mask, layout=Layout("zigzag", 1), rank=0)
+    with pytest.raises(error, match=match):
+        hf.shard_inputs(**{**kwargs, **change})
+
+
+def test_shard_token_features_gives_each_rank_its_rows_in_local_order():
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, [1, 2, 6]] = True
+    features = torch.arange(3.0).unsqueeze(1)
+    zigzag = Layout("zigzag", 2)  # rank 0 holds tokens 0, 1, 6, 7; rank 1 tokens 2..5
+    assert hf.shard_token_features(features, mask, zigzag, 0).flatten().tolist() == [0.0, 2.0]
+    assert hf.shard_token_features(features, mask, zigzag, 1).flatten().tolist() == [1.0]
+    with pytest.raises(ValueError, match="N=3"):
+        hf.shard_token_features(torch.zeros(4, 1), mask, zigzag, 0)

@@ -1,0 +1,21 @@
+"""Ring counters: bytes sent and steps skipped, against what the schedule implies."""
+
+from __future__ import annotations
+
+import pytest
+
+from ring_cases import causal_step_stats
+
+CHUNK_BYTES = 2 * 1 * 2 * 8 * 8 * 4  # K and V, [B=1, Hkv=2, L=8, D=8], float32
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_causal_contiguous_counters(cluster, world_size):
+    per_rank = [causal_step_stats(0, 1)] if world_size == 1 else cluster(world_size).run(causal_step_stats)
+    for rank, stats in enumerate(per_rank):
+        # Forward: P - 1 K/V sends. Backward: P - 1 K/V sends and P dK/dV sends (float32 accumulators).
+        sends = 0 if world_size == 1 else 2 * (world_size - 1) + world_size
+        assert stats.bytes_sent == sends * CHUNK_BYTES
+        assert stats.steps == 2 * world_size
+        # Chunks of later ranks hold only future keys: skipped in forward and backward.
+        assert stats.steps_skipped == 2 * (world_size - 1 - rank)
