@@ -99,3 +99,16 @@ def causal_step_stats(rank: int, world_size: int):
     reset_ring_stats()
     run_case(rank, world_size, case, "contiguous")
     return ring_stats()
+
+
+def mesh_matches_default_group(rank: int, world_size: int) -> float:
+    """Max difference between ``group=<1-D DeviceMesh>`` and the default group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    q, k, v, _ = make_tensors(Case("sliding", "none"))
+    layout = Layout("zigzag", world_size)
+    q, k, v = (layout.shard(t, 2, rank) for t in (q, k, v))
+    by_mesh = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout, group=mesh["cp"])
+    by_default = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout)
+    return float((by_mesh - by_default).abs().max())

@@ -8,7 +8,7 @@ import torch
 
 from gemma4_flexring import Layout
 from gemma4_flexring.reference import reference_attention
-from ring_cases import INFOS, SPECS, Case, make_info, make_tensors, run_cases
+from ring_cases import INFOS, SPECS, Case, make_info, make_tensors, mesh_matches_default_group, run_cases
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -70,3 +70,7 @@ def test_reference_rows_without_keys_are_zero():
     assert out[-1, :, dead].abs().max() == 0
     assert dq[-1, :, dead].abs().max() == 0
     assert out[-1, :, : case.seq_len // 2].abs().max() > 0
+
+
+def test_group_may_be_a_device_mesh(cluster):
+    assert cluster(2).run(mesh_matches_default_group) == [0.0, 0.0]
