@@ -8,7 +8,7 @@ Memory per rank is O(S / P): two chunk buffers and the accumulators, never the w
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .kernels import ChunkKernel
 from .merge import accumulator_dtype, merge_
-from .schedule import PairPlan, ring_owner
+from .schedule import PairPlan, Tile, ring_owner
 from .stats import record_send, record_step
 
 PlanFor = Callable[[int], PairPlan]
@@ -51,6 +51,22 @@ def _wait(works: list) -> None:
         work.wait()
 
 
+def _ring_steps(kv: Tensor, plan_for: PlanFor, comm: RingComm) -> Iterator[tuple[tuple[Tile, ...], Tensor]]:
+    """Yield (tiles, visiting chunk) per ring step; the next chunk is already on its way meanwhile.
+
+    ``kv`` [2, B, Hkv, L, D] is this rank's K and V; the chunk at step s is rank (r - s)'s.
+    """
+    recv = torch.empty_like(kv) if comm.world_size > 1 else None
+    for step in range(comm.world_size):
+        works = comm.start(kv, recv) if step < comm.world_size - 1 else []
+        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
+        record_step(len(tiles))
+        yield tiles, kv
+        if works:
+            _wait(works)
+            kv, recv = recv, kv
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingComm,
                  kernel: ChunkKernel, scale: float) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
@@ -61,19 +77,11 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingC
     acc = accumulator_dtype(q.dtype)
     out = q.new_zeros(q.shape, dtype=acc)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
-    kv = torch.stack((k, v))
-    recv = torch.empty_like(kv) if comm.world_size > 1 else None
-    for step in range(comm.world_size):
-        works = comm.start(kv, recv) if step < comm.world_size - 1 else []
-        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
-        record_step(len(tiles))
+    for tiles, kv in _ring_steps(torch.stack((k, v)), plan_for, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
             merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
-        if works:
-            _wait(works)
-            kv, recv = recv, kv
     return out.to(q.dtype), lse
 
 
@@ -89,14 +97,9 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     dq = q.new_zeros(q.shape, dtype=acc)
-    kv = torch.stack((k, v))
-    dkv = kv.new_zeros(kv.shape, dtype=acc)
-    many = comm.world_size > 1
-    kv_recv, dkv_recv = (torch.empty_like(kv), torch.empty_like(dkv)) if many else (None, None)
-    for step in range(comm.world_size):
-        works = comm.start(kv, kv_recv) if step < comm.world_size - 1 else []
-        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
-        record_step(len(tiles))
+    dkv = q.new_zeros((2, *k.shape), dtype=acc)
+    dkv_recv = torch.empty_like(dkv) if comm.world_size > 1 else None
+    for tiles, kv in _ring_steps(torch.stack((k, v)), plan_for, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_dq, tile_dk, tile_dv = kernel.backward(
@@ -105,10 +108,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             dq[:, :, rows] += tile_dq
             dkv[0, :, :, cols] += tile_dk
             dkv[1, :, :, cols] += tile_dv
-        if works:
-            _wait(works)
-            kv, kv_recv = kv_recv, kv
-        if many:
+        if dkv_recv is not None:
             # This chunk's gradient moves on with the chunk; after P moves it is home.
             comm.swap(dkv, dkv_recv)
             dkv, dkv_recv = dkv_recv, dkv

@@ -63,6 +63,17 @@ class Cluster:
 
     def run(self, fn, *args) -> list:
         """Per-rank results of ``fn(rank, world_size, *args)``; WorkerError if any rank raised."""
+        replies = self._call(fn, args)
+        errors = [(r, payload) for r, (status, payload) in enumerate(replies) if status == "error"]
+        if errors:
+            raise WorkerError("\n".join(f"rank {r}: {name}: {msg}\n{tb}" for r, (name, msg, tb) in errors))
+        return [payload for _, payload in replies]
+
+    def errors(self, fn, *args) -> list[tuple[str, str]]:
+        """Run ``fn`` expecting every rank to raise; the per-rank (exception name, message)."""
+        return [(payload[0], payload[1]) if status == "error" else ("", "") for status, payload in self._call(fn, args)]
+
+    def _call(self, fn, args) -> list[tuple[str, object]]:
         for conn in self.conns:
             conn.send((fn, args))
         replies = []
@@ -71,23 +82,7 @@ class Cluster:
                 self.close()
                 raise WorkerError(f"rank {rank} did not answer: hung collective?")
             replies.append(conn.recv())
-        errors = [(r, payload) for r, (status, payload) in enumerate(replies) if status == "error"]
-        if errors:
-            raise WorkerError("\n".join(f"rank {r}: {name}: {msg}\n{tb}" for r, (name, msg, tb) in errors))
-        return [payload for _, payload in replies]
-
-    def errors(self, fn, *args) -> list[tuple[str, str]]:
-        """Run ``fn`` expecting every rank to raise; the per-rank (exception name, message)."""
-        for conn in self.conns:
-            conn.send((fn, args))
-        out = []
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(HANG_TIMEOUT_S):
-                self.close()
-                raise WorkerError(f"rank {rank} did not answer: hung collective?")
-            status, payload = conn.recv()
-            out.append((payload[0], payload[1]) if status == "error" else ("", ""))
-        return out
+        return replies
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
