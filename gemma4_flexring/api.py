@@ -33,12 +33,6 @@ def process_group(group=None) -> dist.ProcessGroup | None:
     return group
 
 
-def group_name(group=None) -> str:
-    """Name of a ProcessGroup / 1-D DeviceMesh / None (default group); "" for a world of one."""
-    pg = process_group(group)
-    return "" if pg is None else pg.group_name
-
-
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
                    info: SequenceInfo | None = None, layout: Layout | None = None, group=None,
                    scale: float | None = None) -> Tensor:
@@ -58,7 +52,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
         scale: score scale, default ``D ** -0.5`` (Gemma 4 uses 1.0).
 
     Raises:
-        TypeError / ValueError: on bad arguments, on every rank, before any exchange.
+        TypeError / ValueError: arguments of the wrong type, or a layout for another world size,
+            on this rank. ValueError on every rank, before any exchange, for inputs that are
+            invalid or differ between ranks (checked and agreed inside the op).
     """
     for name, t in zip("qkv", (q, k, v)):
         if not isinstance(t, Tensor):

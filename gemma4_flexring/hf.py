@@ -10,7 +10,8 @@ Every rank of the CP group runs the same model on its shard of the same whole-se
     out = model(**kwargs)      # out.logits [B, L, V]: this rank's tokens, in layout order
     out.loss.backward()        # out.loss is this rank's share: the sum over ranks is the one-process loss
     for p in model.parameters():
-        dist.all_reduce(p.grad, group=group)                    # SUM: the shares add up
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)                # SUM: the shares add up
 
 How it fits transformers:
 
@@ -173,7 +174,8 @@ def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
 
     Raises:
         TypeError / ValueError: bad shapes, a length the layout cannot split, a rank outside the
-            layout, or a layout whose world size is not the group's, before any exchange.
+            layout, a rank that is not this process's rank in the group, or a layout whose world size is
+            not the group's, before any exchange.
     """
     _check_batch(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
     batch, seq_len = input_ids.shape
@@ -186,6 +188,8 @@ def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
     group_size = 1 if group is None else group.size()
     if group_size != layout.world_size:
         raise ValueError(f"shard_inputs: layout is for {layout.world_size} ranks, the group has {group_size}")
+    if group is not None and rank != group.rank():
+        raise ValueError(f"shard_inputs: rank {rank} is not this process's rank {group.rank()} in the CP group")
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
     position_ids = position_ids.expand(batch, seq_len)

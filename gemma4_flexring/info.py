@@ -47,7 +47,8 @@ def _check_2d(name: str, t: Tensor | None, allowed: tuple[torch.dtype, ...]) -> 
         raise TypeError(f"SequenceInfo.{name} must have dtype in {allowed}, got {t.dtype}")
 
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_SIGNED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
+_INT_DTYPES = (*_SIGNED_DTYPES, torch.uint8)
 
 
 class SequenceInfo:
@@ -68,7 +69,7 @@ class SequenceInfo:
     def __init__(self, document_ids: Tensor | None = None, block_ids: Tensor | None = None,
                  padding: Tensor | None = None) -> None:
         _check_2d("document_ids", document_ids, _INT_DTYPES)
-        _check_2d("block_ids", block_ids, _INT_DTYPES)
+        _check_2d("block_ids", block_ids, _SIGNED_DTYPES)  # signed: text is -1
         _check_2d("padding", padding, (torch.bool,))
         # Compared pairwise, not hashed in a set: hashing a symbolic size under torch.compile
         # would specialize the sequence length.
@@ -88,11 +89,14 @@ class SequenceInfo:
 
         Args:
             attention_mask: [B, S], 0 marks padding.
-            position_ids: [B, S]; a position that does not follow its predecessor by 1 starts a
-                new packed document.
+            position_ids: [B, S] or [1, S] (shared by every row); a position that does not follow
+                its predecessor by 1 starts a new packed document.
             mm_token_type_ids: [B, S]; 1 and 2 are vision tokens, each run of them one block.
         """
         padding = None if attention_mask is None else attention_mask == 0
+        if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1:
+            rows = [t.shape[0] for t in (attention_mask, mm_token_type_ids) if t is not None and t.dim() == 2]
+            position_ids = position_ids.expand(rows[0] if rows else 1, -1)
         document_ids = None if position_ids is None else documents_from_positions(position_ids)
         block_ids = None if mm_token_type_ids is None else blocks_from_token_types(mm_token_type_ids)
         return cls(document_ids=document_ids, block_ids=block_ids, padding=padding)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .cache import MASK_CACHE
-from .kernels import kernel_for
+from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask_mod
 from .merge import accumulator_dtype
@@ -53,16 +53,8 @@ def resolve_group(group_name: str) -> dist.ProcessGroup | None:
     return dist.distributed_c10d._resolve_process_group(group_name)
 
 
-def _prepare(args: RingArgs, check: bool):
-    """Communicator, per-owner plan lookup and kernel for one call; validates first if ``check``."""
-    group = resolve_group(args.group_name)
-    comm = RingComm(group)
-    if check:
-        problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
-                                  comm.world_size)
-        sig = signature(args.q, args.k, args.info, args.causal, args.sliding_window,
-                        args.block_bidirectional, args.layout, args.scale, bool(problems))
-        check_inputs(problems, sig, group)
+def _plans(args: RingArgs, comm: RingComm) -> list[schedule.PairPlan]:
+    """This rank's plan against every K/V owner, from the cache of ``args.generation``."""
     spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
     layout = Layout(args.layout, comm.world_size)
     q = args.q
@@ -70,13 +62,37 @@ def _prepare(args: RingArgs, check: bool):
     batch = q.shape[0] if any(t is not None for t in args.info) else 1
     generation = int(args.generation)
 
-    def plan_for(owner: int):
+    def plan(owner: int) -> schedule.PairPlan:
         key = (spec, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-        build = lambda: schedule.plan_pair(gemma4_mask_mod(spec, *args.info), layout, seq_len, comm.rank,  # noqa: E731
-                                  owner, batch, q.dtype, q.device)
+        build = lambda: schedule.plan_pair(gemma4_mask_mod(spec, *args.info), layout, seq_len,  # noqa: E731
+                                           comm.rank, owner, batch, q.dtype, q.device)
         return MASK_CACHE.get(generation, key, build)
 
-    return comm, plan_for, kernel_for(q.device)
+    return [plan(owner) for owner in range(comm.world_size)]
+
+
+def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairPlan], ChunkKernel]:
+    """Communicator, plans (one per K/V owner) and kernel for one call.
+
+    With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
+    that any failure, planning included, raises on every rank before the first exchange.
+    """
+    comm = RingComm(resolve_group(args.group_name))
+    kernel = kernel_for(args.q.device)
+    if not check:
+        return comm, _plans(args, comm), kernel
+    problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
+                              comm.world_size)
+    plans: list[schedule.PairPlan] = []
+    if not problems:
+        try:
+            plans = _plans(args, comm)
+        except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
+            problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
+    sig = signature(args.q, args.k, args.info, args.causal, args.sliding_window,
+                    args.block_bidirectional, args.layout, args.scale, bool(problems))
+    check_inputs(problems, sig, comm.group)
+    return comm, plans, kernel
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
@@ -87,8 +103,8 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
     """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64)."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout, group_name, scale)
-    comm, plan_for, kernel = _prepare(args, check=True)
-    return ring_forward(q, k, v, plan_for, comm, kernel, scale)
+    comm, plans, kernel = _prepare(args, check=True)
+    return ring_forward(q, k, v, plans, comm, kernel, scale)
 
 
 @ring_attention_op.register_fake
@@ -108,8 +124,8 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout, group_name, scale)
-    comm, plan_for, kernel = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plan_for, comm, kernel, scale)
+    comm, plans, kernel = _prepare(args, check=False)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, scale)
 
 
 @ring_attention_backward_op.register_fake

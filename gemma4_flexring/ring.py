@@ -8,7 +8,7 @@ Memory per rank is O(S / P): two chunk buffers and the accumulators, never the w
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from .merge import accumulator_dtype, merge_
 from .schedule import PairPlan, Tile, ring_owner
 from .stats import record_send, record_step
 
-PlanFor = Callable[[int], PairPlan]
+Plans = Sequence[PairPlan]  # indexed by the K/V owner rank
 
 
 class RingComm:
@@ -46,12 +46,18 @@ class RingComm:
             work.wait()
 
 
+def unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim is dense, else a contiguous copy: kernels read rows of D
+    contiguous elements (other dims may be strided, e.g. [B, S, H, D] transposed to [B, H, S, D])."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _wait(works: list) -> None:
     for work in works:
         work.wait()
 
 
-def _ring_steps(kv: Tensor, plan_for: PlanFor, comm: RingComm) -> Iterator[tuple[tuple[Tile, ...], Tensor]]:
+def _ring_steps(kv: Tensor, plans: Plans, comm: RingComm) -> Iterator[tuple[tuple[Tile, ...], Tensor]]:
     """Yield (tiles, visiting chunk) per ring step; the next chunk is already on its way meanwhile.
 
     ``kv`` [2, B, Hkv, L, D] is this rank's K and V; the chunk at step s is rank (r - s)'s.
@@ -59,7 +65,7 @@ def _ring_steps(kv: Tensor, plan_for: PlanFor, comm: RingComm) -> Iterator[tuple
     recv = torch.empty_like(kv) if comm.world_size > 1 else None
     for step in range(comm.world_size):
         works = comm.start(kv, recv) if step < comm.world_size - 1 else []
-        tiles = plan_for(ring_owner(comm.rank, step, comm.world_size)).tiles
+        tiles = plans[ring_owner(comm.rank, step, comm.world_size)].tiles
         record_step(len(tiles))
         yield tiles, kv
         if works:
@@ -67,17 +73,18 @@ def _ring_steps(kv: Tensor, plan_for: PlanFor, comm: RingComm) -> Iterator[tuple
             kv, recv = recv, kv
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingComm,
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm,
                  kernel: ChunkKernel, scale: float) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
     Returns:
         out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in the accumulator dtype.
     """
+    q = unit_last_stride(q)
     acc = accumulator_dtype(q.dtype)
     out = q.new_zeros(q.shape, dtype=acc)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
-    for tiles, kv in _ring_steps(torch.stack((k, v)), plan_for, comm):
+    for tiles, kv in _ring_steps(torch.stack((k, v)), plans, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
@@ -86,20 +93,21 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan_for: PlanFor, comm: RingC
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  plan_for: PlanFor, comm: RingComm, kernel: ChunkKernel,
+                  plans: Plans, comm: RingComm, kernel: ChunkKernel,
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
 
     Returns:
         dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
     """
+    grad_out, q, out = (unit_last_stride(t) for t in (grad_out, q, out))
     acc = accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     dq = q.new_zeros(q.shape, dtype=acc)
     dkv = q.new_zeros((2, *k.shape), dtype=acc)
     dkv_recv = torch.empty_like(dkv) if comm.world_size > 1 else None
-    for tiles, kv in _ring_steps(torch.stack((k, v)), plan_for, comm):
+    for tiles, kv in _ring_steps(torch.stack((k, v)), plans, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_dq, tile_dk, tile_dv = kernel.backward(

@@ -1,14 +1,17 @@
 """Per-pair ring schedule: which tiles of (local queries x visiting key chunk) need a kernel.
 
 At ring step ``s`` rank ``r`` holds the key/value chunk of rank ``(r - s) mod P``. A pair
-(query rank, key rank) splits into tiles, one per (query segment, key segment) of the layout,
-each globally contiguous on both sides. A tile's flex ``BlockMask`` decides, block by block:
+(query rank, key rank) splits into segment pairs, one per (query segment, key segment) of the
+layout, each globally contiguous on both sides. Each segment pair gets a flex ``BlockMask``,
+built per step from the Gemma 4 ``mask_mod``, and its blocks decide the kernel calls (tiles):
 
-- no allowed block              -> the tile is skipped, no kernel call;
-- every allowed block is full   -> plain kernel, no mask;
-- the tile is the causal square -> the kernel's own causal path;
-- otherwise                     -> the kernel with an additive mask, cropped to the rows and
-                                   columns that hold allowed blocks.
+- no allowed block                 -> skipped, no kernel call;
+- every entry allowed              -> one unmasked call over the allowed blocks' span;
+- the causal square                -> one call on the kernel's own causal path;
+- otherwise, per row of q-blocks   -> one call over the span of that row's allowed blocks,
+                                      unmasked where all of it is allowed, else with an additive
+                                      mask of just that span (consecutive rows with the same span
+                                      share a call). A sliding window thus costs O(L x W), not L^2.
 
 Every rank derives every plan from the same global metadata, so all ranks agree on them.
 """
@@ -61,41 +64,91 @@ def plan_pair(mask_mod: MaskMod | None, layout: Layout, seq_len: int, q_rank: in
     tiles, masks = [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
-            block_mask, tile = plan_tile(mask_mod, qs, ks, batch, dtype, device, block_size)
-            if block_mask is not None:
-                masks.append(block_mask)
-            if tile is not None:
-                tiles.append(tile)
+            if mask_mod is None:
+                tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
+                continue
+            block_mask, allowed = segment_block_mask(mask_mod, qs, ks, batch, device, block_size)
+            masks.append(block_mask)
+            tiles.extend(plan_segments(block_mask, allowed, qs, ks, dtype))
     return PairPlan(tuple(tiles), tuple(masks))
 
 
-def plan_tile(mask_mod: MaskMod | None, qs: Segment, ks: Segment, batch: int, dtype: torch.dtype,
-              device: torch.device, block_size: int) -> tuple[BlockMask | None, Tile | None]:
-    """Block mask and tile (None when skipped) of query segment ``qs`` against key segment ``ks``."""
-    q_all = slice(qs.local_start, qs.local_start + qs.length)
-    kv_all = slice(ks.local_start, ks.local_start + ks.length)
-    if mask_mod is None:
-        return None, Tile(q_all, kv_all, "full")
+def segment_block_mask(mask_mod: MaskMod, qs: Segment, ks: Segment, batch: int, device: torch.device,
+                       block_size: int) -> tuple[BlockMask, Tensor]:
+    """The BlockMask of query segment ``qs`` against key segment ``ks``, and its dense mask
+    (bool [batch, 1, qs.length, ks.length])."""
     tile_mod = offset_mask_mod(mask_mod, qs.global_start, ks.global_start)
     allowed = evaluate_mask(tile_mod, batch, qs.length, ks.length, device)
     any_allowed, all_allowed = block_flags(allowed, block_size)
-    block_mask = block_mask_from_flags(any_allowed, all_allowed, block_size, tile_mod, allowed.shape[-2:])
-    used = any_allowed.any(1).any(0)  # [q_blocks, kv_blocks], union over batch
+    return block_mask_from_flags(any_allowed, all_allowed, block_size, tile_mod, (qs.length, ks.length)), allowed
+
+
+def plan_segments(block_mask: BlockMask, allowed: Tensor, qs: Segment, ks: Segment,
+                  dtype: torch.dtype) -> list[Tile]:
+    """The kernel calls of one segment pair, decided by its BlockMask's blocks (see the module doc)."""
+    used = used_blocks(block_mask)
     if not used.any():
-        return block_mask, None
-    q0, q1 = _block_span(used.any(1), block_size, qs.length)
-    k0, k1 = _block_span(used.any(0), block_size, ks.length)
-    q_rows = slice(qs.local_start + q0, qs.local_start + q1)
-    kv_rows = slice(ks.local_start + k0, ks.local_start + k1)
-    allowed = allowed[:, :, q0:q1, k0:k1]
-    if allowed.all():
-        return block_mask, Tile(q_rows, kv_rows, "full")
+        return []
+    q_size, kv_size = block_mask.BLOCK_SIZE
+    q0, q1 = _block_span(used.any(1), q_size, qs.length)
+    k0, k1 = _block_span(used.any(0), kv_size, ks.length)
+    crop = allowed[:, :, q0:q1, k0:k1]
+    if crop.all():
+        return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
     on_diagonal = qs.global_start + q0 == ks.global_start + k0 and q1 - q0 == k1 - k0
-    if on_diagonal and torch.equal(allowed, _lower_triangle(q1 - q0, device).expand_as(allowed)):
-        return block_mask, Tile(q_rows, kv_rows, "causal")
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    dead = ~allowed.any(-1)
-    return block_mask, Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
+    if on_diagonal and torch.equal(crop, _lower_triangle(q1 - q0, crop.device).expand_as(crop)):
+        return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "causal")]
+    return [_band_tile(allowed, qs, ks, rows, cols, dtype) for rows, cols in _bands(used, q_size, kv_size, qs, ks)]
+
+
+def _bands(used: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
+    """(row span, kv span) per run of consecutive q-block rows whose allowed blocks span the same keys."""
+    bands: list[list] = []
+    for row in used.any(1).nonzero().flatten().tolist():
+        cols = _block_span(used[row], kv_size, ks.length)
+        rows = (row * q_size, min((row + 1) * q_size, qs.length))
+        if bands and bands[-1][1] == cols and bands[-1][0][1] == rows[0]:
+            bands[-1][0] = (bands[-1][0][0], rows[1])
+        else:
+            bands.append([rows, cols])
+    return bands
+
+
+def _band_tile(allowed: Tensor, qs: Segment, ks: Segment, rows: tuple[int, int], cols: tuple[int, int],
+               dtype: torch.dtype) -> Tile:
+    """One call for a band: unmasked when all of it is allowed, else with its own additive mask."""
+    region = allowed[:, :, rows[0]:rows[1], cols[0]:cols[1]]
+    q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
+    if region.all():
+        return Tile(q_rows, kv_rows, "full")
+    bias = torch.zeros(region.shape, dtype=dtype, device=region.device).masked_fill_(~region, float("-inf"))
+    dead = ~region.any(-1)
+    return Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
+
+
+def used_blocks(block_mask: BlockMask) -> Tensor:
+    """Blocks (partial or full) with an allowed entry in some batch row or head: bool [Qb, KVb].
+
+    Read from the sparse indices: ``to_dense`` uses vmap, which fails inside compiled graphs'
+    runtime wrappers.
+    """
+    kv_blocks = block_mask.kv_indices.shape[-1]
+    partial = _dense_flags(block_mask.kv_num_blocks, block_mask.kv_indices, kv_blocks)
+    full = _dense_flags(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, kv_blocks)
+    return (partial | full).flatten(0, 1).any(0)
+
+
+def _dense_flags(num: Tensor, idx: Tensor, kv_blocks: int) -> Tensor:
+    """[B, H, Qb, KVb] flags from per-row counts [B, H, Qb] and index lists [B, H, Qb, KVb]."""
+    valid = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    target = torch.where(valid, idx.long(), kv_blocks)
+    flags = torch.zeros(*num.shape, kv_blocks + 1, dtype=torch.bool, device=idx.device)
+    return flags.scatter_(-1, target, True)[..., :kv_blocks]
+
+
+def _rows(segment: Segment, start: int, stop: int) -> slice:
+    """Local rows of ``segment``'s elements [start, stop)."""
+    return slice(segment.local_start + start, segment.local_start + stop)
 
 
 def evaluate_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device) -> Tensor:

@@ -95,10 +95,12 @@ def check_inputs(problems: list[str], sig: list[int], group: dist.ProcessGroup |
         if problems:
             raise ValueError("ring_attention: " + "; ".join(problems))
         return
-    mine = torch.tensor(sig, dtype=torch.int64)
+    # NCCL groups only move CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    mine = torch.tensor(sig, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(group.size())]
     dist.all_gather(table, mine, group=group)
-    rows = [t.tolist() for t in table]
+    rows = [t.cpu().tolist() for t in table]
     if not any(r[0] for r in rows) and all(r == rows[0] for r in rows):
         return
     messages: list = [None] * group.size()

@@ -37,3 +37,10 @@ def then_works(rank: int, world_size: int) -> float:
     """After the failures the group is still usable."""
     out = ring_attention(*_qkv(8), layout=Layout("contiguous", world_size))
     return float(out.abs().sum())
+
+
+def shard_with_wrong_rank(rank: int, world_size: int) -> None:
+    from gemma4_flexring import hf
+
+    hf.shard_inputs(input_ids=torch.zeros(1, 8, dtype=torch.long), layout=Layout("zigzag", world_size),
+                    rank=(rank + 1) % world_size)

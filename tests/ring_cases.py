@@ -33,6 +33,7 @@ class Case:
     scale: float | None = None
     seed: int = 0
     block_size: int | None = None
+    strided: bool = False  # q, k, v with a non-unit stride in the head dim
 
     @property
     def mask(self) -> MaskSpec:
@@ -75,6 +76,9 @@ def run_case(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[
     q, k, v, grad = make_tensors(case)
     layout = Layout(layout_kind, world_size)
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+    if case.strided:
+        local = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True) for t in local]
+        assert all(t.stride(-1) != 1 for t in local)
     saved = schedule.BLOCK_SIZE
     if case.block_size is not None:
         schedule.BLOCK_SIZE = case.block_size

@@ -49,7 +49,14 @@ def test_every_instance_gets_a_new_generation():
     (dict(padding=torch.zeros(2, 4, dtype=torch.long)), TypeError),
     (dict(document_ids=torch.zeros(2, 4, dtype=torch.long), padding=torch.zeros(2, 5, dtype=torch.bool)), ValueError),
     (dict(block_ids=[[0, 1]]), TypeError),
+    (dict(block_ids=torch.zeros(2, 4, dtype=torch.uint8)), TypeError),  # text is -1: must be signed
 ])
 def test_bad_metadata_is_rejected(kwargs, error):
     with pytest.raises(error, match="SequenceInfo"):
         SequenceInfo(**kwargs)
+
+
+def test_shared_position_ids_broadcast_over_the_batch():
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    info = SequenceInfo.from_hf(attention_mask=attention_mask, position_ids=torch.tensor([[0, 1, 0, 1]]))
+    assert info.document_ids.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]

@@ -27,6 +27,7 @@ SHAPE_CASES = [
     Case("sliding_vision", "all", seq_len=96, block_size=4),
     Case("causal", "none", seq_len=96, block_size=4),
     Case("bidirectional_window", "padding", seq_len=96, block_size=8),
+    Case("sliding_vision", "all", strided=True),
 ]
 ALL_CASES = [Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES
 

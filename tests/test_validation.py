@@ -72,3 +72,8 @@ def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
         assert name == "ValueError", errors
         assert match in message and "no exchange was started" in message
     assert len(cluster(2).run(misuse_cases.then_works)) == 2
+
+
+def test_shard_inputs_rejects_another_ranks_index(cluster):
+    for name, message in cluster(2).errors(misuse_cases.shard_with_wrong_rank):
+        assert name == "ValueError" and "is not this process's rank" in message
