@@ -93,12 +93,14 @@ class SequenceInfo:
                 its predecessor by 1 starts a new packed document.
             mm_token_type_ids: [B, S]; 1 and 2 are vision tokens, each run of them one block.
         """
-        padding = None if attention_mask is None else attention_mask == 0
+        padding = None if attention_mask is None else _unless_trivial(attention_mask == 0, lambda p: p.any())
         if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1:
             rows = [t.shape[0] for t in (attention_mask, mm_token_type_ids) if t is not None and t.dim() == 2]
             position_ids = position_ids.expand(rows[0] if rows else 1, -1)
         document_ids = None if position_ids is None else documents_from_positions(position_ids)
-        block_ids = None if mm_token_type_ids is None else blocks_from_token_types(mm_token_type_ids)
+        block_ids = None
+        if mm_token_type_ids is not None:
+            block_ids = _unless_trivial(blocks_from_token_types(mm_token_type_ids), lambda b: (b >= 0).any())
         return cls(document_ids=document_ids, block_ids=block_ids, padding=padding)
 
     def tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -113,16 +115,19 @@ class SequenceInfo:
 
 
 def documents_from_positions(position_ids: Tensor) -> Tensor | None:
-    """[B, S] document index from position resets; None when every row is one document (except
-    under torch.compile, where the all-zero ids come back: the same mask, no data-dependent branch)."""
+    """[B, S] document index from position resets; None when every row is one document."""
     first = position_ids[:, :1] - 1
     starts = torch.diff(position_ids, prepend=first, dim=-1) != 1
-    document_ids = starts.cumsum(-1)
-    # The single-document shortcut reads data; under torch.compile that would break the graph,
-    # so compiled code keeps the (all-zero, same-mask) document ids instead.
-    if not torch.compiler.is_compiling() and (document_ids[:, -1] == 0).all():
-        return None
-    return document_ids
+    return _unless_trivial(starts.cumsum(-1), lambda d: (d[:, -1] != 0).any())
+
+
+def _unless_trivial(t: Tensor, matters) -> Tensor | None:
+    """``t``, or None where ``matters(t)`` says it changes no mask (a smaller plan batch, fewer
+    mask terms). Not under torch.compile: the check reads data and would break the graph, and
+    keeping the trivial tensor gives the same mask."""
+    if torch.compiler.is_compiling() or bool(matters(t)):
+        return t
+    return None
 
 
 def blocks_from_token_types(mm_token_type_ids: Tensor) -> Tensor:

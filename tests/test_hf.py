@@ -14,6 +14,7 @@ from transformers import AttentionInterface, Gemma4ForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from gemma4_flexring import Layout, MaskSpec, hf
+from gemma4_flexring.demo import relative_error
 from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp, shard_kwargs,
                       text_config)
 
@@ -22,10 +23,6 @@ from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, ref
 LOGITS_TOLERANCE = 1e-10
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 2e-6
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

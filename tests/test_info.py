@@ -60,3 +60,9 @@ def test_shared_position_ids_broadcast_over_the_batch():
     attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     info = SequenceInfo.from_hf(attention_mask=attention_mask, position_ids=torch.tensor([[0, 1, 0, 1]]))
     assert info.document_ids.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_metadata_that_changes_no_mask_is_dropped():
+    info = SequenceInfo.from_hf(attention_mask=torch.ones(2, 4, dtype=torch.long),
+                                mm_token_type_ids=torch.zeros(2, 4, dtype=torch.long))
+    assert info.padding is None and info.block_ids is None
