@@ -28,6 +28,7 @@ from .layout import Layout, Segment
 from .masks import MaskMod, offset_mask_mod
 
 BLOCK_SIZE = 128
+ROW_CHUNK_BLOCKS = 16  # q-block rows whose dense mask planning evaluates at once
 
 
 def ring_owner(rank: int, step: int, world_size: int) -> int:
@@ -67,45 +68,70 @@ def plan_pair(mask_mod: MaskMod | None, layout: Layout, seq_len: int, q_rank: in
             if mask_mod is None:
                 tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
                 continue
-            block_mask, allowed = segment_block_mask(mask_mod, qs, ks, batch, device, block_size)
+            block_mask = segment_block_mask(mask_mod, qs, ks, batch, device, block_size)
             masks.append(block_mask)
-            tiles.extend(plan_segments(block_mask, allowed, qs, ks, dtype))
+            tiles.extend(plan_segments(block_mask, qs, ks, dtype))
     return PairPlan(tuple(tiles), tuple(masks))
 
 
 def segment_block_mask(mask_mod: MaskMod, qs: Segment, ks: Segment, batch: int, device: torch.device,
-                       block_size: int) -> tuple[BlockMask, Tensor]:
-    """The BlockMask of query segment ``qs`` against key segment ``ks``, and its dense mask
-    (bool [batch, 1, qs.length, ks.length])."""
+                       block_size: int) -> BlockMask:
+    """The BlockMask of query segment ``qs`` against key segment ``ks`` (its mask_mod in the
+    segments' local indices). The dense mask is evaluated ``ROW_CHUNK_BLOCKS`` q-block rows at a
+    time, so planning never holds a whole segment pair's [L, L] mask."""
     tile_mod = offset_mask_mod(mask_mod, qs.global_start, ks.global_start)
-    allowed = evaluate_mask(tile_mod, batch, qs.length, ks.length, device)
-    any_allowed, all_allowed = block_flags(allowed, block_size)
-    return block_mask_from_flags(any_allowed, all_allowed, block_size, tile_mod, (qs.length, ks.length)), allowed
+    chunk = block_size * ROW_CHUNK_BLOCKS
+    flags = [block_flags(evaluate_mask(offset_mask_mod(tile_mod, start, 0), batch, min(chunk, qs.length - start),
+                                       ks.length, device), block_size)
+             for start in range(0, qs.length, chunk)]
+    any_allowed = torch.cat([a for a, _ in flags], dim=2)
+    all_allowed = torch.cat([a for _, a in flags], dim=2)
+    return block_mask_from_flags(any_allowed, all_allowed, block_size, tile_mod, (qs.length, ks.length))
 
 
-def plan_segments(block_mask: BlockMask, allowed: Tensor, qs: Segment, ks: Segment,
-                  dtype: torch.dtype) -> list[Tile]:
-    """The kernel calls of one segment pair, decided by its BlockMask's blocks (see the module doc)."""
-    used = used_blocks(block_mask)
+def plan_segments(block_mask: BlockMask, qs: Segment, ks: Segment, dtype: torch.dtype) -> list[Tile]:
+    """The kernel calls of one segment pair, decided by its BlockMask's blocks (see the module doc).
+
+    Dense masks are evaluated only where blocks are partial: diagonal blocks of a causal square,
+    and the bands that need an additive mask.
+    """
+    used, full = block_flags_of(block_mask)
     if not used.any():
         return []
     q_size, kv_size = block_mask.BLOCK_SIZE
-    q0, q1 = _block_span(used.any(1), q_size, qs.length)
-    k0, k1 = _block_span(used.any(0), kv_size, ks.length)
-    crop = allowed[:, :, q0:q1, k0:k1]
-    if crop.all():
+    (qb0, qb1), (kb0, kb1) = _index_span(used.any(1)), _index_span(used.any(0))
+    q0, q1 = qb0 * q_size, min(qb1 * q_size, qs.length)
+    k0, k1 = kb0 * kv_size, min(kb1 * kv_size, ks.length)
+    if full[qb0:qb1, kb0:kb1].all():
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
-    on_diagonal = qs.global_start + q0 == ks.global_start + k0 and q1 - q0 == k1 - k0
-    if on_diagonal and torch.equal(crop, _lower_triangle(q1 - q0, crop.device).expand_as(crop)):
+    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(block_mask, used, full, qb0, qb1, q_size, q1):
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "causal")]
-    return [_band_tile(allowed, qs, ks, rows, cols, dtype) for rows, cols in _bands(used, q_size, kv_size, qs, ks)]
+    return [_band_tile(block_mask, qs, ks, rows, cols, dtype) for rows, cols in _bands(used, q_size, kv_size, qs, ks)]
+
+
+def _is_causal_square(block_mask: BlockMask, used: Tensor, full: Tensor, b0: int, b1: int, size: int,
+                      stop: int) -> bool:
+    """Whether blocks [b0, b1) of a square on the diagonal hold exactly ``j <= i``: full below the
+    diagonal, unused above it, lower-triangular diagonal blocks (checked densely, block by block)."""
+    n = b1 - b0
+    below = torch.ones(n, n, dtype=torch.bool, device=used.device).tril(-1)
+    above = below.T
+    if not (full[b0:b1, b0:b1][below].all() and not used[b0:b1, b0:b1][above].any()):
+        return False
+    for b in range(b0, b1):
+        span = (b * size, min((b + 1) * size, stop))
+        block = _region(block_mask, span, span)
+        if not torch.equal(block, _lower_triangle(span[1] - span[0], block.device).expand_as(block)):
+            return False
+    return True
 
 
 def _bands(used: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
     """(row span, kv span) per run of consecutive q-block rows whose allowed blocks span the same keys."""
     bands: list[list] = []
     for row in used.any(1).nonzero().flatten().tolist():
-        cols = _block_span(used[row], kv_size, ks.length)
+        first, stop = _index_span(used[row])
+        cols = (first * kv_size, min(stop * kv_size, ks.length))
         rows = (row * q_size, min((row + 1) * q_size, qs.length))
         if bands and bands[-1][1] == cols and bands[-1][0][1] == rows[0]:
             bands[-1][0] = (bands[-1][0][0], rows[1])
@@ -114,10 +140,10 @@ def _bands(used: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
     return bands
 
 
-def _band_tile(allowed: Tensor, qs: Segment, ks: Segment, rows: tuple[int, int], cols: tuple[int, int],
+def _band_tile(block_mask: BlockMask, qs: Segment, ks: Segment, rows: tuple[int, int], cols: tuple[int, int],
                dtype: torch.dtype) -> Tile:
     """One call for a band: unmasked when all of it is allowed, else with its own additive mask."""
-    region = allowed[:, :, rows[0]:rows[1], cols[0]:cols[1]]
+    region = _region(block_mask, rows, cols)
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
     if region.all():
         return Tile(q_rows, kv_rows, "full")
@@ -126,16 +152,23 @@ def _band_tile(allowed: Tensor, qs: Segment, ks: Segment, rows: tuple[int, int],
     return Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
 
 
-def used_blocks(block_mask: BlockMask) -> Tensor:
-    """Blocks (partial or full) with an allowed entry in some batch row or head: bool [Qb, KVb].
+def _region(block_mask: BlockMask, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """The BlockMask's mask_mod evaluated on rows x cols of its segment pair: bool [B, 1, r, c]."""
+    num = block_mask.kv_num_blocks
+    return evaluate_mask(offset_mask_mod(block_mask.mask_mod, rows[0], cols[0]), num.shape[0],
+                         rows[1] - rows[0], cols[1] - cols[0], num.device)
 
-    Read from the sparse indices: ``to_dense`` uses vmap, which fails inside compiled graphs'
-    runtime wrappers.
+
+def block_flags_of(block_mask: BlockMask) -> tuple[Tensor, Tensor]:
+    """A BlockMask's blocks over every batch row and head: (used, full), bool [Qb, KVb].
+
+    ``used``: partial or full in some row; ``full``: full in every row. Read from the sparse
+    indices: ``to_dense`` uses vmap, which fails inside compiled graphs' runtime wrappers.
     """
     kv_blocks = block_mask.kv_indices.shape[-1]
-    partial = _dense_flags(block_mask.kv_num_blocks, block_mask.kv_indices, kv_blocks)
-    full = _dense_flags(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, kv_blocks)
-    return (partial | full).flatten(0, 1).any(0)
+    partial = _dense_flags(block_mask.kv_num_blocks, block_mask.kv_indices, kv_blocks).flatten(0, 1)
+    full = _dense_flags(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, kv_blocks).flatten(0, 1)
+    return (partial | full).any(0), full.all(0)
 
 
 def _dense_flags(num: Tensor, idx: Tensor, kv_blocks: int) -> Tensor:
@@ -197,10 +230,10 @@ def _sparse_rows(flags: Tensor) -> tuple[Tensor, Tensor]:
     return num, idx
 
 
-def _block_span(used: Tensor, block_size: int, length: int) -> tuple[int, int]:
-    """[start, stop) element span covering the used blocks of a 1-D block flag vector."""
-    idx = used.nonzero().flatten()
-    return int(idx[0]) * block_size, min(int(idx[-1] + 1) * block_size, length)
+def _index_span(flags: Tensor) -> tuple[int, int]:
+    """[first, last + 1) of the set entries of a 1-D flag vector (which has one)."""
+    idx = flags.nonzero().flatten()
+    return int(idx[0]), int(idx[-1]) + 1
 
 
 def _lower_triangle(n: int, device: torch.device) -> Tensor:

@@ -98,3 +98,20 @@ def test_ring_owner_visits_every_rank_once():
         for rank in range(world_size):
             assert sorted(ring_owner(rank, s, world_size) for s in range(world_size)) == list(range(world_size))
             assert ring_owner(rank, 0, world_size) == rank
+
+
+def test_segment_block_mask_built_in_row_chunks_equals_create_block_mask():
+    """Planning evaluates the mask ROW_CHUNK_BLOCKS q-block rows at a time (here 2 chunks, the
+    last one short); the BlockMask must equal flex's own, built in one go."""
+    from gemma4_flexring.layout import Segment
+    from gemma4_flexring.schedule import ROW_CHUNK_BLOCKS, segment_block_mask
+
+    block = 4
+    qs, ks = Segment(0, 30, 4 * block * ROW_CHUNK_BLOCKS // 3 * 2 + 3), Segment(0, 10, 90)
+    assert qs.length > block * ROW_CHUNK_BLOCKS
+    info = make_info("all", 2, 256)
+    mask_mod = gemma4_mask_mod(SPECS["sliding_vision"], *info.tensors())
+    ours = segment_block_mask(mask_mod, qs, ks, 2, CPU, block)
+    flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
+    assert torch.equal(ours.to_dense(), flex.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
