@@ -8,10 +8,12 @@ built per step from the Gemma 4 ``mask_mod``, and its blocks decide the kernel c
 - no allowed block                 -> skipped, no kernel call;
 - every entry allowed              -> one unmasked call over the allowed blocks' span;
 - the causal square                -> one call on the kernel's own causal path;
-- otherwise, per row of q-blocks   -> one call over the span of that row's allowed blocks,
-                                      unmasked where all of it is allowed, else with an additive
-                                      mask of just that span (consecutive rows with the same span
-                                      share a call). A sliding window thus costs O(L x W), not L^2.
+- otherwise, per row of q-blocks   -> one call per run of that row's blocks of one kind: an
+                                      unmasked call over consecutive full blocks, a call with an
+                                      additive mask over consecutive partial ones (consecutive rows
+                                      with the same runs share calls). Masks thus cover partial
+                                      blocks only: O(L x block) for a sliding window, for causal
+                                      with padding, for packed documents; never L^2.
 
 Every rank derives every plan from the same global metadata, so all ranks agree on them.
 """
@@ -106,7 +108,8 @@ def plan_segments(block_mask: BlockMask, qs: Segment, ks: Segment, dtype: torch.
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
     if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(block_mask, used, full, qb0, qb1, q_size, q1):
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "causal")]
-    return [_band_tile(block_mask, qs, ks, rows, cols, dtype) for rows, cols in _bands(used, q_size, kv_size, qs, ks)]
+    return [_band_tile(block_mask, qs, ks, rows, cols, is_full, dtype)
+            for rows, runs in _bands(used, full, q_size, kv_size, qs, ks) for cols, is_full in runs]
 
 
 def _is_causal_square(block_mask: BlockMask, used: Tensor, full: Tensor, b0: int, b1: int, size: int,
@@ -126,25 +129,43 @@ def _is_causal_square(block_mask: BlockMask, used: Tensor, full: Tensor, b0: int
     return True
 
 
-def _bands(used: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
-    """(row span, kv span) per run of consecutive q-block rows whose allowed blocks span the same keys."""
+def _bands(used: Tensor, full: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
+    """(row span, runs) per run of consecutive q-block rows with the same runs, where a row's runs
+    are its maximal stretches of used key blocks that are all full or all partial:
+    [((kv start, kv stop), all full), ...]."""
     bands: list[list] = []
     for row in used.any(1).nonzero().flatten().tolist():
-        first, stop = _index_span(used[row])
-        cols = (first * kv_size, min(stop * kv_size, ks.length))
         rows = (row * q_size, min((row + 1) * q_size, qs.length))
-        if bands and bands[-1][1] == cols and bands[-1][0][1] == rows[0]:
+        runs = [((b0 * kv_size, min(b1 * kv_size, ks.length)), is_full)
+                for b0, b1, is_full in _runs(used[row], full[row])]
+        if bands and bands[-1][1] == runs and bands[-1][0][1] == rows[0]:
             bands[-1][0] = (bands[-1][0][0], rows[1])
         else:
-            bands.append([rows, cols])
+            bands.append([rows, runs])
     return bands
 
 
+def _runs(used: Tensor, full: Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal [start, stop) stretches of used blocks of one kind (full or not) in a block row."""
+    runs: list[tuple[int, int, bool]] = []
+    for b, (is_used, is_full) in enumerate(zip(used.tolist(), full.tolist())):
+        if not is_used:
+            continue
+        if runs and runs[-1][1] == b and runs[-1][2] == is_full:
+            runs[-1] = (runs[-1][0], b + 1, is_full)
+        else:
+            runs.append((b, b + 1, is_full))
+    return runs
+
+
 def _band_tile(block_mask: BlockMask, qs: Segment, ks: Segment, rows: tuple[int, int], cols: tuple[int, int],
-               dtype: torch.dtype) -> Tile:
-    """One call for a band: unmasked when all of it is allowed, else with its own additive mask."""
-    region = _region(block_mask, rows, cols)
+               is_full: bool, dtype: torch.dtype) -> Tile:
+    """One call: unmasked over full blocks (or partial ones that turn out all allowed), else with
+    an additive mask of just this region."""
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
+    if is_full:
+        return Tile(q_rows, kv_rows, "full")
+    region = _region(block_mask, rows, cols)
     if region.all():
         return Tile(q_rows, kv_rows, "full")
     bias = torch.zeros(region.shape, dtype=dtype, device=region.device).masked_fill_(~region, float("-inf"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from gemma4_flexring import Layout, MaskSpec
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.masks import gemma4_mask_mod
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.schedule import block_flags, block_mask_from_flags, evaluate_mask, plan_pair, ring_owner
@@ -115,3 +115,18 @@ def test_segment_block_mask_built_in_row_chunks_equals_create_block_mask():
     flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
     assert torch.equal(ours.to_dense(), flex.to_dense())
     assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
+
+
+@pytest.mark.parametrize("spec, padded", [(MaskSpec(), True), (MaskSpec(sliding_window=200), False),
+                                          (MaskSpec(causal=False), True)])
+def test_masks_cover_partial_blocks_only(spec, padded):
+    """Additive masks are kept for partial blocks only: at most three block columns per q-block
+    row here (a window edge spanning two blocks, the diagonal, the padding edge), never [S, S]."""
+    seq_len, block = 2048, 128
+    padding = torch.zeros(1, seq_len, dtype=torch.bool)
+    padding[0, -100:] = padded
+    plan = plan_pair(gemma4_mask_mod(spec, padding=padding), Layout("contiguous", 1), seq_len, 0, 0, 1,
+                     torch.float32, CPU, block_size=block)
+    masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
+    assert 0 < masked <= 3 * seq_len * block
+    assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
