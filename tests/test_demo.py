@@ -42,7 +42,7 @@ def test_relative_error():
     assert demo.relative_error(torch.ones(2), torch.zeros(2)) == 1.0
 
 
-def test_demo_batch_crosses_rank_boundaries():
+def test_demo_batch_contents_and_new_metadata_each_step():
     batch = demo.demo_batch(64, step=0, device=torch.device("cpu"))
     assert batch.describe() == "2 rows x 64 tokens: 5 packed documents, 2 image blocks, 4 padding tokens"
     assert not torch.equal(batch.position_ids, demo.demo_batch(64, step=1, device=torch.device("cpu")).position_ids)
