@@ -10,8 +10,8 @@ positions (query ``i``, key ``j``), composed from small factories with ``and_mas
     block   = block_bidirectional and block_ids[b, i] >= 0 and block_ids[b, i] == block_ids[b, j]
     doc     = document_ids[b, i] == document_ids[b, j]   (True without document_ids)
 
-The functions broadcast, so the same ``mask_mod`` feeds ``create_block_mask`` (vmapped) and
-``create_mask`` for a dense tile.
+The functions broadcast: the planner (``schedule.evaluate_mask``) evaluates them on index
+grids directly, and they work under flex's vmapped ``create_block_mask`` too.
 """
 
 from __future__ import annotations
