@@ -12,8 +12,8 @@ built per step from the Gemma 4 ``mask_mod``, and its blocks decide the kernel c
                                       unmasked call over consecutive full blocks, a call with an
                                       additive mask over consecutive partial ones (consecutive rows
                                       with the same runs share calls). Masks thus cover partial
-                                      blocks only: O(L x block) for a sliding window, for causal
-                                      with padding, for packed documents; never L^2.
+                                      blocks only: O(L x block), not L^2, for a sliding window,
+                                      causal with padding, or packed documents.
 
 Every rank derives every plan from the same global metadata, so all ranks agree on them.
 """
