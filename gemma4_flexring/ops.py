@@ -89,9 +89,9 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
             plans = _plans(args, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
-    sig = signature(args.q, args.k, args.info, args.causal, args.sliding_window,
-                    args.block_bidirectional, args.layout, args.scale, bool(problems))
-    check_inputs(problems, sig, comm.group)
+    check_inputs(problems, comm.group, lambda: signature(
+        args.q, args.k, args.info, args.causal, args.sliding_window, args.block_bidirectional, args.layout,
+        args.scale, bool(problems)))
     return comm, plans, kernel
 
 

@@ -9,6 +9,7 @@ the others wait in the ring forever.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -89,15 +90,18 @@ def _fingerprint(t: Tensor | None) -> int:
     return int((flat * weights).sum()) * 31 + flat.numel()
 
 
-def check_inputs(problems: list[str], sig: list[int], group: dist.ProcessGroup | None) -> None:
-    """Raise the same ValueError on every rank when any rank's inputs are bad or ranks disagree."""
+def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Callable[[], list[int]]) -> None:
+    """Raise the same ValueError on every rank when any rank's inputs are bad or ranks disagree.
+
+    ``sign`` gives this rank's ``signature``; it is computed only when there are ranks to compare.
+    """
     if group is None or group.size() == 1:
         if problems:
             raise ValueError("ring_attention: " + "; ".join(problems))
         return
     # NCCL groups only move CUDA tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    mine = torch.tensor(sig, dtype=torch.int64, device=device)
+    mine = torch.tensor(sign(), dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(group.size())]
     dist.all_gather(table, mine, group=group)
     rows = [t.cpu().tolist() for t in table]
