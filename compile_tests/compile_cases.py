@@ -162,13 +162,12 @@ def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 
     group = "" if layout.world_size == 1 else torch.distributed.group.WORLD.group_name
     cases = []
     for variant, present in METADATA_VARIANTS.items():
-        info = [t if i in present else None for i, t in enumerate(metadata)]
-        generation = SequenceInfo().generation
-        options = (True, 5, info[1] is not None, layout.kind, group, 0.5)
+        info = SequenceInfo(*(t if i in present else None for i, t in enumerate(metadata)), shape=(BATCH, seq_len))
+        options = (True, 5, 1 in present, layout.kind, group, 0.5)
         forward_args = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
-                        generation, *info, *options)
-        out, lse = torch.ops.gemma4_flexring.ring_attention(q, k, v, generation, *info, *options)
-        backward_args = (grad_out, q, k, v, out, lse, generation, *info, *options)
+                        info.generation, *info.tensors(), *options)
+        out, lse = torch.ops.gemma4_flexring.ring_attention(q, k, v, info.generation, *info.tensors(), *options)
+        backward_args = (grad_out, q, k, v, out, lse, info.generation, *info.tensors(), *options)
         name = f"{dtype}-{variant}"
         cases.append((f"ring_attention-{name}", torch.ops.gemma4_flexring.ring_attention.default, forward_args))
         cases.append((f"ring_attention_backward-{name}", torch.ops.gemma4_flexring.ring_attention_backward.default,
@@ -193,4 +192,4 @@ def attend(q: Tensor, k: Tensor, v: Tensor, info: SequenceInfo | None = None, la
 
 def generations_in_this_process(count: int = 3) -> list[int]:
     """Generations of ``count`` new SequenceInfos (run in a forked child by a test)."""
-    return [int(SequenceInfo().generation) for _ in range(count)]
+    return [int(SequenceInfo(shape=(1, 1)).generation) for _ in range(count)]

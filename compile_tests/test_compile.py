@@ -102,8 +102,8 @@ def test_sequence_info_built_inside_compiled_code():
 
 
 def test_without_metadata():
-    """No SequenceInfo (the module-level default generation): one frame under dynamic=True, no
-    recompile over four lengths, forward matches eager exactly."""
+    """No SequenceInfo (absent metadata made per call): one frame under dynamic=True, no
+    recompile over four lengths, forward matches eager exactly, one plan per length."""
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(attend, backend=counter, fullgraph=True, dynamic=True)
     for seq_len in LENGTHS[:4]:
@@ -113,7 +113,7 @@ def test_without_metadata():
             out = compiled(q, k, v)
         torch.testing.assert_close(out, attend(q, k, v), rtol=0, atol=0)
     assert counter.frame_count == 1
-    assert mask_cache_info().generation == 0
+    assert mask_cache_info().builds == 4
 
 
 @pytest.mark.parametrize("backend, dynamic, num_layers, lengths", [
@@ -134,7 +134,8 @@ def test_two_ranks(cluster, backend, dynamic, num_layers, lengths):
 
 
 def test_ring_attention_call_is_one_graph_node():
-    """The whole call (argument handling, defaults, group lookup) traces to the op and nothing else."""
+    """The whole call (argument handling, defaults, group lookup) traces to one op call; without a
+    SequenceInfo, the absent metadata and a generation are made in the graph, at run time."""
     gm_holder = []
 
     def backend(gm, example_inputs):
@@ -144,4 +145,5 @@ def test_ring_attention_call_is_one_graph_node():
     q, k, v = (torch.randn(1, h, 8, 4) for h in (2, 1, 1))
     torch.compile(lambda q, k, v: ring_attention(q, k, v), backend=backend, fullgraph=True)(q, k, v)
     targets = [str(n.target) for n in gm_holder[0].graph.nodes if n.op == "call_function"]
-    assert targets == ["gemma4_flexring.ring_attention", "<built-in function getitem>"]
+    assert targets.count("gemma4_flexring.ring_attention") == 1
+    assert targets.count("gemma4_flexring.new_generation.default") == 1

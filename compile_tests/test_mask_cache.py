@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.utils._pytree as pytree
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from gemma4_flexring import MaskSpec, SequenceInfo, mask_cache_info
@@ -23,7 +25,7 @@ def test_layers_forward_backward_steps_build_exactly_the_distinct_keys():
     assert distinct == 2
     assert result["builds"] == [distinct] * len(lengths)
     assert result["hits"] == [3 * 2 - distinct] * len(lengths)
-    assert result["entries"] == [distinct] * len(lengths)
+    assert result["entries"] == [distinct * (step + 1) for step in range(len(lengths))]  # within capacity
     assert result["generations_match"]
     assert result["max_error"] < 1e-6
 
@@ -62,19 +64,29 @@ def test_storage_reuse_rebuilds_compiled():
     _check_storage_reuse(torch.compile(attend, backend="aot_eager", fullgraph=True))
 
 
-def test_new_generation_drops_old_entries():
-    """Entries live for one generation: switching generations empties the cache, so going back to
-    an older SequenceInfo rebuilds instead of finding its plans."""
+def test_interleaved_micro_batches_build_each_plan_once():
+    """Forward A, forward B, backward A, backward B (a pipeline schedule): every plan is built once,
+    and each backward gets its own batch's masks."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(32))
+    a = SequenceInfo(document_ids=(torch.arange(32) // 8).view(1, -1))
+    b = SequenceInfo(document_ids=(torch.arange(32) // 5).view(1, -1), padding=torch.arange(32).view(1, -1) > 29)
+    out_a, out_b = attend(q, k, v, a), attend(q, k, v, b)
+    assert mask_cache_info().builds == 2
+    grads_a, grads_b = (torch.autograd.grad(out, (q, k, v), torch.ones_like(out)) for out in (out_a, out_b))
+    info = mask_cache_info()
+    assert (info.builds, info.hits, info.generations) == (2, 2, 2)
+    for got, info in ((grads_a, a), (grads_b, b)):
+        want = reference_attention(q, k, v, MaskSpec(sliding_window=4), info, 1.0)
+        torch.testing.assert_close(got, torch.autograd.grad(want, (q, k, v), torch.ones_like(want)))
+
+
+def test_equal_content_shares_plans():
+    """A new SequenceInfo with the same content (a static packing, say) reuses the plans."""
     q, k, v = _qkv(32)
-    first = SequenceInfo(document_ids=(torch.arange(32) // 8).view(1, -1))
-    second = SequenceInfo(document_ids=(torch.arange(32) // 8).view(1, -1))
-    attend(q, k, v, first)
-    attend(q, k, v, first)
-    assert mask_cache_info() == (int(first.generation), 1, 1, 1)
-    attend(q, k, v, second)
-    assert mask_cache_info() == (int(second.generation), 2, 1, 1)
-    attend(q, k, v, first)
-    assert mask_cache_info() == (int(first.generation), 3, 1, 1)
+    for _ in range(3):
+        attend(q, k, v, SequenceInfo(document_ids=(torch.arange(32) // 8).view(1, -1)))
+    info = mask_cache_info()
+    assert (info.builds, info.hits, info.generations, info.described) == (1, 2, 1, 3)
 
 
 def test_generations_differ_across_forked_processes():
@@ -84,9 +96,25 @@ def test_generations_differ_across_forked_processes():
 
     from .compile_cases import generations_in_this_process
 
-    SequenceInfo()  # the parent has counted before forking
+    SequenceInfo(shape=(1, 1))  # the parent has counted before forking
     with multiprocessing.get_context("fork").Pool(2) as pool:
         children = pool.map(generations_in_this_process, [3, 3])
     parent = generations_in_this_process(3)
     everything = [g for gs in (*children, parent) for g in gs]
     assert len(set(everything)) == len(everything)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_changed_metadata_is_never_served_stale(compiled):
+    """Content changed under an old generation (an in-place write, forbidden but detected through
+    the tensor's version) or mapped into a new SequenceInfo: each call gets its own batch's masks."""
+    fn = torch.compile(attend, backend="aot_eager", fullgraph=True) if compiled else attend
+    q, k, v = _qkv(32)
+    info = SequenceInfo(document_ids=(torch.arange(32) // 8).view(1, -1))
+    fn(q, k, v, info)
+    info.document_ids.copy_((torch.arange(32) // 5).view(1, -1))
+    mapped = pytree.tree_map(lambda t: t.flip(-1), info)
+    for case in (info, mapped):
+        want = reference_attention(q, k, v, MaskSpec(sliding_window=4), case, 1.0)
+        torch.testing.assert_close(fn(q, k, v, case), want)
+    assert mask_cache_info().builds == 3

@@ -11,9 +11,8 @@ from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec
 
-# Generation of calls without metadata: their masks depend only on the mask spec and lengths.
-_NO_INFO = SequenceInfo()
-_NO_INFO.generation = torch.zeros((), dtype=torch.int64)
+# The op's window is an int64; any window at least as long as a sequence can be means the same.
+_MAX_WINDOW = 2**62
 
 
 def process_group(group=None) -> dist.ProcessGroup | None:
@@ -62,8 +61,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     mask = MaskSpec() if mask is None else mask
     if not isinstance(mask, MaskSpec):
         raise TypeError(f"ring_attention: mask must be a MaskSpec, got {type(mask).__name__}")
-    info = _NO_INFO if info is None else info
-    if not isinstance(info, SequenceInfo):
+    if info is not None and not isinstance(info, SequenceInfo):
         raise TypeError(f"ring_attention: info must be a SequenceInfo or None, got {type(info).__name__}")
     # The group object, not its name, gives the size: dynamo traces ProcessGroup methods (constant
     # per group) but not the C++ name lookup ``_resolve_process_group``.
@@ -75,9 +73,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
         raise TypeError(f"ring_attention: layout must be a Layout, got {type(layout).__name__}")
     if layout.world_size != world_size:
         raise ValueError(f"ring_attention: layout is for {layout.world_size} ranks, the group has {world_size}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    document_ids, block_ids, padding = (None if t is None else t.to(q.device) for t in info.tensors())
+    if info is None:  # a wrongly shaped q gets a stand-in; the op reports it on every rank
+        shape = (q.shape[0], q.shape[2] * world_size) if q.dim() == 4 else (1, 1)
+        info = SequenceInfo(shape=shape, device=q.device)
+    window = None if mask.sliding_window is None else min(mask.sliding_window, _MAX_WINDOW)
+    scale = None if scale is None else float(scale)
     out, _ = torch.ops.gemma4_flexring.ring_attention(
-        q, k, v, info.generation, document_ids, block_ids, padding, mask.causal,
-        mask.sliding_window, mask.block_bidirectional, layout.kind, name, scale)
+        q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), mask.causal, window,
+        mask.block_bidirectional, layout.kind, name, scale)
     return out

@@ -1,10 +1,19 @@
-"""Block-mask plans cached per ``SequenceInfo`` generation.
+"""Block-mask plans, cached per batch of metadata.
 
-Within one generation every layer, forward and backward, asks for the same pair plans; each
-distinct key is built once. A request under another generation drops every entry first, so a
-plan built from an older batch's metadata is never reused (keys never involve data pointers).
-Calls without metadata share generation 0 for good; there, at most ``MAX_ENTRIES`` plans are
-kept, the least recently used going first, so changing lengths cannot grow the cache forever.
+Two least-recently-used maps:
+
+- generation -> ``Metadata`` (digest and relevant fields), with a stamp of the tensors it was
+  computed from. A generation seen again with the same stamp costs no hashing; a changed stamp
+  (an in-place mutation, other tensors under the same generation) is described afresh.
+- digest -> the plans built for that content, one per (mask, shapes, ranks) key. Plans of the
+  ``capacity`` most recently used digests are kept; interleaved micro-batches (forward A,
+  forward B, backward A, backward B) thus build every plan once. Two batches with equal content
+  share their plans.
+
+Memory bound: ``capacity`` x (distinct masks x world size) pair plans; each pair plan holds
+additive masks over partially allowed blocks only (see ``schedule.py``), and the generation map
+holds ``4 x capacity`` small entries. Plans never depend on data pointers, so a plan can only be
+served for metadata with the same digest.
 """
 
 from __future__ import annotations
@@ -12,57 +21,108 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Hashable, NamedTuple, TypeVar
 
+from torch import Tensor
+
+from .metadata import Metadata, describe, stamp
+
 T = TypeVar("T")
 
-MAX_ENTRIES = 256
+DEFAULT_CAPACITY = 8
 
 
 class MaskCacheInfo(NamedTuple):
+    """Counters of the plan cache.
+
+    Attributes:
+        generation: the generation looked up last (-1 before any).
+        builds: pair plans built; hits: pair plans served from the cache.
+        generations: metadata contents whose plans are live; capacity: the most kept.
+        entries: live pair plans.
+        described: times a batch's metadata was read and hashed.
+    """
+
     generation: int
     builds: int
     hits: int
+    generations: int
+    capacity: int
     entries: int
+    described: int
 
 
-class GenerationCache:
-    """A dict that empties itself whenever the generation changes."""
+class PlanCache:
+    """Plans keyed by metadata digest, least recently used digests evicted first."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
         self.clear()
 
     def clear(self) -> None:
+        self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
+        self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
         self._generation = -1
-        self._entries: OrderedDict[Hashable, object] = OrderedDict()
-        self._builds = 0
-        self._hits = 0
+        self._builds = self._hits = self._described = 0
 
-    def get(self, generation: int, key: Hashable, build: Callable[[], T]) -> T:
-        if generation != self._generation:
-            self._generation = generation
-            self._entries.clear()
-        if key in self._entries:
-            self._hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]  # type: ignore[return-value]
-        value = build()
+    def set_capacity(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"mask cache capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self._trim()
+
+    def metadata(self, generation: int, tensors: tuple[Tensor, Tensor, Tensor]) -> Metadata:
+        """The ``Metadata`` of ``tensors`` (the batch of ``generation``), hashed once per stamp."""
+        self._generation = generation
+        now = stamp(tensors)
+        known = self._metadata.get(generation)
+        if known is not None and now is not None and known[0] == now:
+            self._metadata.move_to_end(generation)
+            return known[1]
+        meta = describe(*tensors)
+        self._described += 1
+        self._metadata[generation] = (now, meta)
+        self._metadata.move_to_end(generation)
+        self._trim()
+        return meta
+
+    def plan(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
+        """The plan under (``meta``'s digest, ``key``), built on first request."""
+        plans = self._plans.get(meta.digest)
+        if plans is not None:
+            self._plans.move_to_end(meta.digest)
+            if key in plans:
+                self._hits += 1
+                return plans[key]  # type: ignore[return-value]
+        value = build()  # raises before anything is stored: no half-built entry
         self._builds += 1
-        self._entries[key] = value
-        if len(self._entries) > MAX_ENTRIES:
-            self._entries.popitem(last=False)
+        self._plans.setdefault(meta.digest, {})[key] = value
+        self._plans.move_to_end(meta.digest)
+        self._trim()
         return value
 
+    def _trim(self) -> None:
+        while len(self._plans) > self.capacity:
+            self._plans.popitem(last=False)
+        while len(self._metadata) > 4 * self.capacity:
+            self._metadata.popitem(last=False)
+
     def info(self) -> MaskCacheInfo:
-        return MaskCacheInfo(self._generation, self._builds, self._hits, len(self._entries))
+        return MaskCacheInfo(self._generation, self._builds, self._hits, len(self._plans), self.capacity,
+                             sum(len(p) for p in self._plans.values()), self._described)
 
 
-MASK_CACHE = GenerationCache()
+MASK_CACHE = PlanCache()
 
 
 def mask_cache_info() -> MaskCacheInfo:
-    """Counters of the block-mask cache: current generation, builds, hits, live entries."""
+    """Counters of the block-mask plan cache (see ``MaskCacheInfo``)."""
     return MASK_CACHE.info()
 
 
 def clear_mask_cache() -> None:
-    """Drop every cached plan and reset the counters."""
+    """Drop every cached plan and reset the counters (the capacity stays)."""
     MASK_CACHE.clear()
+
+
+def set_mask_cache_capacity(generations: int) -> None:
+    """Keep the plans of this many metadata contents (default ``DEFAULT_CAPACITY``)."""
+    MASK_CACHE.set_capacity(generations)

@@ -1,9 +1,15 @@
 """The package's custom ops: the only place that touches ``torch.library``.
 
-``gemma4_flexring::ring_attention`` returns ``(out, lse)``; its autograd formula calls
-``gemma4_flexring::ring_attention_backward`` with the saved merged out and lse. Process groups
-travel by name; masks are rebuilt inside the op from plain tensors and scalars (a BlockMask
-cannot be an op argument) and cached under the ``generation`` tensor.
+- ``gemma4_flexring::ring_attention`` returns ``(out, lse)``; its autograd formula calls
+  ``gemma4_flexring::ring_attention_backward`` with the saved merged out and lse, whose own
+  autograd formula raises (no double backward).
+- ``gemma4_flexring::new_generation`` hands out ``SequenceInfo`` generations; as an opaque op it
+  runs at every call of compiled and exported code instead of being traced into a constant.
+
+Process groups travel by name. Masks are rebuilt inside the op from plain tensors and scalars
+(a BlockMask cannot be an op argument) and cached under the metadata's digest (``cache.py``).
+Every metadata tensor is always present, whatever the batch holds, so the op's inputs have one
+structure for every batch and a compiled graph never guards on what a batch contains.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import generations, schedule
 from .cache import MASK_CACHE
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask_mod
 from .merge import accumulator_dtype
+from .metadata import Metadata
 from .ring import RingComm, ring_backward, ring_forward
-from . import schedule
 from .validate import check_inputs, local_problems, signature
 
 
@@ -31,19 +38,28 @@ class RingArgs(NamedTuple):
     k: Tensor
     v: Tensor
     generation: Tensor
-    document_ids: Tensor | None
-    block_ids: Tensor | None
-    padding: Tensor | None
+    document_ids: Tensor
+    block_ids: Tensor
+    padding: Tensor
     causal: bool
     sliding_window: int | None
     block_bidirectional: bool
-    layout: str
+    layout_kind: str
     group_name: str
-    scale: float
+    scale: float | None
 
     @property
-    def info(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def info(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.document_ids, self.block_ids, self.padding
+
+    @property
+    def options(self) -> tuple:
+        """The non-tensor arguments, in schema order."""
+        return self[len(self) - 6:]
+
+    @property
+    def resolved_scale(self) -> float:
+        return self.q.shape[-1] ** -0.5 if self.scale is None else self.scale
 
 
 def resolve_group(group_name: str) -> dist.ProcessGroup | None:
@@ -53,20 +69,23 @@ def resolve_group(group_name: str) -> dist.ProcessGroup | None:
     return dist.distributed_c10d._resolve_process_group(group_name)
 
 
-def _plans(args: RingArgs, comm: RingComm) -> list[schedule.PairPlan]:
-    """This rank's plan against every K/V owner, from the cache of ``args.generation``."""
+def _plans(args: RingArgs, meta: Metadata, comm: RingComm) -> list[schedule.PairPlan]:
+    """This rank's plan against every K/V owner, from the cache under ``meta``'s digest."""
     spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
-    layout = Layout(args.layout, comm.world_size)
+    layout = Layout(args.layout_kind, comm.world_size)
     q = args.q
     seq_len = q.shape[2] * comm.world_size
-    batch = q.shape[0] if any(t is not None for t in args.info) else 1
-    generation = int(args.generation)
+    batch = q.shape[0] if meta.any else 1
+    mask_mod = None
 
     def plan(owner: int) -> schedule.PairPlan:
+        def build() -> schedule.PairPlan:
+            nonlocal mask_mod
+            mask_mod = mask_mod or gemma4_mask_mod(spec, *meta.effective(*args.info))
+            return schedule.plan_pair(mask_mod, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device)
+
         key = (spec, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-        build = lambda: schedule.plan_pair(gemma4_mask_mod(spec, *args.info), layout, seq_len,  # noqa: E731
-                                           comm.rank, owner, batch, q.dtype, q.device)
-        return MASK_CACHE.get(generation, key, build)
+        return MASK_CACHE.plan(meta, key, build)
 
     return [plan(owner) for owner in range(comm.world_size)]
 
@@ -80,36 +99,42 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     comm = RingComm(resolve_group(args.group_name))
     kernel = kernel_for(args.q.device)
     if not check:
-        return comm, _plans(args, comm), kernel
-    problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
-                              comm.world_size)
+        meta = MASK_CACHE.metadata(int(args.generation), args.info)
+        return comm, _plans(args, meta, comm), kernel
+    problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout_kind,
+                              comm.world_size, args.scale)
     plans: list[schedule.PairPlan] = []
+    meta = None
     if not problems:
         try:
-            plans = _plans(args, comm)
+            meta = MASK_CACHE.metadata(int(args.generation), args.info)
+            plans = _plans(args, meta, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
     check_inputs(problems, comm.group, lambda: signature(
-        args.q, args.k, args.info, args.causal, args.sliding_window, args.block_bidirectional, args.layout,
-        args.scale, bool(problems)))
+        args.q, args.k, meta, args.causal, args.sliding_window, args.block_bidirectional, args.layout_kind,
+        args.resolved_scale, bool(problems)))
     return comm, plans, kernel
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
-def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor | None,
-                      block_ids: Tensor | None, padding: Tensor | None, causal: bool,
-                      sliding_window: int | None, block_bidirectional: bool, layout: str,
-                      group_name: str, scale: float) -> tuple[Tensor, Tensor]:
-    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64)."""
+def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor,
+                      block_ids: Tensor, padding: Tensor, causal: bool, sliding_window: int | None,
+                      block_bidirectional: bool, layout_kind: str, group_name: str,
+                      scale: float | None) -> tuple[Tensor, Tensor]:
+    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64).
+
+    Metadata tensors are the whole sequence's, [B, S]; ``scale`` None means ``D ** -0.5``.
+    """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout, group_name, scale)
+                    block_bidirectional, layout_kind, group_name, scale)
     comm, plans, kernel = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, scale)
+    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-      block_bidirectional, layout, group_name, scale):
+      block_bidirectional, layout_kind, group_name, scale):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("ring_attention: q, k, v must be 4-D [B, H, S_local, D]")
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulator_dtype(q.dtype))
@@ -117,20 +142,20 @@ def _(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_win
 
 @torch.library.custom_op("gemma4_flexring::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                               lse: Tensor, generation: Tensor, document_ids: Tensor | None,
-                               block_ids: Tensor | None, padding: Tensor | None, causal: bool,
-                               sliding_window: int | None, block_bidirectional: bool, layout: str,
-                               group_name: str, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                               lse: Tensor, generation: Tensor, document_ids: Tensor,
+                               block_ids: Tensor, padding: Tensor, causal: bool,
+                               sliding_window: int | None, block_bidirectional: bool, layout_kind: str,
+                               group_name: str, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout, group_name, scale)
+                    block_bidirectional, layout_kind, group_name, scale)
     comm, plans, kernel = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, scale)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale)
 
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, causal,
-      sliding_window, block_bidirectional, layout, group_name, scale):
+      sliding_window, block_bidirectional, layout_kind, group_name, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -139,8 +164,7 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(args.q, args.k, args.v, out, lse, args.generation, *args.info)
-    ctx.options = (args.causal, args.sliding_window, args.block_bidirectional, args.layout,
-                   args.group_name, args.scale)
+    ctx.options = args.options
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
@@ -151,3 +175,27 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("gemma4_flexring: double backward (a gradient of ring_attention's gradient, e.g. "
+                       "torch.autograd.grad(..., create_graph=True) followed by another backward) is not "
+                       "supported")
+
+
+ring_attention_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("gemma4_flexring::new_generation", mutates_args=())
+def new_generation(like: Tensor) -> Tensor:
+    """A fresh generation: int64 scalar on the CPU (``like`` only anchors the op to a device)."""
+    return torch.tensor(generations.next_generation(), dtype=torch.int64)
+
+
+@new_generation.register_fake
+def _(like):
+    return torch.empty((), dtype=torch.int64)
+
+
+# Each call must run (and run again): no dead-code elimination, no common-subexpression merging.
+torch.fx.node.has_side_effect(torch.ops.gemma4_flexring.new_generation.default)

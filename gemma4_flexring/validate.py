@@ -8,6 +8,7 @@ the others wait in the ring forever.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Callable
 
@@ -17,15 +18,17 @@ from torch import Tensor
 
 from .kernels import kernel_for, supported_devices
 from .layout import LAYOUTS, Layout
+from .metadata import Metadata
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "head_dim", "dtype",
                      "causal", "sliding_window", "block_bidirectional", "layout", "scale",
-                     "document_ids", "block_ids", "padding")
+                     "metadata (document_ids, block_ids, padding)",
+                     "metadata (document_ids, block_ids, padding)")  # a 128-bit digest in two words
 
 
-def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor | None, ...],
-                   sliding_window: int | None, layout: str, world_size: int) -> list[str]:
+def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sliding_window: int | None,
+                   layout: str, world_size: int, scale: float | None) -> list[str]:
     """Everything wrong with one rank's arguments, as readable sentences (empty when fine)."""
     problems = []
     for name, t in zip("qkv", (q, k, v)):
@@ -48,6 +51,10 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor | None, .
         problems.append(f"query heads ({q_heads}) must be a multiple of key/value heads ({k.shape[1]})")
     if local_len < 1:
         problems.append("the local sequence is empty")
+    if head_dim < 1:
+        problems.append("the head dim (q.shape[-1]) is 0")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        problems.append(f"scale must be a positive finite number, got {scale}")
     if sliding_window is not None and sliding_window < 1:
         problems.append(f"sliding_window must be None or positive, got {sliding_window}")
     if layout not in LAYOUTS:
@@ -58,8 +65,6 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor | None, .
         except ValueError as e:
             problems.append(str(e))
     for name, t in zip(("document_ids", "block_ids", "padding"), info):
-        if t is None:
-            continue
         if tuple(t.shape) != (batch, local_len * world_size):
             problems.append(f"SequenceInfo.{name} must be the whole sequence [B={batch}, "
                             f"S={local_len * world_size}], got {tuple(t.shape)}")
@@ -68,26 +73,33 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor | None, .
     return problems
 
 
-def signature(q: Tensor, k: Tensor, info: tuple[Tensor | None, ...], causal: bool,
-              sliding_window: int | None, block_bidirectional: bool, layout: str, scale: float,
-              failed: bool) -> list[int]:
-    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``)."""
-    if failed:
+def signature(q: Tensor, k: Tensor, meta: Metadata | None, causal: bool, sliding_window: int | None,
+              block_bidirectional: bool, layout: str, scale: float, failed: bool) -> list[int]:
+    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``); ``meta`` None when failed."""
+    if failed or meta is None:
         return [1] + [0] * (len(_SIGNATURE_FIELDS) - 1)
     dtype = _DTYPES.index(q.dtype)
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
     return [0, *q.shape[:2], k.shape[1], *q.shape[2:], dtype, int(causal),
             -1 if sliding_window is None else sliding_window, int(block_bidirectional),
-            LAYOUTS.index(layout), scale_bits, *(_fingerprint(t) for t in info)]
+            LAYOUTS.index(layout), scale_bits, *meta.digest_words()]
 
 
-def _fingerprint(t: Tensor | None) -> int:
-    """A cheap content hash of a metadata tensor (-1 for None)."""
-    if t is None:
-        return -1
-    flat = t.detach().flatten().to(torch.int64)
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) * 2654435761 % 1000003 + 1
-    return int((flat * weights).sum()) * 31 + flat.numel()
+def _readable(field: str, value: int) -> object:
+    """A signature entry as the user wrote it."""
+    if field == "dtype":
+        return _DTYPES[value]
+    if field == "layout":
+        return LAYOUTS[value]
+    if field == "scale":
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    if field == "sliding_window":
+        return None if value == -1 else value
+    if field in ("causal", "block_bidirectional"):
+        return bool(value)
+    if field.startswith("metadata"):
+        return f"digest {value & (2**64 - 1):016x}..."
+    return value
 
 
 def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Callable[[], list[int]]) -> None:
@@ -113,6 +125,7 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
     if not lines:
         for i, field in enumerate(_SIGNATURE_FIELDS):
             values = [r[i] for r in rows]
-            if len(set(values)) > 1:
-                lines.append(f"ranks disagree on {field}: {values}")
+            if len(set(values)) > 1 and not any(field in line for line in lines):
+                shown = ", ".join(f"rank {r}: {_readable(field, v)}" for r, v in enumerate(values))
+                lines.append(f"ranks disagree on {field}: {shown}")
     raise ValueError("ring_attention: bad input, no exchange was started:\n  " + "\n  ".join(lines))

@@ -29,6 +29,21 @@ def metadata_differs(rank: int, world_size: int) -> None:
     ring_attention(*_qkv(8), info=SequenceInfo(document_ids=docs), layout=Layout("contiguous", world_size))
 
 
+def rows_permuted(rank: int, world_size: int) -> None:
+    """The same padding counts and positions, in another row order on rank 1."""
+    padding = torch.zeros(2, 8 * world_size, dtype=torch.bool)
+    padding[0, [0, 3]] = True
+    padding[1, [1, 2]] = True
+    if rank == 1:
+        padding = padding.flip(0)
+    q, k, v = (torch.cat([t, t]) for t in _qkv(8))
+    ring_attention(q, k, v, info=SequenceInfo(padding=padding), layout=Layout("contiguous", world_size))
+
+
+def scales_differ(rank: int, world_size: int) -> None:
+    ring_attention(*_qkv(8), scale=1.0 / (1 + rank), layout=Layout("contiguous", world_size))
+
+
 def masks_differ(rank: int, world_size: int) -> None:
     ring_attention(*_qkv(8), mask=MaskSpec(sliding_window=4 + rank), layout=Layout("contiguous", world_size))
 

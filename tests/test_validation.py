@@ -52,6 +52,23 @@ def test_layout_and_metadata_checks():
         ring_attention(*qkv(b=2), info=SequenceInfo(padding=torch.zeros(1, 8, dtype=torch.bool)))
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_scale_must_be_positive_and_finite(scale):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        ring_attention(*qkv(), scale=scale)
+
+
+def test_empty_head_dim_is_reported_not_divided_by():
+    with pytest.raises(ValueError, match="head dim"):
+        ring_attention(*qkv(d=0))
+
+
+def test_huge_window_means_no_window():
+    q, k, v = qkv()
+    torch.testing.assert_close(ring_attention(q, k, v, mask=MaskSpec(sliding_window=2**63)),
+                               ring_attention(q, k, v, mask=MaskSpec()), rtol=0, atol=0)
+
+
 def test_fully_masked_input_gives_zeros_not_nans():
     q, k, v = (t.requires_grad_(True) for t in qkv())
     info = SequenceInfo(padding=torch.ones(1, 8, dtype=torch.bool))
@@ -63,7 +80,9 @@ def test_fully_masked_input_gives_zeros_not_nans():
 @pytest.mark.parametrize("worker, match", [
     (misuse_cases.lengths_differ, "ranks disagree on local_len"),
     (misuse_cases.one_rank_bad_dtype, "rank 1: q, k, v must share one dtype"),
-    (misuse_cases.metadata_differs, "ranks disagree on document_ids"),
+    (misuse_cases.metadata_differs, "ranks disagree on metadata (document_ids, block_ids, padding)"),
+    (misuse_cases.rows_permuted, "ranks disagree on metadata (document_ids, block_ids, padding)"),
+    (misuse_cases.scales_differ, "ranks disagree on scale: rank 0: 1.0, rank 1: 0.5"),
     (misuse_cases.masks_differ, "ranks disagree on sliding_window"),
 ])
 def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):

@@ -1,0 +1,66 @@
+"""What a batch's metadata means for the masks: a content digest and which fields matter.
+
+Computed once per ``SequenceInfo`` generation (see ``cache.py``). The digest keys the cached
+plans and is what ranks compare before the first exchange, so it must tell apart any two
+metadata contents, permutations included: it is a 128-bit BLAKE2b hash of the bytes.
+
+Shape legend: B batch rows, S whole sequence length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Metadata(NamedTuple):
+    """A batch's metadata as the planner sees it.
+
+    Attributes:
+        digest: 16 bytes identifying the content (shape, and every field that matters).
+        documents, blocks, padding: whether each field changes any mask (more than one document
+            in some row; some vision token; some padding key).
+    """
+
+    digest: bytes
+    documents: bool
+    blocks: bool
+    padding: bool
+
+    def effective(self, document_ids: Tensor, block_ids: Tensor, padding: Tensor
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The fields that matter, None for the others (fewer mask terms to evaluate)."""
+        return (document_ids if self.documents else None, block_ids if self.blocks else None,
+                padding if self.padding else None)
+
+    @property
+    def any(self) -> bool:
+        return self.documents or self.blocks or self.padding
+
+    def digest_words(self) -> list[int]:
+        """The digest as two signed 64-bit integers (for an int64 all_gather)."""
+        return [int.from_bytes(self.digest[i:i + 8], "little", signed=True) for i in (0, 8)]
+
+
+def describe(document_ids: Tensor, block_ids: Tensor, padding: Tensor) -> Metadata:
+    """Digest and relevance of [B, S] metadata (any device; read once on the CPU)."""
+    document_ids, block_ids, padding = (t.detach().cpu() for t in (document_ids, block_ids, padding))
+    matters = (bool((document_ids != document_ids[:, :1]).any()), bool((block_ids >= 0).any()),
+               bool(padding.any()))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(padding.shape), matters)).encode())
+    for t, used in zip((document_ids, block_ids, padding), matters):
+        if used:
+            h.update(t.to(torch.int64 if t.dtype != torch.bool else torch.bool).contiguous().numpy().tobytes())
+    return Metadata(h.digest(), *matters)
+
+
+def stamp(tensors: tuple[Tensor, ...]) -> tuple | None:
+    """What identifies these tensors' current content without reading it: storage, layout and
+    in-place version. None for inference tensors, which keep no version counter."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.device)) for t in tensors)
