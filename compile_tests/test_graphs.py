@@ -1,6 +1,6 @@
-"""gemma4_flexring.inspect: the compiled forward and backward graphs, pinned with expecttest.
+"""gemma4_flexring.graphs: the compiled forward and backward graphs, pinned with expecttest.
 
-Regenerate the expected text with ``EXPECTTEST_ACCEPT=1 python -m pytest compile_tests/test_inspect.py``.
+Regenerate the expected text with ``EXPECTTEST_ACCEPT=1 python -m pytest compile_tests/test_graphs.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from expecttest import TestCase
 
 from gemma4_flexring import SequenceInfo
-from gemma4_flexring.inspect import Gemma4Attention, compiled_graphs, main
+from gemma4_flexring.graphs import compiled_graphs, main
+from gemma4_flexring.model import Gemma4Attention
 
 from .compile_cases import attend
 
