@@ -83,3 +83,27 @@ class Gemma4Attention(nn.Module):
         out = ring_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=self.mask,
                              info=info, layout=layout, group=group, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def example() -> tuple[Gemma4Attention, list[tuple[tuple, dict]]]:
+    """The built-in example of ``python -m gemma4_flexring graph`` (a factory, see ``graph_cli``).
+
+    A sliding layer (window 8) and three batches of two rows: 16 and 24 tokens with packed
+    documents and an image block, then 20 tokens without metadata (a new None-pattern: dynamo
+    recompiles).
+    """
+    torch.manual_seed(0)
+    layer = Gemma4Attention()
+
+    def batch(seq_len: int, info: SequenceInfo | None) -> tuple[tuple, dict]:
+        return (torch.randn(2, seq_len, 32),), {"info": info}
+
+    return layer, [batch(16, _packed(16)), batch(24, _packed(24)), batch(20, None)]
+
+
+def _packed(seq_len: int) -> SequenceInfo:
+    """Two documents and an image block across the middle, on both rows ([2, seq_len])."""
+    documents = torch.arange(seq_len) * 2 // seq_len
+    blocks = torch.full((seq_len,), -1)
+    blocks[seq_len // 4: seq_len // 2] = 0
+    return SequenceInfo(document_ids=documents.repeat(2, 1), block_ids=blocks.repeat(2, 1))
