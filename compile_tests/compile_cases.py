@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 import gemma4_flexring
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, mask_cache_info, ring_attention
-from gemma4_flexring.inspect import Gemma4Attention
+from gemma4_flexring.model import Gemma4Attention
 
 # Ten lengths, every one a multiple of 4 (zigzag over 2 ranks needs 2 * 2 equal pieces).
 LENGTHS = (16, 24, 32, 40, 48, 56, 64, 72, 88, 112)
@@ -193,3 +193,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, info: SequenceInfo | None = None, la
 def generations_in_this_process(count: int = 3) -> list[int]:
     """Generations of ``count`` new SequenceInfos (run in a forked child by a test)."""
     return [int(SequenceInfo(shape=(1, 1)).generation) for _ in range(count)]
+
+
+def attend_example() -> tuple:
+    """A ``graph`` command factory: ``attend`` on 16 then 24 tokens with packed documents."""
+    def batch(seq_len: int) -> tuple[tuple, dict]:
+        q, k, v = (torch.randn(1, h, seq_len, 8) for h in (4, 2, 2))
+        return (q, k, v), {"info": SequenceInfo(document_ids=(torch.arange(seq_len) // 5).view(1, -1))}
+
+    return attend, [batch(16), batch(24)]

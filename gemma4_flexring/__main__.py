@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "gemma4_flexring.demo", "graph": "gemma4_flexring.inspect"}
+    commands = {"demo": "gemma4_flexring.demo", "graph": "gemma4_flexring.graph_cli"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m gemma4_flexring {{{','.join(commands)}}} [options]  (--help after a command)")
         return 2
