@@ -49,22 +49,26 @@ class TestGraphSummary(TestCase):
         """Dynamic sizes; the metadata and the generation are graph inputs, not constants."""
         graphs = compiled_graphs(attend, *_qkv(), _documents())
         self.assertExpectedInline(graph_summary(graphs), """\
-inputs: s0, s1, s2, f32[1, s0, s1, s2], s3, f32[1, s3, s1, s2], f32[1, s3, s1, s2], i64[1, s1], i64[]
+inputs: s0, s1, s2, f32[1, s0, s1, s2], s3, f32[1, s3, s1, s2], f32[1, s3, s1, s2], i64[1, s1], i64[1, s1], b8[1, s1], i64[]
 forward:
-  ring_attention(q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], generation=i64[], document_ids=i64[1, s1], block_ids=None, padding=None, causal=True, sliding_window=4, block_bidirectional=False, layout='contiguous', group_name='', scale=1.0)
+  ring_attention(q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], causal=True, sliding_window=4, block_bidirectional=False, layout_kind='contiguous', group_name='', scale=1.0)
   detach
 backward:
   detach
-  ring_attention_backward(grad_out=f32[1, s0, s1, s2], q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], out=detach, lse=f32[1, s0, s1], generation=i64[], document_ids=i64[1, s1], block_ids=None, padding=None, causal=True, sliding_window=4, block_bidirectional=False, layout='contiguous', group_name='', scale=1.0)
+  ring_attention_backward(grad_out=f32[1, s0, s1, s2], q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], out=detach, lse=f32[1, s0, s1], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], causal=True, sliding_window=4, block_bidirectional=False, layout_kind='contiguous', group_name='', scale=1.0)
 """)
 
     def test_function_without_metadata_static(self):
         """Forward only (no input requires grad), static sizes: no backward graph."""
         graphs = compiled_graphs(attend, *_qkv(requires_grad=False), dynamic=False)
         self.assertExpectedInline(graph_summary(graphs), """\
-inputs: f32[1, 4, 16, 8], f32[1, 2, 16, 8], f32[1, 2, 16, 8], i64[]
+inputs: f32[1, 4, 16, 8], f32[1, 2, 16, 8], f32[1, 2, 16, 8]
 forward:
-  ring_attention(q=f32[1, 4, 16, 8], k=f32[1, 2, 16, 8], v=f32[1, 2, 16, 8], generation=i64[], document_ids=None, block_ids=None, padding=None, causal=True, sliding_window=4, block_bidirectional=False, layout='contiguous', group_name='', scale=1.0)
+  zeros
+  full
+  zeros
+  new_generation(like=zeros)
+  ring_attention(q=f32[1, 4, 16, 8], k=f32[1, 2, 16, 8], v=f32[1, 2, 16, 8], generation=new_generation, document_ids=zeros, block_ids=full, padding=zeros, causal=True, sliding_window=4, block_bidirectional=False, layout_kind='contiguous', group_name='', scale=1.0)
 """)
         self.assertIsNone(graphs.backward)
 
@@ -77,8 +81,8 @@ forward:
         graphs = compiled_graphs(layer, hidden, info=info)
         ring_lines = [line for line in graph_summary(graphs).splitlines() if "ring_attention" in line]
         self.assertExpectedInline("\n".join(ring_lines), """\
-  ring_attention(q=transpose, k=transpose, v=transpose, generation=i64[], document_ids=i64[s0, s1], block_ids=None, padding=None, causal=True, sliding_window=8, block_bidirectional=True, layout='contiguous', group_name='', scale=1.0)
-  ring_attention_backward(grad_out=transpose, q=f32[s0, 4, s1, 8], k=f32[s0, 2, s1, 8], v=f32[s0, 2, s1, 8], out=detach, lse=f32[s0, 4, s1], generation=i64[], document_ids=i64[s0, s1], block_ids=None, padding=None, causal=True, sliding_window=8, block_bidirectional=True, layout='contiguous', group_name='', scale=1.0)""")
+  ring_attention(q=transpose, k=transpose, v=transpose, generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], causal=True, sliding_window=8, block_bidirectional=True, layout_kind='contiguous', group_name='', scale=1.0)
+  ring_attention_backward(grad_out=transpose, q=f32[s0, 4, s1, 8], k=f32[s0, 2, s1, 8], v=f32[s0, 2, s1, 8], out=detach, lse=f32[s0, 4, s1], generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], causal=True, sliding_window=8, block_bidirectional=True, layout_kind='contiguous', group_name='', scale=1.0)""")
         self.assertIsNone(hidden.grad)  # the caller's tensors are left alone
 
     def test_op_calls_name_every_schema_argument(self):
@@ -126,14 +130,16 @@ class TestPinsCatchRegressions(TestCase):
 
 
 class TestGuardsAndRecompiles(TestCase):
-    def test_new_none_pattern_recompiles_with_reason(self):
+    def test_dropping_the_sequence_info_recompiles_with_reason(self):
         batches = [(_qkv(n), {"info": info}) for n, info in ((16, _documents(16)), (24, _documents(24)), (20, None))]
         compiles = compile_batches(attend, batches)
         self.assertEqual([c.batch for c in compiles], [0, 2])  # a new length alone does not recompile
         self.assertIsNone(compiles[0].reason)
         self.assertIn("kwargs['info']", compiles[1].reason)  # the SequenceInfo that went missing
         guards = [g.code for g in compiles[0].input_guards()]
-        self.assertIn("L['kwargs']['info'].padding is None", guards)
+        # Every metadata field is a tensor whatever the batch holds: guarded as a tensor, never on None.
+        self.assertTrue(any(code.startswith("check_tensor(L['kwargs']['info'].padding") for code in guards), guards)
+        self.assertFalse(any("is None" in code for code in guards), guards)
         self.assertTrue(all("L['args']" in code or "L['kwargs']" in code or "==" in code for code in guards), guards)
 
     def test_static_length_change_recompiles(self):
