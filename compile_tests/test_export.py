@@ -75,3 +75,36 @@ def test_exported_program_uses_each_calls_generation():
         torch.testing.assert_close(module(hidden, info=info), layer(hidden, info=info), rtol=1e-12, atol=1e-12)
         assert mask_cache_info().builds == builds + 1
         assert mask_cache_info().generation == int(info.generation)
+
+
+class _PackedLayer(torch.nn.Module):
+    """Builds its SequenceInfo inside forward, from position restarts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Gemma4Attention().double()
+
+    def forward(self, hidden, position_ids):
+        return self.layer(hidden, info=SequenceInfo.from_hf(position_ids=position_ids))
+
+
+def _restarts(seq_len: int, cut: int) -> torch.Tensor:
+    return torch.cat([torch.arange(cut), torch.arange(seq_len - cut)]).view(1, -1).expand(2, -1)
+
+
+def test_metadata_built_inside_an_exported_program_is_never_stale(tmp_path):
+    """The generation is made by an op at run time, never a lifted constant: two loads of the
+    program, batches of one shape with different documents, each gets its own masks."""
+    torch.manual_seed(0)
+    module = _PackedLayer()
+    seq = Dim("seq", min=4, max=4096)
+    hidden, positions = make_hidden(16, dtype=torch.float64), _restarts(16, 5)
+    program = torch.export.export(module, (hidden, positions), dynamic_shapes=({1: seq}, {1: seq}))
+    assert "gemma4_flexring.new_generation" in program.graph_module.code
+    torch.export.save(program, tmp_path / "packed.pt2")
+    loaded = [torch.export.load(tmp_path / "packed.pt2").module() for _ in range(2)]
+    hidden = make_hidden(24, dtype=torch.float64)
+    for cut in (3, 11, 17, 3):
+        want = module(hidden, _restarts(24, cut))
+        for copy in loaded:
+            torch.testing.assert_close(copy(hidden, _restarts(24, cut)), want, rtol=1e-12, atol=1e-12)

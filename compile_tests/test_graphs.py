@@ -158,14 +158,16 @@ class TestGuardsAndRecompiles(TestCase):
 
 class TestCli(TestCase):
     def test_builtin_model(self):
-        """Three batches: a second length reuses the code, a batch without metadata recompiles."""
+        """Four batches: a second length and another metadata pattern reuse the code, a call
+        without a SequenceInfo recompiles."""
         text = _run_cli()
         lines = text.splitlines()
-        self.assertEqual(lines[1], "frames compiled: 2 over 3 batches")
+        self.assertEqual(lines[1], "frames compiled: 2 over 4 batches")
         self.assertRegex(lines[2], r"^batch 0 .*: compiled \d+/0$")
         self.assertRegex(lines[3], r"^batch 1 .*: reused the compiled code$")
-        self.assertRegex(lines[4], r"^batch 2 .*: recompiled \d+/1, failed guard\(s\):$")
-        self.assertIn("kwargs['info']", lines[5])
+        self.assertRegex(lines[4], r"^batch 2 .*: reused the compiled code$")
+        self.assertRegex(lines[5], r"^batch 3 .*: recompiled \d+/1, failed guard\(s\):$")
+        self.assertIn("kwargs['info']", lines[6])
         self.assertEqual(text.count("class GraphModule(torch.nn.Module):"), 4)
         self.assertEqual(text.count("  forward: ring_attention(q=transpose, "), 2)
         self.assertEqual(text.count("  backward: ring_attention_backward(grad_out="), 2)

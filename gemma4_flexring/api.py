@@ -11,8 +11,6 @@ from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec
 
-# The op's window is an int64; any window at least as long as a sequence can be means the same.
-_MAX_WINDOW = 2**62
 
 
 def process_group(group=None) -> dist.ProcessGroup | None:
@@ -76,7 +74,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     if info is None:  # a wrongly shaped q gets a stand-in; the op reports it on every rank
         shape = (q.shape[0], q.shape[2] * world_size) if q.dim() == 4 else (1, 1)
         info = SequenceInfo(shape=shape, device=q.device)
-    window = None if mask.sliding_window is None else min(mask.sliding_window, _MAX_WINDOW)
+    # The op's window is an int64; any window at least as long as a sequence can be means the same.
+    window = None if mask.sliding_window is None else min(mask.sliding_window, 2**62)
     scale = None if scale is None else float(scale)
     out, _ = torch.ops.gemma4_flexring.ring_attention(
         q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), mask.causal, window,

@@ -32,10 +32,12 @@ V vocabulary.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .api import process_group, ring_attention
@@ -61,6 +63,35 @@ class RingContext:
     info: SequenceInfo
     layout: Layout
     group: dist.ProcessGroup | None = None
+
+
+def _context_flatten(context: RingContext):
+    return [context.info], _context_meta(context)
+
+
+def _context_flatten_with_keys(context: RingContext):
+    return [(pytree.GetAttrKey("info"), context.info)], _context_meta(context)
+
+
+def _context_meta(context: RingContext) -> tuple[str, int, str]:
+    group = "" if context.group is None else context.group.group_name
+    return (context.layout.kind, context.layout.world_size, group)
+
+
+def _context_unflatten(values, meta: tuple[str, int, str]) -> RingContext:
+    kind, world_size, group = meta
+    pg = dist.distributed_c10d._resolve_process_group(group) if group else None
+    return RingContext(values[0], Layout(kind, world_size), pg)
+
+
+# A pytree node (the SequenceInfo its one child; layout and group by name in its context), so that
+# ``torch.export`` takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it.
+pytree.register_pytree_node(
+    RingContext, _context_flatten, _context_unflatten, serialized_type_name="gemma4_flexring.hf.RingContext",
+    flatten_with_keys_fn=_context_flatten_with_keys,
+    to_dumpable_context=lambda meta: json.dumps(meta), from_dumpable_context=lambda text: tuple(json.loads(text)))
+# ``torch.export.save`` pickles the example inputs; ``load`` unpickles them with weights_only.
+torch.serialization.add_safe_globals([RingContext, Layout])
 
 
 def mask_spec(module: torch.nn.Module) -> MaskSpec:

@@ -88,8 +88,9 @@ class Gemma4Attention(nn.Module):
 def example() -> tuple[Gemma4Attention, list[tuple[tuple, dict]]]:
     """The built-in example of ``python -m gemma4_flexring graph`` (a factory, see ``graph_cli``).
 
-    A sliding layer (window 8) and three batches of two rows: 16 and 24 tokens with packed
-    documents and an image block, then 20 tokens without metadata (a new None-pattern: dynamo
+    A sliding layer (window 8) and four batches of two rows: 16 and 24 tokens with packed
+    documents and an image block, 20 tokens with padding only (another metadata pattern, same
+    compiled code), then 20 tokens with no SequenceInfo at all (a new argument type: dynamo
     recompiles).
     """
     torch.manual_seed(0)
@@ -98,7 +99,10 @@ def example() -> tuple[Gemma4Attention, list[tuple[tuple, dict]]]:
     def batch(seq_len: int, info: SequenceInfo | None) -> tuple[tuple, dict]:
         return (torch.randn(2, seq_len, 32),), {"info": info}
 
-    return layer, [batch(16, _packed(16)), batch(24, _packed(24)), batch(20, None)]
+    padded = torch.zeros(2, 20, dtype=torch.bool)
+    padded[1, -3:] = True
+    return layer, [batch(16, _packed(16)), batch(24, _packed(24)), batch(20, SequenceInfo(padding=padded)),
+                   batch(20, None)]
 
 
 def _packed(seq_len: int) -> SequenceInfo:
