@@ -96,3 +96,11 @@ def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
 def test_shard_inputs_rejects_another_ranks_index(cluster):
     for name, message in cluster(2).errors(misuse_cases.shard_with_wrong_rank):
         assert name == "ValueError" and "is not this process's rank" in message
+
+
+def test_double_backward_names_the_unsupported_feature():
+    q, k, v = (t.requires_grad_(True) for t in qkv(dtype=torch.float64))
+    out = ring_attention(q, k, v)
+    dq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="gemma4_flexring: double backward .* is not supported"):
+        dq.sum().backward()
