@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -10,6 +12,7 @@ from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
 from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec
+from .validate import fail_together
 
 
 
@@ -28,6 +31,29 @@ def process_group(group=None) -> dist.ProcessGroup | None:
             raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim} dimensions")
         group = get_group()
     return group
+
+
+def argument_problems(q, k, v, mask, info, layout, scale, world_size: int) -> list[tuple[type[Exception], str]]:
+    """What is wrong with ``ring_attention``'s arguments before the op can be called:
+    (exception type when alone, sentence) pairs; empty when fine."""
+    problems: list[tuple[type[Exception], str]] = []
+    for name, t in zip("qkv", (q, k, v)):
+        if not isinstance(t, Tensor):
+            problems.append((TypeError, f"{name} must be a Tensor, got {type(t).__name__}"))
+    if not problems and not (q.device == k.device == v.device):
+        # Checked here: with a meta tensor among them, the op would dispatch to its fake kernel.
+        problems.append((ValueError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"))
+    if mask is not None and not isinstance(mask, MaskSpec):
+        problems.append((TypeError, f"mask must be a MaskSpec, got {type(mask).__name__}"))
+    if info is not None and not isinstance(info, SequenceInfo):
+        problems.append((TypeError, f"info must be a SequenceInfo or None, got {type(info).__name__}"))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        problems.append((TypeError, f"scale must be a number or None, got {type(scale).__name__}"))
+    if layout is not None and not isinstance(layout, Layout):
+        problems.append((TypeError, f"layout must be a Layout, got {type(layout).__name__}"))
+    elif layout is not None and layout.world_size != world_size:
+        problems.append((ValueError, f"layout is for {layout.world_size} ranks, the group has {world_size}"))
+    return problems
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
@@ -49,28 +75,22 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
         scale: score scale, default ``D ** -0.5`` (Gemma 4 uses 1.0).
 
     Raises:
-        TypeError / ValueError: arguments of the wrong type, or a layout for another world size,
-            on this rank. ValueError on every rank, before any exchange, for inputs that are
-            invalid or differ between ranks (checked and agreed inside the op).
+        ValueError: on every rank of the group, before any exchange, when any rank's arguments
+            are wrong (types, devices, a layout for another world size, shapes, dtypes, ...) or
+            ranks disagree (shapes, masks, layouts, scale, metadata content). In a world of one,
+            a wrong argument type raises TypeError. A ``group`` that is not a group raises
+            TypeError on this rank alone (it names no peers to tell).
     """
-    for name, t in zip("qkv", (q, k, v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ring_attention: {name} must be a Tensor, got {type(t).__name__}")
-    mask = MaskSpec() if mask is None else mask
-    if not isinstance(mask, MaskSpec):
-        raise TypeError(f"ring_attention: mask must be a MaskSpec, got {type(mask).__name__}")
-    if info is not None and not isinstance(info, SequenceInfo):
-        raise TypeError(f"ring_attention: info must be a SequenceInfo or None, got {type(info).__name__}")
     # The group object, not its name, gives the size: dynamo traces ProcessGroup methods (constant
     # per group) but not the C++ name lookup ``_resolve_process_group``.
     pg = process_group(group)
     name = "" if pg is None else pg.group_name
     world_size = 1 if pg is None else dist.get_world_size(pg)
+    problems = argument_problems(q, k, v, mask, info, layout, scale, world_size)
+    if problems:
+        fail_together(problems, pg)
+    mask = MaskSpec() if mask is None else mask
     layout = Layout("contiguous", world_size) if layout is None else layout
-    if not isinstance(layout, Layout):
-        raise TypeError(f"ring_attention: layout must be a Layout, got {type(layout).__name__}")
-    if layout.world_size != world_size:
-        raise ValueError(f"ring_attention: layout is for {layout.world_size} ranks, the group has {world_size}")
     if info is None:  # a wrongly shaped q gets a stand-in; the op reports it on every rank
         shape = (q.shape[0], q.shape[2] * world_size) if q.dim() == 4 else (1, 1)
         info = SequenceInfo(shape=shape, device=q.device)

@@ -102,18 +102,21 @@ def _readable(field: str, value: int) -> object:
     return value
 
 
-def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Callable[[], list[int]]) -> None:
+def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Callable[[], list[int]],
+                 fields: tuple[str, ...] = _SIGNATURE_FIELDS, caller: str = "ring_attention") -> None:
     """Raise the same ValueError on every rank when any rank's inputs are bad or ranks disagree.
 
-    ``sign`` gives this rank's ``signature``; it is computed only when there are ranks to compare.
+    ``sign`` gives this rank's values of ``fields`` (the first one: 1 when this rank failed); it is
+    computed only when there are ranks to compare. Every rank of ``group`` must call this with
+    the same ``fields``.
     """
     if group is None or group.size() == 1:
         if problems:
-            raise ValueError("ring_attention: " + "; ".join(problems))
+            raise ValueError(f"{caller}: " + "; ".join(problems))
         return
     # NCCL groups only move CUDA tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    mine = torch.tensor(sign(), dtype=torch.int64, device=device)
+    mine = torch.tensor([1] + [0] * (len(fields) - 1) if problems else sign(), dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(group.size())]
     dist.all_gather(table, mine, group=group)
     rows = [t.cpu().tolist() for t in table]
@@ -123,9 +126,23 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
     dist.all_gather_object(messages, problems, group=group)
     lines = [f"rank {r}: {'; '.join(m)}" for r, m in enumerate(messages) if m]
     if not lines:
-        for i, field in enumerate(_SIGNATURE_FIELDS):
+        for i, field in enumerate(fields):
             values = [r[i] for r in rows]
             if len(set(values)) > 1 and not any(field in line for line in lines):
                 shown = ", ".join(f"rank {r}: {_readable(field, v)}" for r, v in enumerate(values))
                 lines.append(f"ranks disagree on {field}: {shown}")
-    raise ValueError("ring_attention: bad input, no exchange was started:\n  " + "\n  ".join(lines))
+    raise ValueError(f"{caller}: bad input, no exchange was started:\n  " + "\n  ".join(lines))
+
+
+def fail_together(problems: list[tuple[type[Exception], str]], group: dist.ProcessGroup | None) -> None:
+    """Raise ``problems`` (found before the op: argument types, devices, layouts) on every rank.
+
+    With other ranks, this rank joins the agreement that the other ranks' op calls hold before
+    their first exchange, as a failed rank, so that all of them raise the same ValueError
+    instead of waiting. Alone, or while tracing (where no collective may run), it raises the first
+    problem with its own type here.
+    """
+    if group is None or group.size() == 1 or torch.compiler.is_compiling():
+        kind, message = problems[0]
+        raise kind(f"ring_attention: {message}")
+    check_inputs([message for _, message in problems], group, lambda: [])
