@@ -17,7 +17,7 @@ from torch import Tensor
 from .cache import MASK_CACHE
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
-from .masks import MaskSpec, gemma4_mask_mod
+from .masks import MaskSpec
 from .merge import accumulator_dtype
 from .ring import RingComm, ring_backward, ring_forward
 from . import schedule
@@ -64,7 +64,7 @@ def _plans(args: RingArgs, comm: RingComm) -> list[schedule.PairPlan]:
 
     def plan(owner: int) -> schedule.PairPlan:
         key = (spec, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-        build = lambda: schedule.plan_pair(gemma4_mask_mod(spec, *args.info), layout, seq_len,  # noqa: E731
+        build = lambda: schedule.plan_pair(spec, *args.info, layout, seq_len,  # noqa: E731
                                            comm.rank, owner, batch, q.dtype, q.device)
         return MASK_CACHE.get(generation, key, build)
 

@@ -7,26 +7,34 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
-from gemma4_flexring.masks import gemma4_mask_mod
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import block_flags, block_mask_from_flags, evaluate_mask, plan_pair, ring_owner
+from gemma4_flexring.schedule import plan_pair, ring_owner
 from ring_cases import SPECS, make_info
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("q_len, kv_len, block", [(40, 56, 16), (64, 64, 8), (30, 30, 128)])
-def test_block_mask_equals_create_block_mask(q_len, kv_len, block):
-    info = make_info("all", 2, 64)
-    mask_mod = gemma4_mask_mod(SPECS["sliding_vision"], *info.tensors())
-    ours = block_mask_from_flags(*block_flags(evaluate_mask(mask_mod, 2, q_len, kv_len, CPU), block), block,
-                                 mask_mod, (q_len, kv_len))
-    flex = create_block_mask(mask_mod, 2, None, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
-    assert torch.equal(ours.to_dense(), flex.to_dense())
-    assert torch.equal(ours.kv_num_blocks, flex.kv_num_blocks)
-    assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
-    assert torch.equal(ours.q_num_blocks, flex.q_num_blocks)
-    assert ours.seq_lengths == flex.seq_lengths
+@pytest.mark.parametrize("seq_len, world_size, kind, block", [(96, 3, "zigzag", 16), (96, 2, "contiguous", 8),
+                                                             (60, 2, "contiguous", 128), (120, 3, "zigzag", 7)])
+def test_block_masks_equal_create_block_mask(seq_len, world_size, kind, block):
+    """Every segment pair's BlockMask, classified block by block, equals flex's own (short last
+    blocks included)."""
+    info = make_info("all", 2, seq_len)
+    spec, layout = SPECS["sliding_vision"], Layout(kind, world_size)
+    for q_rank in range(world_size):
+        for kv_rank in range(world_size):
+            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, 2, torch.float32, CPU,
+                             block_size=block)
+            pairs = [(qs, ks) for qs in layout.segments(seq_len, q_rank) for ks in layout.segments(seq_len, kv_rank)]
+            assert len(plan.block_masks) == len(pairs)
+            for ours, (qs, ks) in zip(plan.block_masks, pairs):
+                flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
+                assert torch.equal(ours.to_dense(), flex.to_dense())
+                assert torch.equal(ours.kv_num_blocks, flex.kv_num_blocks)
+                assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
+                assert torch.equal(ours.q_num_blocks, flex.q_num_blocks)
+                assert torch.equal(ours.full_q_num_blocks, flex.full_q_num_blocks)
+                assert ours.seq_lengths == flex.seq_lengths
 
 
 def covered(plan, batch: int, local_len: int) -> torch.Tensor:
@@ -60,7 +68,7 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
     dense = reference_mask(spec, info, batch, seq_len)
     for q_rank in range(world_size):
         for kv_rank in range(world_size):
-            plan = plan_pair(gemma4_mask_mod(spec, *tensors), layout, seq_len, q_rank, kv_rank, mask_batch,
+            plan = plan_pair(spec, *tensors, layout, seq_len, q_rank, kv_rank, mask_batch,
                              torch.float32, CPU, block_size=block_size)
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = dense[:, qp][:, :, kp]
@@ -70,8 +78,8 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
 
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     layout = Layout("contiguous", 2)
-    mask_mod = gemma4_mask_mod(MaskSpec())
-    plans = {(q, kv): plan_pair(mask_mod, layout, 256, q, kv, 1, torch.float32, CPU) for q in range(2) for kv in range(2)}
+    plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
+             for q in range(2) for kv in range(2)}
     assert plans[0, 1].tiles == ()  # the future: no kernel call
     assert [t.kind for t in plans[1, 0].tiles] == ["full"]
     assert [t.kind for t in plans[0, 0].tiles] == ["causal"]
@@ -80,8 +88,8 @@ def test_causal_contiguous_pairs_are_skipped_full_or_causal():
 
 def test_sliding_window_crops_to_the_band():
     layout = Layout("contiguous", 2)
-    mask_mod = gemma4_mask_mod(MaskSpec(sliding_window=16))
-    (tile,) = plan_pair(mask_mod, layout, 256, 1, 0, 1, torch.float32, CPU, block_size=16).tiles
+    (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
+                        block_size=16).tiles
     assert tile.kind == "masked"
     assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(112, 128)
     assert tile.bias.shape == (1, 1, 16, 16)
@@ -89,7 +97,7 @@ def test_sliding_window_crops_to_the_band():
 
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
     layout = Layout("zigzag", 2)
-    plan = plan_pair(None, layout, 16, 0, 1, 1, torch.float32, CPU)
+    plan = plan_pair(MaskSpec(causal=False), None, None, None, layout, 16, 0, 1, 1, torch.float32, CPU)
     assert [t.kind for t in plan.tiles] == ["full"] * 4 and plan.block_masks == ()
 
 
@@ -100,21 +108,18 @@ def test_ring_owner_visits_every_rank_once():
             assert ring_owner(rank, 0, world_size) == rank
 
 
-def test_segment_block_mask_built_in_row_chunks_equals_create_block_mask():
-    """Planning evaluates the mask ROW_CHUNK_BLOCKS q-block rows at a time (here 2 chunks, the
-    last one short); the BlockMask must equal flex's own, built in one go."""
-    from gemma4_flexring.layout import Segment
-    from gemma4_flexring.schedule import ROW_CHUNK_BLOCKS, segment_block_mask
+def test_dense_evaluation_in_chunks_gives_the_same_plan(monkeypatch):
+    """Partial blocks are evaluated ``DENSE_CHUNK`` entries at a time; a chunk of a single block
+    must give the same BlockMask and tiles as one chunk for all."""
+    from gemma4_flexring import schedule
 
-    block = 4
-    qs, ks = Segment(0, 30, 4 * block * ROW_CHUNK_BLOCKS // 3 * 2 + 3), Segment(0, 10, 90)
-    assert qs.length > block * ROW_CHUNK_BLOCKS
-    info = make_info("all", 2, 256)
-    mask_mod = gemma4_mask_mod(SPECS["sliding_vision"], *info.tensors())
-    ours = segment_block_mask(mask_mod, qs, ks, 2, CPU, block)
-    flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
-    assert torch.equal(ours.to_dense(), flex.to_dense())
-    assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
+    info = make_info("all", 2, 96)
+    args = (SPECS["sliding_vision"], *info.tensors(), Layout("zigzag", 2), 96, 1, 0, 2, torch.float32, CPU, 4)
+    whole = plan_pair(*args)
+    monkeypatch.setattr(schedule, "DENSE_CHUNK", 1)
+    chunked = plan_pair(*args)
+    assert [torch.equal(a.to_dense(), b.to_dense()) for a, b in zip(whole.block_masks, chunked.block_masks)] == [True] * 4
+    assert [(t.q_rows, t.kv_rows, t.kind) for t in whole.tiles] == [(t.q_rows, t.kv_rows, t.kind) for t in chunked.tiles]
 
 
 @pytest.mark.parametrize("spec, padded", [(MaskSpec(), True), (MaskSpec(sliding_window=200), False),
@@ -125,7 +130,7 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     seq_len, block = 2048, 128
     padding = torch.zeros(1, seq_len, dtype=torch.bool)
     padding[0, -100:] = padded
-    plan = plan_pair(gemma4_mask_mod(spec, padding=padding), Layout("contiguous", 1), seq_len, 0, 0, 1,
+    plan = plan_pair(spec, None, None, padding, Layout("contiguous", 1), seq_len, 0, 0, 1,
                      torch.float32, CPU, block_size=block)
     masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
     assert 0 < masked <= 3 * seq_len * block
