@@ -133,6 +133,15 @@ def any_of(*masks: Mask) -> Mask:
                 lambda q, k: or_classes(*(m.classify(q, k) for m in masks)))
 
 
+def informative(document_ids: Tensor | None, block_ids: Tensor | None,
+                padding: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The metadata with None for each tensor that changes no mask: one document per row, no
+    image token, no padding. Reads the data: eager code only (the planner)."""
+    return (None if document_ids is None or not (document_ids != document_ids[:, :1]).any() else document_ids,
+            None if block_ids is None or not (block_ids >= 0).any() else block_ids,
+            None if padding is None or not padding.any() else padding)
+
+
 def gemma4_mask(
     spec: MaskSpec,
     document_ids: Tensor | None = None,

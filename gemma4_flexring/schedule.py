@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .blocks import EMPTY, FULL, PARTIAL, Blocks
 from .layout import Layout, Segment
-from .masks import Mask, MaskMod, MaskSpec, gemma4_mask, offset_mask_mod
+from .masks import Mask, MaskMod, MaskSpec, gemma4_mask, informative, offset_mask_mod
 
 BLOCK_SIZE = 128
 DENSE_CHUNK = 1 << 22  # mask entries planning evaluates at once, bounding its memory
@@ -72,12 +72,16 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
     Args:
         spec: the layer's mask.
         document_ids, block_ids, padding: whole-sequence metadata [batch, S] (see ``SequenceInfo``),
-            each None when absent; trivial values (one document, no image, no padding) cost nothing.
-        batch: the mask's batch: the metadata's rows, 1 when it has none.
+            each None when absent. Trivial values (one document per row, no image, no padding)
+            count as absent.
+        batch: the metadata's rows. Plans are built for one row when no metadata matters, so
+            additive masks are [batch or 1, 1, q_rows, kv_rows].
         dtype, device: of the additive masks (the queries').
     """
     block_size = BLOCK_SIZE if block_size is None else block_size
-    mask = gemma4_mask(spec, document_ids, block_ids, padding)
+    metadata = informative(document_ids, block_ids, padding)
+    batch = batch if any(t is not None for t in metadata) else 1
+    mask = gemma4_mask(spec, *metadata)
     tiles, masks = [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):

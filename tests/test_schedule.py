@@ -135,3 +135,17 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
     assert 0 < masked <= 3 * seq_len * block
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
+
+
+def test_trivial_metadata_plans_as_absent_metadata():
+    """One document per row, no image, no padding: the plan of no metadata, for one row."""
+    batch, seq_len, layout = 3, 96, Layout("zigzag", 2)
+    trivial = (torch.arange(batch).view(-1, 1).expand(-1, seq_len), torch.full((batch, seq_len), -1),
+               torch.zeros(batch, seq_len, dtype=torch.bool))
+    for spec in SPECS.values():
+        for q_rank, kv_rank in [(0, 0), (0, 1), (1, 0)]:
+            args = (layout, seq_len, q_rank, kv_rank)
+            got = plan_pair(spec, *trivial, *args, batch, torch.float32, CPU, block_size=8)
+            want = plan_pair(spec, None, None, None, *args, 1, torch.float32, CPU, block_size=8)
+            assert [t[:3] for t in got.tiles] == [t[:3] for t in want.tiles]
+            assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind == "masked")
