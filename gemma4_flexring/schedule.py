@@ -192,13 +192,14 @@ def _bands(used: Tensor, full: Tensor, block_size: int, qs: Segment, ks: Segment
     kind = used.to(torch.int8) + full.to(torch.int8)  # 0 unused, 1 partial, 2 full: [Qb, KVb]
     new_band = torch.ones(kind.shape[0] + 1, dtype=torch.bool, device=kind.device)
     new_band[1:-1] = (kind[1:] != kind[:-1]).any(1)
-    edges = new_band.nonzero().flatten().tolist()
-    starts = [(r0, r1) for r0, r1 in zip(edges, edges[1:]) if used[r0].any()]
-    first_rows = torch.tensor([r0 for r0, _ in starts], dtype=torch.long, device=kind.device)
-    runs: dict[int, list] = {r0: [] for r0, _ in starts}
+    edges, live = new_band.nonzero().flatten().tolist(), used.any(1).tolist()
+    bands = [(r0, r1) for r0, r1 in zip(edges, edges[1:]) if live[r0]]
+    runs: list[list] = [[] for _ in bands]
+    first_rows = torch.tensor([r0 for r0, _ in bands], dtype=torch.long, device=kind.device)
     for band, b0, b1, value in _runs(kind[first_rows]).tolist():
-        runs[int(first_rows[band])].append(((b0 * block_size, min(b1 * block_size, ks.length)), value == 2))
-    return [((r0 * block_size, min(r1 * block_size, qs.length)), runs[r0]) for r0, r1 in starts]
+        runs[band].append(((b0 * block_size, min(b1 * block_size, ks.length)), value == 2))
+    return [((r0 * block_size, min(r1 * block_size, qs.length)), band_runs)
+            for (r0, r1), band_runs in zip(bands, runs)]
 
 
 def _runs(kind: Tensor) -> Tensor:
