@@ -67,6 +67,7 @@ class MaskSpec:
 
 
 def _mask(mask_mod: MaskMod, classify: Classifier, name: str) -> Mask:
+    """A ``Mask`` whose mask_mod carries ``name``, as attention-gym's factories name theirs."""
     mask_mod.__name__ = name
     return Mask(mask_mod, classify)
 
