@@ -13,6 +13,7 @@ from gemma4_flexring import MaskSpec
 from gemma4_flexring.blocks import EMPTY, FULL, PARTIAL, Blocks
 from gemma4_flexring.masks import causal, gemma4_mask, sliding_window
 from gemma4_flexring.schedule import evaluate_at, segment_flags
+from strategies import runs
 
 CPU = torch.device("cpu")
 
@@ -29,18 +30,6 @@ def dense_flags(mask_mod, q: Blocks, k: Blocks, batch: int) -> tuple[torch.Tenso
     every[:, :q.length, :k.length] = allowed
     blocks = (batch, q.count, q.size, k.count, k.size)
     return some.view(blocks).any(4).any(2), every.view(blocks).all(4).all(2)
-
-
-@st.composite
-def runs(draw, batch: int, seq_len: int, values: st.SearchStrategy) -> torch.Tensor:
-    """[batch, seq_len] int64 made of runs of random (repeatable, unsorted) values."""
-    rows = []
-    for _ in range(batch):
-        row: list[int] = []
-        while len(row) < seq_len:
-            row += [draw(values)] * draw(st.integers(1, seq_len))
-        rows.append(row[:seq_len])
-    return torch.tensor(rows, dtype=torch.long)
 
 
 @st.composite

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.schedule import plan_pair, ring_owner
 from ring_cases import SPECS, make_info
+from strategies import runs
 
 CPU = torch.device("cpu")
 
@@ -74,6 +76,34 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
             want = dense[:, qp][:, :, kp]
             got = covered(plan, mask_batch, seq_len // world_size).expand_as(want)
             assert torch.equal(got, want), (q_rank, kv_rank)
+
+
+@st.composite
+def random_plans(draw):
+    """A random mask on random (unsorted) metadata, layout and block size."""
+    world_size, kind = draw(st.integers(1, 3)), draw(st.sampled_from(["contiguous", "zigzag"]))
+    pieces = world_size * (2 if kind == "zigzag" else 1)
+    batch, seq_len = draw(st.integers(1, 2)), pieces * draw(st.integers(1, 48 // pieces))
+    spec = MaskSpec(causal=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, seq_len)),
+                    block_bidirectional=draw(st.booleans()))
+    info = SequenceInfo(draw(st.none() | runs(batch, seq_len, st.integers(0, 3))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(-1, 2))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(0, 1)).map(lambda t: t.bool())))
+    return spec, info, batch, seq_len, Layout(kind, world_size), draw(st.integers(1, 12))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_plans())
+def test_random_plans_cover_exactly_the_allowed_pairs(problem):
+    spec, info, batch, seq_len, layout, block_size = problem
+    dense = reference_mask(spec, info, batch, seq_len)
+    for q_rank in range(layout.world_size):
+        for kv_rank in range(layout.world_size):
+            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, batch, torch.float32, CPU,
+                             block_size=block_size)
+            qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
+            want = dense[:, qp][:, :, kp]
+            assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
 
 
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
