@@ -166,17 +166,6 @@ def gemma4_mask(
     return parts[0] if len(parts) == 1 else all_of(*parts)
 
 
-def gemma4_mask_mod(
-    spec: MaskSpec,
-    document_ids: Tensor | None = None,
-    block_ids: Tensor | None = None,
-    padding: Tensor | None = None,
-) -> MaskMod | None:
-    """``gemma4_mask``'s flex mask_mod; None when every pair is allowed."""
-    mask = gemma4_mask(spec, document_ids, block_ids, padding)
-    return None if mask is None else mask.mask_mod
-
-
 def offset_mask_mod(mask_mod: MaskMod, q_start: int, kv_start: int) -> MaskMod:
     """``mask_mod`` seen from a tile whose first query / key sit at these global positions."""
 
