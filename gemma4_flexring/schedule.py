@@ -5,9 +5,10 @@ At ring step ``s`` rank ``r`` holds the key/value chunk of rank ``(r - s) mod P`
 layout, each globally contiguous on both sides. Each segment pair gets a flex ``BlockMask``,
 built once per batch from the Gemma 4 ``Mask``: the mask's classes (``blocks.py``) decide first
 whether the whole segment pair is empty, then which blocks are empty, full or partial; the mask
-is evaluated entry by entry only inside partial blocks. So planning costs O(S) plus the partial
-blocks' area, and a pair with nothing to do next to nothing. The blocks decide the kernel calls
-(tiles):
+is evaluated entry by entry only inside partial blocks. So planning costs O(S) for the summaries,
+one small integer operation per block (Qb x KVb), and the partial blocks' area; a segment pair with
+nothing to do is decided from its bounds and summaries alone, before any block is classified.
+The blocks decide the kernel calls (tiles):
 
 - no allowed block                 -> skipped, no kernel call;
 - every entry allowed              -> one unmasked call over the allowed blocks' span;
