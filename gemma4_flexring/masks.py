@@ -1,8 +1,10 @@
-"""Gemma 4 attention masks as flex ``mask_mod`` functions.
+"""Gemma 4 attention masks, each as a flex ``mask_mod`` and as a block classifier.
 
-Every mask here is a pure function ``mask_mod(b, h, i, j) -> bool`` over *global* sequence
-positions (query ``i``, key ``j``), composed from small factories with ``and_masks`` /
-``or_masks`` as in attention-gym. For batch row ``b``::
+Every mask here is a ``Mask``: a pure function ``mask_mod(b, h, i, j) -> bool`` over *global*
+sequence positions (query ``i``, key ``j``), paired with ``classify``, which says for whole blocks
+of queries and keys whether the mask there is empty, full or partial (``blocks.py``). Small
+factories compose with ``all_of`` / ``any_of`` (flex's ``and_masks`` / ``or_masks`` on the
+mask_mods, minimum / maximum on the classes), as in attention-gym. For batch row ``b``::
 
     allowed = window(i, j) and (order(i, j) or block(b, i, j)) and doc(b, i, j) and not padding[b, j]
     order   = j <= i                        if causal else True
@@ -10,20 +12,31 @@ positions (query ``i``, key ``j``), composed from small factories with ``and_mas
     block   = block_bidirectional and block_ids[b, i] >= 0 and block_ids[b, i] == block_ids[b, j]
     doc     = document_ids[b, i] == document_ids[b, j]   (True without document_ids)
 
-The functions broadcast: the planner (``schedule.evaluate_mask``) evaluates them on index
-grids directly, and they work under flex's vmapped ``create_block_mask`` too.
+The mask_mods broadcast: the planner evaluates them on index grids directly (inside partial
+blocks only), and they work under flex's vmapped ``create_block_mask`` too.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
+from .blocks import Blocks, and_classes, equal_classes, key_classes, or_classes, order_classes, window_classes
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+Classifier = Callable[[Blocks, Blocks], Tensor]
+
+
+class Mask(NamedTuple):
+    """One mask two ways: ``mask_mod(b, h, i, j) -> bool`` entry by entry, and
+    ``classify(query_blocks, key_blocks) -> int8 [B or 1, Qb, KVb]`` block by block (empty,
+    partial or full: see ``blocks.py``), both over global positions."""
+
+    mask_mod: MaskMod
+    classify: Classifier
 
 
 @dataclass(frozen=True)
@@ -53,11 +66,18 @@ class MaskSpec:
             raise ValueError(f"MaskSpec.sliding_window must be None or a positive int, got {window!r}")
 
 
-def causal_mask_mod(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    return j <= i
+def _mask(mask_mod: MaskMod, classify: Classifier, name: str) -> Mask:
+    """A ``Mask`` whose mask_mod carries ``name``, as attention-gym's factories name theirs."""
+    mask_mod.__name__ = name
+    return Mask(mask_mod, classify)
 
 
-def sliding_window(window: int, causal: bool) -> MaskMod:
+def causal() -> Mask:
+    """Keys at or before the query: ``j <= i``."""
+    return _mask(lambda b, h, i, j: j <= i, order_classes, "causal")
+
+
+def sliding_window(window: int, causal: bool) -> Mask:
     """Keys within ``window`` of the query: ``j > i - W`` when causal, else ``|i - j| <= W``."""
 
     def causal_window(b, h, i, j):
@@ -66,49 +86,64 @@ def sliding_window(window: int, causal: bool) -> MaskMod:
     def symmetric_window(b, h, i, j):
         return (i - j).abs() <= window
 
-    fn = causal_window if causal else symmetric_window
-    fn.__name__ = f"sliding_window_{window}{'_causal' if causal else ''}"
-    return fn
+    return _mask(causal_window if causal else symmetric_window,
+                 lambda q, k: window_classes(q, k, window, causal),
+                 f"sliding_window_{window}{'_causal' if causal else ''}")
 
 
-def same_block(block_ids: Tensor) -> MaskMod:
-    """Query and key in the same image block (``block_ids`` [B, S], -1 for text)."""
+def same_block(block_ids: Tensor) -> Mask:
+    """Query and key in the same image block (``block_ids`` [B, S], negative for text)."""
 
     def fn(b, h, i, j):
         query_block = block_ids[b, i]
         return (query_block >= 0) & (query_block == block_ids[b, j])
 
-    return fn
+    # Text queries and text keys get values that match nothing on the other side.
+    query_side = torch.where(block_ids >= 0, block_ids, -2)
+    key_side = torch.where(block_ids >= 0, block_ids, -1)
+    return _mask(fn, lambda q, k: equal_classes(q, k, query_side, key_side), "same_block")
 
 
-def same_document(document_ids: Tensor) -> MaskMod:
+def same_document(document_ids: Tensor) -> Mask:
     """Query and key in the same packed document (``document_ids`` [B, S])."""
 
     def fn(b, h, i, j):
         return document_ids[b, i] == document_ids[b, j]
 
-    return fn
+    return _mask(fn, lambda q, k: equal_classes(q, k, document_ids, document_ids), "same_document")
 
 
-def not_padding(padding: Tensor) -> MaskMod:
+def not_padding(padding: Tensor) -> Mask:
     """Key is not padding (``padding`` [B, S], True = padding)."""
 
     def fn(b, h, i, j):
         return ~padding[b, j]
 
-    return fn
+    return _mask(fn, lambda q, k: key_classes(k, padding), "not_padding")
 
 
-def gemma4_mask_mod(
+def all_of(*masks: Mask) -> Mask:
+    """Allowed where every mask allows."""
+    return Mask(and_masks(*(m.mask_mod for m in masks)),
+                lambda q, k: and_classes(*(m.classify(q, k) for m in masks)))
+
+
+def any_of(*masks: Mask) -> Mask:
+    """Allowed where some mask allows."""
+    return Mask(or_masks(*(m.mask_mod for m in masks)),
+                lambda q, k: or_classes(*(m.classify(q, k) for m in masks)))
+
+
+def gemma4_mask(
     spec: MaskSpec,
     document_ids: Tensor | None = None,
     block_ids: Tensor | None = None,
     padding: Tensor | None = None,
-) -> MaskMod | None:
+) -> Mask | None:
     """The whole Gemma 4 mask over global positions; None when every pair is allowed."""
-    order = causal_mask_mod if spec.causal else None
+    order = causal() if spec.causal else None
     if spec.block_bidirectional and block_ids is not None and order is not None:
-        order = or_masks(order, same_block(block_ids))
+        order = any_of(order, same_block(block_ids))
     parts = [order]
     if spec.sliding_window is not None:
         parts.append(sliding_window(spec.sliding_window, spec.causal))
@@ -119,7 +154,7 @@ def gemma4_mask_mod(
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else and_masks(*parts)
+    return parts[0] if len(parts) == 1 else all_of(*parts)
 
 
 def offset_mask_mod(mask_mod: MaskMod, q_start: int, kv_start: int) -> MaskMod:

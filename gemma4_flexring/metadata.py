@@ -45,11 +45,26 @@ class Metadata(NamedTuple):
         return [int.from_bytes(self.digest[i:i + 8], "little", signed=True) for i in (0, 8)]
 
 
+def relevance(document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None
+              ) -> tuple[bool, bool, bool]:
+    """Whether each [B, S] field changes any mask: more than one document in some row, some
+    vision token, some padding key (None: absent). Reads the data: eager code only."""
+    return (document_ids is not None and bool((document_ids != document_ids[:, :1]).any()),
+            block_ids is not None and bool((block_ids >= 0).any()),
+            padding is not None and bool(padding.any()))
+
+
+def informative(document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The fields with None for each one that changes no mask."""
+    fields = (document_ids, block_ids, padding)
+    return tuple(t if used else None for t, used in zip(fields, relevance(*fields)))  # type: ignore[return-value]
+
+
 def describe(document_ids: Tensor, block_ids: Tensor, padding: Tensor) -> Metadata:
     """Digest and relevance of [B, S] metadata (any device; read once on the CPU)."""
     document_ids, block_ids, padding = (t.detach().cpu() for t in (document_ids, block_ids, padding))
-    matters = (bool((document_ids != document_ids[:, :1]).any()), bool((block_ids >= 0).any()),
-               bool(padding.any()))
+    matters = relevance(document_ids, block_ids, padding)
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(padding.shape), matters)).encode())
     for t, used in zip((document_ids, block_ids, padding), matters):

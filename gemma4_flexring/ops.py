@@ -24,7 +24,7 @@ from . import generations, schedule
 from .cache import MASK_CACHE
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
-from .masks import MaskSpec, gemma4_mask_mod
+from .masks import MaskSpec
 from .merge import accumulator_dtype
 from .metadata import Metadata
 from .ring import RingComm, ring_backward, ring_forward
@@ -76,16 +76,12 @@ def _plans(args: RingArgs, meta: Metadata, comm: RingComm) -> list[schedule.Pair
     q = args.q
     seq_len = q.shape[2] * comm.world_size
     batch = q.shape[0] if meta.any else 1
-    mask_mod = None
+    metadata = meta.effective(*args.info)
 
     def plan(owner: int) -> schedule.PairPlan:
-        def build() -> schedule.PairPlan:
-            nonlocal mask_mod
-            mask_mod = mask_mod or gemma4_mask_mod(spec, *meta.effective(*args.info))
-            return schedule.plan_pair(mask_mod, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device)
-
         key = (spec, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-        return MASK_CACHE.plan(meta, key, build)
+        return MASK_CACHE.plan(meta, key, lambda: schedule.plan_pair(
+            spec, *metadata, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device))
 
     return [plan(owner) for owner in range(comm.world_size)]
 

@@ -3,7 +3,12 @@
 At ring step ``s`` rank ``r`` holds the key/value chunk of rank ``(r - s) mod P``. A pair
 (query rank, key rank) splits into segment pairs, one per (query segment, key segment) of the
 layout, each globally contiguous on both sides. Each segment pair gets a flex ``BlockMask``,
-built per step from the Gemma 4 ``mask_mod``, and its blocks decide the kernel calls (tiles):
+built once per batch from the Gemma 4 ``Mask``: the mask's classes (``blocks.py``) decide first
+whether the whole segment pair is empty, then which blocks are empty, full or partial; the mask
+is evaluated entry by entry only inside partial blocks. So planning costs O(S) for the summaries,
+one small integer operation per block (Qb x KVb), and the partial blocks' area; a segment pair with
+nothing to do is decided from its bounds and summaries alone, before any block is classified.
+The blocks decide the kernel calls (tiles):
 
 - no allowed block                 -> skipped, no kernel call;
 - every entry allowed              -> one unmasked call over the allowed blocks' span;
@@ -26,11 +31,13 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from .blocks import EMPTY, FULL, PARTIAL, Blocks
 from .layout import Layout, Segment
-from .masks import MaskMod, offset_mask_mod
+from .masks import Mask, MaskMod, MaskSpec, gemma4_mask, offset_mask_mod
+from .metadata import informative
 
 BLOCK_SIZE = 128
-ROW_CHUNK_BLOCKS = 16  # q-block rows whose dense mask planning evaluates at once
+DENSE_CHUNK = 1 << 22  # mask entries planning evaluates at once, bounding its memory
 
 
 def ring_owner(rank: int, step: int, world_size: int) -> int:
@@ -59,145 +66,169 @@ class PairPlan(NamedTuple):
     block_masks: tuple[BlockMask, ...]
 
 
-def plan_pair(mask_mod: MaskMod | None, layout: Layout, seq_len: int, q_rank: int, kv_rank: int,
-              batch: int, dtype: torch.dtype, device: torch.device,
-              block_size: int | None = None) -> PairPlan:
-    """Plan every tile of the pair; ``batch`` is the mask's batch (1 when it has no per-row data)."""
+def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None,
+              layout: Layout, seq_len: int, q_rank: int, kv_rank: int, batch: int, dtype: torch.dtype,
+              device: torch.device, block_size: int | None = None) -> PairPlan:
+    """Plan every tile of the pair (query rank, key rank).
+
+    Args:
+        spec: the layer's mask.
+        document_ids, block_ids, padding: whole-sequence metadata [batch, S] (see ``SequenceInfo``),
+            each None when absent. Trivial values (one document per row, no image, no padding)
+            count as absent.
+        batch: the metadata's rows. Plans are built for one row when no metadata matters, so
+            additive masks are [batch or 1, 1, q_rows, kv_rows].
+        dtype, device: of the additive masks (the queries').
+    """
     block_size = BLOCK_SIZE if block_size is None else block_size
+    metadata = informative(document_ids, block_ids, padding)
+    batch = batch if any(t is not None for t in metadata) else 1
+    mask = gemma4_mask(spec, *metadata)
     tiles, masks = [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
-            if mask_mod is None:
+            if mask is None:
                 tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
                 continue
-            block_mask = segment_block_mask(mask_mod, qs, ks, batch, device, block_size)
-            masks.append(block_mask)
-            tiles.extend(plan_segments(block_mask, qs, ks, dtype))
+            q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
+            any_allowed, all_allowed = segment_flags(mask, q_blocks, k_blocks, batch)
+            tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
+            complete = q_blocks.complete()[:, None] & k_blocks.complete()[None, :]
+            masks.append(block_mask_from_flags(any_allowed.unsqueeze(1), (all_allowed & complete).unsqueeze(1),
+                                               block_size, tile_mod, (qs.length, ks.length)))
+            tiles.extend(plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype))
     return PairPlan(tuple(tiles), tuple(masks))
 
 
-def segment_block_mask(mask_mod: MaskMod, qs: Segment, ks: Segment, batch: int, device: torch.device,
-                       block_size: int) -> BlockMask:
-    """The BlockMask of query segment ``qs`` against key segment ``ks`` (its mask_mod in the
-    segments' local indices). The dense mask is evaluated ``ROW_CHUNK_BLOCKS`` q-block rows at a
-    time, so planning never holds a whole segment pair's [L, L] mask."""
-    tile_mod = offset_mask_mod(mask_mod, qs.global_start, ks.global_start)
-    chunk = block_size * ROW_CHUNK_BLOCKS
-    flags = [block_flags(evaluate_mask(offset_mask_mod(tile_mod, start, 0), batch, min(chunk, qs.length - start),
-                                       ks.length, device), block_size)
-             for start in range(0, qs.length, chunk)]
-    any_allowed = torch.cat([a for a, _ in flags], dim=2)
-    all_allowed = torch.cat([a for _, a in flags], dim=2)
-    return block_mask_from_flags(any_allowed, all_allowed, block_size, tile_mod, (qs.length, ks.length))
+def segment_flags(mask: Mask, q: Blocks, k: Blocks, batch: int) -> tuple[Tensor, Tensor]:
+    """Exact flags of every (query block, key block) of one segment pair: (any allowed, all
+    allowed), bool [batch, Qb, KVb]. "All" looks at the segments' entries only: a short last block
+    whose entries are all allowed counts as all allowed.
+
+    The segment pair is classified as one block first, then block by block; only blocks classed
+    partial are evaluated densely (and may turn out empty or full).
+    """
+    shape = (batch, q.count, k.count)
+    if (mask.classify(q.as_one(), k.as_one()) == EMPTY).all():
+        nothing = torch.zeros(shape, dtype=torch.bool, device=q.device)
+        return nothing, nothing
+    cls = mask.classify(q, k).expand(shape)
+    any_allowed, all_allowed = cls != EMPTY, cls == FULL
+    qb, kb = (cls == PARTIAL).any(0).nonzero(as_tuple=True)
+    if qb.numel():
+        any_allowed[:, qb, kb], all_allowed[:, qb, kb] = dense_block_flags(mask.mask_mod, q, k, qb, kb, batch)
+    return any_allowed, all_allowed
 
 
-def plan_segments(block_mask: BlockMask, qs: Segment, ks: Segment, dtype: torch.dtype) -> list[Tile]:
-    """The kernel calls of one segment pair, decided by its BlockMask's blocks (see the module doc).
+def dense_block_flags(mask_mod: MaskMod, q: Blocks, k: Blocks, qb: Tensor, kb: Tensor,
+                      batch: int) -> tuple[Tensor, Tensor]:
+    """``mask_mod`` evaluated entry by entry on the blocks (qb[n], kb[n]): (any allowed, all
+    allowed), bool [batch, n], over the blocks' entries only. At most ``DENSE_CHUNK`` entries are
+    evaluated at once."""
+    (q_first, q_last), (k_first, k_last) = q.bounds(), k.bounds()
+    q_idx, q_real = _block_indices(q_first[qb], q_last[qb], q.size)
+    k_idx, k_real = _block_indices(k_first[kb], k_last[kb], k.size)
+    step = max(1, DENSE_CHUNK // (batch * q.size * k.size))
+    some, every = [], []
+    for n in range(0, qb.numel(), step):
+        part = slice(n, n + step)
+        allowed = evaluate_at(mask_mod, batch, q_idx[part, :, None], k_idx[part, None, :])
+        real = q_real[part, :, None] & k_real[part, None, :]
+        some.append((allowed & real).flatten(2).any(-1))
+        every.append((allowed | ~real).flatten(2).all(-1))
+    return torch.cat(some, 1), torch.cat(every, 1)
+
+
+def _block_indices(first: Tensor, last: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Positions of blocks [first[n], last[n]] padded to ``size`` by repeating the last one, and
+    which of them are real: int64 [n, size], bool [n, size]."""
+    idx = first[:, None] + torch.arange(size, device=first.device)
+    return torch.minimum(idx, last[:, None]), idx <= last[:, None]
+
+
+def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, qs: Segment, ks: Segment,
+                  block_size: int, dtype: torch.dtype) -> list[Tile]:
+    """The kernel calls of one segment pair, decided by its block flags [B, Qb, KVb] (see the
+    module doc); ``tile_mod`` is the mask in the segments' local positions.
 
     Dense masks are evaluated only where blocks are partial: diagonal blocks of a causal square,
     and the bands that need an additive mask.
     """
-    used, full = block_flags_of(block_mask)
+    used, full = any_allowed.any(0), all_allowed.all(0)
     if not used.any():
         return []
-    q_size, kv_size = block_mask.BLOCK_SIZE
+    batch = any_allowed.shape[0]
     (qb0, qb1), (kb0, kb1) = _index_span(used.any(1)), _index_span(used.any(0))
-    q0, q1 = qb0 * q_size, min(qb1 * q_size, qs.length)
-    k0, k1 = kb0 * kv_size, min(kb1 * kv_size, ks.length)
+    q0, q1 = qb0 * block_size, min(qb1 * block_size, qs.length)
+    k0, k1 = kb0 * block_size, min(kb1 * block_size, ks.length)
     if full[qb0:qb1, kb0:kb1].all():
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
-    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(block_mask, used, full, qb0, qb1, q_size, q1):
+    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1,
+                                                                 Blocks(0, qs.length, block_size, used.device), batch):
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "causal")]
-    return [_band_tile(block_mask, qs, ks, rows, cols, is_full, dtype)
-            for rows, runs in _bands(used, full, q_size, kv_size, qs, ks) for cols, is_full in runs]
+    return [_band_tile(tile_mod, batch, qs, ks, rows, cols, is_full, dtype, used.device)
+            for rows, runs in _bands(used, full, block_size, qs, ks) for cols, is_full in runs]
 
 
-def _is_causal_square(block_mask: BlockMask, used: Tensor, full: Tensor, b0: int, b1: int, size: int,
-                      stop: int) -> bool:
+def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1: int, blocks: Blocks,
+                      batch: int) -> bool:
     """Whether blocks [b0, b1) of a square on the diagonal hold exactly ``j <= i``: full below the
-    diagonal, unused above it, lower-triangular diagonal blocks (checked densely, block by block)."""
+    diagonal, unused above it, and lower-triangular diagonal blocks (checked densely)."""
     n = b1 - b0
     below = torch.ones(n, n, dtype=torch.bool, device=used.device).tril(-1)
-    above = below.T
-    if not (full[b0:b1, b0:b1][below].all() and not used[b0:b1, b0:b1][above].any()):
+    if not (full[b0:b1, b0:b1][below].all() and not used[b0:b1, b0:b1][below.T].any()):
         return False
-    for b in range(b0, b1):
-        span = (b * size, min((b + 1) * size, stop))
-        block = _region(block_mask, span, span)
-        if not torch.equal(block, _lower_triangle(span[1] - span[0], block.device).expand_as(block)):
-            return False
-    return True
+
+    def differs_from_causal(b, h, i, j):
+        return tile_mod(b, h, i, j) != (j <= i)
+
+    diagonal = torch.arange(b0, b1, device=used.device)
+    differs, _ = dense_block_flags(differs_from_causal, blocks, blocks, diagonal, diagonal, batch)
+    return not differs.any()
 
 
-def _bands(used: Tensor, full: Tensor, q_size: int, kv_size: int, qs: Segment, ks: Segment):
+def _bands(used: Tensor, full: Tensor, block_size: int, qs: Segment, ks: Segment):
     """(row span, runs) per run of consecutive q-block rows with the same runs, where a row's runs
     are its maximal stretches of used key blocks that are all full or all partial:
-    [((kv start, kv stop), all full), ...]."""
-    bands: list[list] = []
-    for row in used.any(1).nonzero().flatten().tolist():
-        rows = (row * q_size, min((row + 1) * q_size, qs.length))
-        runs = [((b0 * kv_size, min(b1 * kv_size, ks.length)), is_full)
-                for b0, b1, is_full in _runs(used[row], full[row])]
-        if bands and bands[-1][1] == runs and bands[-1][0][1] == rows[0]:
-            bands[-1][0] = (bands[-1][0][0], rows[1])
-        else:
-            bands.append([rows, runs])
-    return bands
+    [((kv start, kv stop), all full), ...]. Python work is per band and run, not per block."""
+    kind = used.to(torch.int8) + full.to(torch.int8)  # 0 unused, 1 partial, 2 full: [Qb, KVb]
+    new_band = torch.ones(kind.shape[0] + 1, dtype=torch.bool, device=kind.device)
+    new_band[1:-1] = (kind[1:] != kind[:-1]).any(1)
+    edges, live = new_band.nonzero().flatten().tolist(), used.any(1).tolist()
+    bands = [(r0, r1) for r0, r1 in zip(edges, edges[1:]) if live[r0]]
+    runs: list[list] = [[] for _ in bands]
+    first_rows = torch.tensor([r0 for r0, _ in bands], dtype=torch.long, device=kind.device)
+    for band, b0, b1, value in _runs(kind[first_rows]).tolist():
+        runs[band].append(((b0 * block_size, min(b1 * block_size, ks.length)), value == 2))
+    return [((r0 * block_size, min(r1 * block_size, qs.length)), band_runs)
+            for (r0, r1), band_runs in zip(bands, runs)]
 
 
-def _runs(used: Tensor, full: Tensor) -> list[tuple[int, int, bool]]:
-    """Maximal [start, stop) stretches of used blocks of one kind (full or not) in a block row."""
-    runs: list[tuple[int, int, bool]] = []
-    for b, (is_used, is_full) in enumerate(zip(used.tolist(), full.tolist())):
-        if not is_used:
-            continue
-        if runs and runs[-1][1] == b and runs[-1][2] == is_full:
-            runs[-1] = (runs[-1][0], b + 1, is_full)
-        else:
-            runs.append((b, b + 1, is_full))
-    return runs
+def _runs(kind: Tensor) -> Tensor:
+    """Maximal [start, stop) stretches of equal nonzero values in each row of ``kind`` [R, C]:
+    int64 [runs, 4] rows of (row, start, stop, value), by row then start."""
+    padded = torch.nn.functional.pad(kind, (1, 1))
+    rows, edges = (padded[:, 1:] != padded[:, :-1]).nonzero(as_tuple=True)  # a value starts at each edge
+    values = padded[rows, edges + 1].long()
+    stops = edges.roll(-1)  # a nonzero stretch always ends at the row's next edge
+    keep = values != 0
+    return torch.stack([rows[keep], edges[keep], stops[keep], values[keep]], 1)
 
 
-def _band_tile(block_mask: BlockMask, qs: Segment, ks: Segment, rows: tuple[int, int], cols: tuple[int, int],
-               is_full: bool, dtype: torch.dtype) -> Tile:
+def _band_tile(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tuple[int, int],
+               cols: tuple[int, int], is_full: bool, dtype: torch.dtype, device: torch.device) -> Tile:
     """One call: unmasked over full blocks (or partial ones that turn out all allowed), else with
     an additive mask of just this region."""
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
     if is_full:
         return Tile(q_rows, kv_rows, "full")
-    region = _region(block_mask, rows, cols)
+    region = evaluate_mask(offset_mask_mod(tile_mod, rows[0], cols[0]), batch, rows[1] - rows[0],
+                           cols[1] - cols[0], device)
     if region.all():
         return Tile(q_rows, kv_rows, "full")
     bias = torch.zeros(region.shape, dtype=dtype, device=region.device).masked_fill_(~region, float("-inf"))
     dead = ~region.any(-1)
     return Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
-
-
-def _region(block_mask: BlockMask, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
-    """The BlockMask's mask_mod evaluated on rows x cols of its segment pair: bool [B, 1, r, c]."""
-    num = block_mask.kv_num_blocks
-    return evaluate_mask(offset_mask_mod(block_mask.mask_mod, rows[0], cols[0]), num.shape[0],
-                         rows[1] - rows[0], cols[1] - cols[0], num.device)
-
-
-def block_flags_of(block_mask: BlockMask) -> tuple[Tensor, Tensor]:
-    """A BlockMask's blocks over every batch row and head: (used, full), bool [Qb, KVb].
-
-    ``used``: partial or full in some row; ``full``: full in every row. Read from the sparse
-    indices: ``to_dense`` uses vmap, which fails inside compiled graphs' runtime wrappers.
-    """
-    kv_blocks = block_mask.kv_indices.shape[-1]
-    partial = _dense_flags(block_mask.kv_num_blocks, block_mask.kv_indices, kv_blocks).flatten(0, 1)
-    full = _dense_flags(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, kv_blocks).flatten(0, 1)
-    return (partial | full).any(0), full.all(0)
-
-
-def _dense_flags(num: Tensor, idx: Tensor, kv_blocks: int) -> Tensor:
-    """[B, H, Qb, KVb] flags from per-row counts [B, H, Qb] and index lists [B, H, Qb, KVb]."""
-    valid = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
-    target = torch.where(valid, idx.long(), kv_blocks)
-    flags = torch.zeros(*num.shape, kv_blocks + 1, dtype=torch.bool, device=idx.device)
-    return flags.scatter_(-1, target, True)[..., :kv_blocks]
 
 
 def _rows(segment: Segment, start: int, stop: int) -> slice:
@@ -206,28 +237,22 @@ def _rows(segment: Segment, start: int, stop: int) -> slice:
 
 
 def evaluate_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device) -> Tensor:
-    """``mask_mod`` on every (b, q, kv) by broadcasting: bool [batch, 1, q_len, kv_len].
+    """``mask_mod`` on every (b, q, kv) of a q_len x kv_len grid: bool [batch, 1, q_len, kv_len]."""
+    q_idx = torch.arange(q_len, device=device).view(1, -1, 1)
+    kv_idx = torch.arange(kv_len, device=device).view(1, 1, -1)
+    return evaluate_at(mask_mod, batch, q_idx, kv_idx)
+
+
+def evaluate_at(mask_mod: MaskMod, batch: int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """``mask_mod`` at index grids that broadcast to [n, Q, KV], for every batch row: bool
+    [batch, n, Q, KV] (the grids' leading dim stands in flex's head dim, which no mask reads).
 
     Broadcasting instead of flex's vmap: vmap fails inside a compiled graph's runtime wrappers.
     """
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    q_idx = torch.arange(q_len, device=device).view(1, 1, -1, 1)
-    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
-    return mask_mod(b, h, q_idx, kv_idx).expand(batch, 1, q_len, kv_len)
-
-
-def block_flags(allowed: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """Per block of a dense bool mask [B, H, Q, KV]: (any allowed, all allowed), [B, H, Qb, KVb].
-
-    Blocks overhanging the end count the overhang as masked, as ``create_block_mask`` does.
-    """
-    batch, heads, q_len, kv_len = allowed.shape
-    q_blocks, kv_blocks = -(-q_len // block_size), -(-kv_len // block_size)
-    padded = allowed.new_zeros(batch, heads, q_blocks * block_size, kv_blocks * block_size)
-    padded[:, :, :q_len, :kv_len] = allowed
-    blocks = padded.view(batch, heads, q_blocks, block_size, kv_blocks, block_size)
-    return blocks.any(5).any(3), blocks.all(5).all(3)
+    b = torch.arange(batch, device=q_idx.device).view(-1, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q_idx.device)
+    shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+    return mask_mod(b, h, q_idx.unsqueeze(0), kv_idx.unsqueeze(0)).expand(batch, *shape)
 
 
 def block_mask_from_flags(any_allowed: Tensor, all_allowed: Tensor, block_size: int, mask_mod: MaskMod,
@@ -255,7 +280,3 @@ def _index_span(flags: Tensor) -> tuple[int, int]:
     """[first, last + 1) of the set entries of a 1-D flag vector (which has one)."""
     idx = flags.nonzero().flatten()
     return int(idx[0]), int(idx[-1]) + 1
-
-
-def _lower_triangle(n: int, device: torch.device) -> Tensor:
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()

@@ -7,7 +7,7 @@ import torch
 from transformers import masking_utils as tm
 
 from gemma4_flexring import MaskSpec
-from gemma4_flexring.masks import gemma4_mask_mod
+from gemma4_flexring.masks import gemma4_mask
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.schedule import evaluate_mask
 from ring_cases import INFOS, SPECS, make_info
@@ -18,10 +18,10 @@ B, S = 2, 48
 def ours(spec: MaskSpec, kind: str) -> torch.Tensor:
     info = make_info(kind, B, S)
     tensors = (None, None, None) if info is None else info.tensors()
-    mask_mod = gemma4_mask_mod(spec, *tensors)
-    if mask_mod is None:
+    mask = gemma4_mask(spec, *tensors)
+    if mask is None:
         return torch.ones(B, S, S, dtype=torch.bool)
-    return evaluate_mask(mask_mod, B, S, S, torch.device("cpu"))[:, 0]
+    return evaluate_mask(mask.mask_mod, B, S, S, torch.device("cpu"))[:, 0]
 
 
 def transformers_mask(spec: MaskSpec, kind: str) -> torch.Tensor:

@@ -4,29 +4,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
-from gemma4_flexring.masks import gemma4_mask_mod
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import block_flags, block_mask_from_flags, evaluate_mask, plan_pair, ring_owner
+from gemma4_flexring.schedule import plan_pair, ring_owner
 from ring_cases import SPECS, make_info
+from strategies import runs
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("q_len, kv_len, block", [(40, 56, 16), (64, 64, 8), (30, 30, 128)])
-def test_block_mask_equals_create_block_mask(q_len, kv_len, block):
-    info = make_info("all", 2, 64)
-    mask_mod = gemma4_mask_mod(SPECS["sliding_vision"], *info.tensors())
-    ours = block_mask_from_flags(*block_flags(evaluate_mask(mask_mod, 2, q_len, kv_len, CPU), block), block,
-                                 mask_mod, (q_len, kv_len))
-    flex = create_block_mask(mask_mod, 2, None, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
-    assert torch.equal(ours.to_dense(), flex.to_dense())
-    assert torch.equal(ours.kv_num_blocks, flex.kv_num_blocks)
-    assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
-    assert torch.equal(ours.q_num_blocks, flex.q_num_blocks)
-    assert ours.seq_lengths == flex.seq_lengths
+@pytest.mark.parametrize("seq_len, world_size, kind, block", [(96, 3, "zigzag", 16), (96, 2, "contiguous", 8),
+                                                             (60, 2, "contiguous", 128), (120, 3, "zigzag", 7)])
+def test_block_masks_equal_create_block_mask(seq_len, world_size, kind, block):
+    """Every segment pair's BlockMask, classified block by block, equals flex's own (short last
+    blocks included)."""
+    info = make_info("all", 2, seq_len)
+    spec, layout = SPECS["sliding_vision"], Layout(kind, world_size)
+    for q_rank in range(world_size):
+        for kv_rank in range(world_size):
+            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, 2, torch.float32, CPU,
+                             block_size=block)
+            pairs = [(qs, ks) for qs in layout.segments(seq_len, q_rank) for ks in layout.segments(seq_len, kv_rank)]
+            assert len(plan.block_masks) == len(pairs)
+            for ours, (qs, ks) in zip(plan.block_masks, pairs):
+                flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
+                assert torch.equal(ours.to_dense(), flex.to_dense())
+                assert torch.equal(ours.kv_num_blocks, flex.kv_num_blocks)
+                assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
+                assert torch.equal(ours.q_num_blocks, flex.q_num_blocks)
+                assert torch.equal(ours.full_q_num_blocks, flex.full_q_num_blocks)
+                assert ours.seq_lengths == flex.seq_lengths
 
 
 def covered(plan, batch: int, local_len: int) -> torch.Tensor:
@@ -60,7 +70,7 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
     dense = reference_mask(spec, info, batch, seq_len)
     for q_rank in range(world_size):
         for kv_rank in range(world_size):
-            plan = plan_pair(gemma4_mask_mod(spec, *tensors), layout, seq_len, q_rank, kv_rank, mask_batch,
+            plan = plan_pair(spec, *tensors, layout, seq_len, q_rank, kv_rank, mask_batch,
                              torch.float32, CPU, block_size=block_size)
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = dense[:, qp][:, :, kp]
@@ -68,10 +78,39 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
             assert torch.equal(got, want), (q_rank, kv_rank)
 
 
+@st.composite
+def random_plans(draw):
+    """A random mask on random (unsorted) metadata, layout and block size."""
+    world_size, kind = draw(st.integers(1, 3)), draw(st.sampled_from(["contiguous", "zigzag"]))
+    pieces = world_size * (2 if kind == "zigzag" else 1)
+    batch, seq_len = draw(st.integers(1, 2)), pieces * draw(st.integers(1, 48 // pieces))
+    spec = MaskSpec(causal=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, seq_len)),
+                    block_bidirectional=draw(st.booleans()))
+    info = SequenceInfo(draw(st.none() | runs(batch, seq_len, st.integers(0, 3))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(-1, 2))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(0, 1)).map(lambda t: t.bool())),
+                        shape=(batch, seq_len))
+    return spec, info, batch, seq_len, Layout(kind, world_size), draw(st.integers(1, 12))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_plans())
+def test_random_plans_cover_exactly_the_allowed_pairs(problem):
+    spec, info, batch, seq_len, layout, block_size = problem
+    dense = reference_mask(spec, info, batch, seq_len)
+    for q_rank in range(layout.world_size):
+        for kv_rank in range(layout.world_size):
+            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, batch, torch.float32, CPU,
+                             block_size=block_size)
+            qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
+            want = dense[:, qp][:, :, kp]
+            assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
+
+
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     layout = Layout("contiguous", 2)
-    mask_mod = gemma4_mask_mod(MaskSpec())
-    plans = {(q, kv): plan_pair(mask_mod, layout, 256, q, kv, 1, torch.float32, CPU) for q in range(2) for kv in range(2)}
+    plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
+             for q in range(2) for kv in range(2)}
     assert plans[0, 1].tiles == ()  # the future: no kernel call
     assert [t.kind for t in plans[1, 0].tiles] == ["full"]
     assert [t.kind for t in plans[0, 0].tiles] == ["causal"]
@@ -80,8 +119,8 @@ def test_causal_contiguous_pairs_are_skipped_full_or_causal():
 
 def test_sliding_window_crops_to_the_band():
     layout = Layout("contiguous", 2)
-    mask_mod = gemma4_mask_mod(MaskSpec(sliding_window=16))
-    (tile,) = plan_pair(mask_mod, layout, 256, 1, 0, 1, torch.float32, CPU, block_size=16).tiles
+    (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
+                        block_size=16).tiles
     assert tile.kind == "masked"
     assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(112, 128)
     assert tile.bias.shape == (1, 1, 16, 16)
@@ -89,7 +128,7 @@ def test_sliding_window_crops_to_the_band():
 
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
     layout = Layout("zigzag", 2)
-    plan = plan_pair(None, layout, 16, 0, 1, 1, torch.float32, CPU)
+    plan = plan_pair(MaskSpec(causal=False), None, None, None, layout, 16, 0, 1, 1, torch.float32, CPU)
     assert [t.kind for t in plan.tiles] == ["full"] * 4 and plan.block_masks == ()
 
 
@@ -100,21 +139,18 @@ def test_ring_owner_visits_every_rank_once():
             assert ring_owner(rank, 0, world_size) == rank
 
 
-def test_segment_block_mask_built_in_row_chunks_equals_create_block_mask():
-    """Planning evaluates the mask ROW_CHUNK_BLOCKS q-block rows at a time (here 2 chunks, the
-    last one short); the BlockMask must equal flex's own, built in one go."""
-    from gemma4_flexring.layout import Segment
-    from gemma4_flexring.schedule import ROW_CHUNK_BLOCKS, segment_block_mask
+def test_dense_evaluation_in_chunks_gives_the_same_plan(monkeypatch):
+    """Partial blocks are evaluated ``DENSE_CHUNK`` entries at a time; a chunk of a single block
+    must give the same BlockMask and tiles as one chunk for all."""
+    from gemma4_flexring import schedule
 
-    block = 4
-    qs, ks = Segment(0, 30, 4 * block * ROW_CHUNK_BLOCKS // 3 * 2 + 3), Segment(0, 10, 90)
-    assert qs.length > block * ROW_CHUNK_BLOCKS
-    info = make_info("all", 2, 256)
-    mask_mod = gemma4_mask_mod(SPECS["sliding_vision"], *info.tensors())
-    ours = segment_block_mask(mask_mod, qs, ks, 2, CPU, block)
-    flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
-    assert torch.equal(ours.to_dense(), flex.to_dense())
-    assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
+    info = make_info("all", 2, 96)
+    args = (SPECS["sliding_vision"], *info.tensors(), Layout("zigzag", 2), 96, 1, 0, 2, torch.float32, CPU, 4)
+    whole = plan_pair(*args)
+    monkeypatch.setattr(schedule, "DENSE_CHUNK", 1)
+    chunked = plan_pair(*args)
+    assert [torch.equal(a.to_dense(), b.to_dense()) for a, b in zip(whole.block_masks, chunked.block_masks)] == [True] * 4
+    assert [(t.q_rows, t.kv_rows, t.kind) for t in whole.tiles] == [(t.q_rows, t.kv_rows, t.kind) for t in chunked.tiles]
 
 
 @pytest.mark.parametrize("spec, padded", [(MaskSpec(), True), (MaskSpec(sliding_window=200), False),
@@ -125,8 +161,22 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     seq_len, block = 2048, 128
     padding = torch.zeros(1, seq_len, dtype=torch.bool)
     padding[0, -100:] = padded
-    plan = plan_pair(gemma4_mask_mod(spec, padding=padding), Layout("contiguous", 1), seq_len, 0, 0, 1,
+    plan = plan_pair(spec, None, None, padding, Layout("contiguous", 1), seq_len, 0, 0, 1,
                      torch.float32, CPU, block_size=block)
     masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
     assert 0 < masked <= 3 * seq_len * block
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
+
+
+def test_trivial_metadata_plans_as_absent_metadata():
+    """One document per row, no image, no padding: the plan of no metadata, for one row."""
+    batch, seq_len, layout = 3, 96, Layout("zigzag", 2)
+    trivial = (torch.arange(batch).view(-1, 1).expand(-1, seq_len), torch.full((batch, seq_len), -1),
+               torch.zeros(batch, seq_len, dtype=torch.bool))
+    for spec in SPECS.values():
+        for q_rank, kv_rank in [(0, 0), (0, 1), (1, 0)]:
+            args = (layout, seq_len, q_rank, kv_rank)
+            got = plan_pair(spec, *trivial, *args, batch, torch.float32, CPU, block_size=8)
+            want = plan_pair(spec, None, None, None, *args, 1, torch.float32, CPU, block_size=8)
+            assert [t[:3] for t in got.tiles] == [t[:3] for t in want.tiles]
+            assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind == "masked")
