@@ -79,10 +79,10 @@ def test_tiny_gemma4_each_layer_compiled_sixteen_batches():
     for step in range(16):
         seq_len = 24 + 4 * step
         batch = _gemma4_batch(seq_len, PATTERNS[step % len(PATTERNS)], step)
-        kwargs = hf.shard_inputs(**batch, layout=layout, rank=0)
+        kwargs = hf.shard_inputs(model, **batch, layout=layout, rank=0)
         with torch.no_grad():
             got = model(**kwargs).logits
-            want = eager(**hf.shard_inputs(**batch, layout=layout, rank=0)).logits
+            want = eager(**hf.shard_inputs(eager, **batch, layout=layout, rank=0)).logits
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert all(c.frame_count <= 2 for c in counters), [c.frame_count for c in counters]
 
@@ -106,10 +106,10 @@ class _Logits(torch.nn.Module):
                           ring_context=ring_context, use_cache=False).logits
 
 
-def _export_inputs(seq_len: int, pattern, seed: int) -> dict:
+def _export_inputs(model: torch.nn.Module, seq_len: int, pattern, seed: int) -> dict:
     batch = _gemma4_batch(seq_len, pattern, seed)
     batch.setdefault("mm_token_type_ids", torch.zeros(2, seq_len, dtype=torch.long))
-    kwargs = hf.shard_inputs(**batch, layout=Layout("contiguous", 1), rank=0)
+    kwargs = hf.shard_inputs(model, **batch, layout=Layout("contiguous", 1), rank=0)
     return {name: kwargs[name] for name in ("input_ids", "position_ids", "mm_token_type_ids", "ring_context")}
 
 
@@ -117,7 +117,7 @@ def test_whole_gemma4_exports_with_a_dynamic_length(tmp_path):
     """A whole tiny Gemma 4 on the ring exports with a dynamic sequence dimension; after
     save/load, two loaded copies give the eager logits on other lengths and every pattern."""
     module = _Logits(_multimodal_model())
-    example = _export_inputs(32, (True, True, True), seed=0)
+    example = _export_inputs(module.model, 32, (True, True, True), seed=0)
     seq = Dim("seq", min=8, max=4096)
     shapes = ShapesCollection()
     for t in (example["input_ids"], example["position_ids"], example["mm_token_type_ids"],
@@ -128,7 +128,7 @@ def test_whole_gemma4_exports_with_a_dynamic_length(tmp_path):
     torch.export.save(program, tmp_path / "gemma4.pt2")
     loaded = [torch.export.load(tmp_path / "gemma4.pt2").module() for _ in range(2)]
     for step, pattern in enumerate(PATTERNS):
-        inputs = _export_inputs(20 + 4 * step, pattern, seed=step)
+        inputs = _export_inputs(module.model, 20 + 4 * step, pattern, seed=step)
         want = module(**inputs)
         for copy in loaded:
             torch.testing.assert_close(copy(**inputs), want, rtol=1e-12, atol=1e-12)

@@ -207,7 +207,7 @@ def cp_step(compiled, model: torch.nn.Module, batch: Batch, layout: Layout, rank
     from . import hf
 
     model.zero_grad(set_to_none=True)
-    kwargs = hf.shard_inputs(**batch.as_kwargs(), layout=layout, rank=rank)
+    kwargs = hf.shard_inputs(model, **batch.as_kwargs(), layout=layout, rank=rank)
     reset_ring_stats()
     dist.barrier()
     start = time.perf_counter()

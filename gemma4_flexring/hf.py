@@ -5,7 +5,7 @@ Every rank of the CP group runs the same model on its shard of the same whole-se
     from gemma4_flexring import Layout, hf
 
     model = hf.use_ring_attention(Gemma4ForCausalLM(config))   # or Gemma4ForConditionalGeneration
-    kwargs = hf.shard_inputs(input_ids=ids, position_ids=pos, attention_mask=am, labels=labels,
+    kwargs = hf.shard_inputs(model, input_ids=ids, position_ids=pos, attention_mask=am, labels=labels,
                              layout=Layout("zigzag", world_size), rank=rank, group=group)
     out = model(**kwargs)      # out.logits [B, L, V]: this rank's tokens, in layout order
     out.loss.backward()        # out.loss is this rank's share: the sum over ranks is the one-process loss
@@ -42,8 +42,9 @@ from torch import Tensor
 
 from .api import process_group, ring_attention
 from .info import SequenceInfo
-from .layout import Layout
+from .layout import LAYOUTS, Layout
 from .masks import MaskSpec
+from .validate import Problem, agree
 
 ATTN_IMPLEMENTATION = "gemma4_flexring"
 CONTEXT_KWARG = "ring_context"
@@ -130,7 +131,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          "set config.attention_dropout = 0.0 or call model.eval()")
     if ring_context is None:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: no {CONTEXT_KWARG!r} among the model's kwargs; "
-                         "call model(**gemma4_flexring.hf.shard_inputs(...))")
+                         "call model(**gemma4_flexring.hf.shard_inputs(model, ...))")
     out = ring_attention(query, key, value, mask=mask_spec(module), info=ring_context.info,
                          layout=ring_context.layout, group=ring_context.group, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -154,12 +155,25 @@ def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Route a Gemma 4 model's text attention through the ring, in place; returns ``model``.
 
     A multimodal model keeps its vision and audio towers on their own implementation (they
-    attend within one image or clip, unsharded).
+    attend within one image or clip, unsharded). A forward pre-hook rejects options that cannot
+    work on a sharded sequence (``logits_to_keep``).
     """
     register()
     multimodal = "text_config" in getattr(model.config, "sub_configs", {})
     model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION} if multimodal else ATTN_IMPLEMENTATION)
+    if not getattr(model, "_gemma4_flexring_hooked", False):
+        model.register_forward_pre_hook(_check_model_kwargs, with_kwargs=True)
+        model._gemma4_flexring_hooked = True
     return model
+
+
+def _check_model_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: options that a sharded sequence cannot honour fail with a clear error."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if CONTEXT_KWARG in kwargs and not (isinstance(keep, int) and keep == 0):
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: logits_to_keep={keep!r} is not supported under context "
+                         "parallelism (the sequence's last tokens live on one rank, each rank holds a shard); "
+                         "leave it at 0 and select the positions you need from the logits")
 
 
 def shift_labels(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -181,18 +195,35 @@ def shift_labels(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor
     return shifted
 
 
-def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
+def uses_ring_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text attention goes through the ring (see ``use_ring_attention``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+_SHARD_FIELDS = ("failed", "batch", "seq_len", "layout", "world_size")
+
+
+def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Tensor | None = None,
                  attention_mask: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
                  labels: Tensor | None = None, layout: Layout, rank: int, group=None) -> dict:
     """Keyword arguments of one rank's ``model(**kwargs)`` for a whole-sequence batch.
 
-    Every argument is the whole sequence, identical on every rank; nothing is communicated.
+    Every argument is the whole sequence, identical on every rank. Every rank of the group must
+    call this for each batch: the ranks agree on the batch's shape and on every check below
+    (one small all_gather), so that a mistake on one rank raises on all of them.
 
     Shapes:
         input_ids: [B, S]. position_ids: [B, S] or [1, S], default 0 .. S - 1; restarts mark
         packed documents. attention_mask: [B, S], 0 = padding. mm_token_type_ids: [B, S], 1 and 2
         mark image tokens (``Gemma4ForConditionalGeneration``). labels: [B, S], unshifted, as for
         one process (-100 = ignored).
+
+    Args:
+        model: the model these inputs are for; its text attention must go through the ring
+            (``use_ring_attention``): any other attention would ignore the ring context and attend
+            within this rank's shard only.
 
     Returns:
         A dict for ``model(**kwargs)``: ``input_ids``, ``position_ids`` (global positions) and, if
@@ -204,23 +235,20 @@ def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
         losses add up to the one-process mean loss (do not average them).
 
     Raises:
-        TypeError / ValueError: bad shapes, a length the layout cannot split, a rank outside the
-            layout, a rank that is not this process's rank in the group, or a layout whose world size is
-            not the group's, before any exchange.
+        ValueError (TypeError for a wrong type in a world of one), on every rank: a model that does
+            not use the ring, bad shapes, a length the layout cannot split, a rank outside the
+            layout or not this process's rank in the group, a layout whose world size is not the
+            group's, or ranks that disagree on the batch's shape or layout.
     """
-    _check_batch(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
-    batch, seq_len = input_ids.shape
-    if not isinstance(layout, Layout):
-        raise TypeError(f"shard_inputs: layout must be a Layout, got {type(layout).__name__}")
-    layout.check_length(seq_len)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.world_size:
-        raise ValueError(f"shard_inputs: rank must be an int in [0, {layout.world_size}), got {rank!r}")
     group = process_group(group)
-    group_size = 1 if group is None else group.size()
-    if group_size != layout.world_size:
-        raise ValueError(f"shard_inputs: layout is for {layout.world_size} ranks, the group has {group_size}")
-    if group is not None and rank != group.rank():
-        raise ValueError(f"shard_inputs: rank {rank} is not this process's rank {group.rank()} in the CP group")
+    problems = _batch_problems(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
+    problems += _placement_problems(layout, rank, group, input_ids.shape[1] if not problems else None)
+    if not uses_ring_attention(model):
+        problems.append((ValueError, f"the model's attention is not {ATTN_IMPLEMENTATION!r}, so it would ignore "
+                                     "the ring context; call gemma4_flexring.hf.use_ring_attention(model) first"))
+    agree(problems, group, lambda: [0, *input_ids.shape, LAYOUTS.index(layout.kind), layout.world_size],
+          _SHARD_FIELDS, "shard_inputs")
+    batch, seq_len = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
     position_ids = position_ids.expand(batch, seq_len)
@@ -274,11 +302,12 @@ def shard_token_features(features: Tensor, token_mask: Tensor, layout: Layout, r
     return features[local[local >= 0].to(features.device)]
 
 
-def _check_batch(input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
-                 mm_token_type_ids: Tensor | None, labels: Tensor | None) -> None:
+def _batch_problems(input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+                    mm_token_type_ids: Tensor | None, labels: Tensor | None) -> list[Problem]:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"shard_inputs: input_ids must be a [B, S] tensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        return [(ValueError, f"input_ids must be a [B, S] tensor, got {shape}")]
+    problems: list[Problem] = []
     shape = tuple(input_ids.shape)
     named = {"position_ids": position_ids, "attention_mask": attention_mask,
              "mm_token_type_ids": mm_token_type_ids, "labels": labels}
@@ -286,7 +315,30 @@ def _check_batch(input_ids: Tensor, position_ids: Tensor | None, attention_mask:
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"shard_inputs: {name} must be a Tensor or None, got {type(t).__name__}")
+            problems.append((TypeError, f"{name} must be a Tensor or None, got {type(t).__name__}"))
+            continue
         allowed = {shape, (1, shape[1])} if name == "position_ids" else {shape}
         if tuple(t.shape) not in allowed:
-            raise ValueError(f"shard_inputs: {name} must have input_ids' shape {shape}, got {tuple(t.shape)}")
+            problems.append((ValueError, f"{name} must have input_ids' shape {shape}, got {tuple(t.shape)}"))
+    return problems
+
+
+def _placement_problems(layout: Layout, rank: int, group: dist.ProcessGroup | None,
+                        seq_len: int | None) -> list[Problem]:
+    """What is wrong with where this rank's shard would come from (``seq_len`` None: unknown)."""
+    if not isinstance(layout, Layout):
+        return [(TypeError, f"layout must be a Layout, got {type(layout).__name__}")]
+    problems: list[Problem] = []
+    if seq_len is not None:
+        try:
+            layout.check_length(seq_len)
+        except ValueError as e:
+            problems.append((ValueError, str(e)))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.world_size:
+        problems.append((ValueError, f"rank must be an int in [0, {layout.world_size}), got {rank!r}"))
+    group_size = 1 if group is None else group.size()
+    if group_size != layout.world_size:
+        problems.append((ValueError, f"layout is for {layout.world_size} ranks, the group has {group_size}"))
+    elif group is not None and rank != group.rank():
+        problems.append((ValueError, f"rank {rank} is not this process's rank {group.rank()} in the CP group"))
+    return problems

@@ -134,15 +134,28 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
     raise ValueError(f"{caller}: bad input, no exchange was started:\n  " + "\n  ".join(lines))
 
 
-def fail_together(problems: list[tuple[type[Exception], str]], group: dist.ProcessGroup | None) -> None:
-    """Raise ``problems`` (found before the op: argument types, devices, layouts) on every rank.
+Problem = tuple[type[Exception], str]  # (exception type when alone, sentence)
 
-    With other ranks, this rank joins the agreement that the other ranks' op calls hold before
-    their first exchange, as a failed rank, so that all of them raise the same ValueError
-    instead of waiting. Alone, or while tracing (where no collective may run), it raises the first
-    problem with its own type here.
+
+def agree(problems: list[Problem], group: dist.ProcessGroup | None, sign: Callable[[], list[int]],
+          fields: tuple[str, ...], caller: str) -> None:
+    """``check_inputs`` for checks made outside the op, which every rank of ``group`` runs.
+
+    Alone, or while tracing (where no collective may run), the first problem raises here with
+    its own type; with other ranks, every rank raises the same ValueError.
     """
     if group is None or group.size() == 1 or torch.compiler.is_compiling():
-        kind, message = problems[0]
-        raise kind(f"ring_attention: {message}")
-    check_inputs([message for _, message in problems], group, lambda: [])
+        if problems:
+            kind, message = problems[0]
+            raise kind(f"{caller}: {message}")
+        return
+    check_inputs([message for _, message in problems], group, sign, fields, caller)
+
+
+def fail_together(problems: list[Problem], group: dist.ProcessGroup | None) -> None:
+    """Raise ``problems`` found before the op (argument types, devices, layouts) on every rank.
+
+    This rank joins, as a failed rank, the agreement that the other ranks' op calls hold before
+    their first exchange, so that all of them raise the same ValueError instead of waiting.
+    """
+    agree(problems, group, lambda: [], _SIGNATURE_FIELDS, "ring_attention")

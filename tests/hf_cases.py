@@ -220,7 +220,7 @@ def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str) -> li
     for name in names:
         case, batch = CASES[name], CASES[name].batch()
         model = make_model(case, ring=True)
-        kwargs = hf.shard_inputs(**batch.model_kwargs(), layout=layout, rank=rank)
+        kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank)
         features = image_features(batch) if case.image_features else None
         if features is not None:
             local = hf.shard_token_features(features, batch.input_ids == IMAGE_TOKEN, layout, rank)
@@ -233,6 +233,7 @@ def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str) -> li
 def shard_kwargs(rank: int, world_size: int, layout_kind: str) -> dict:
     """This rank's ``shard_inputs`` for the multimodal packed, padded batch, minus the context."""
     batch = make_batch(packed=True, padded=True, images=True)
-    kwargs = hf.shard_inputs(**batch.model_kwargs(), layout=Layout(layout_kind, world_size), rank=rank)
+    model = make_model(CASES["vision_packed_padded"], ring=True)
+    kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=Layout(layout_kind, world_size), rank=rank)
     kwargs.pop(hf.CONTEXT_KWARG)
     return kwargs

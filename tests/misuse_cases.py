@@ -54,8 +54,33 @@ def then_works(rank: int, world_size: int) -> float:
     return float(out.abs().sum())
 
 
-def shard_with_wrong_rank(rank: int, world_size: int) -> None:
-    from gemma4_flexring import hf
+def one_rank_wrong_mask_type(rank: int, world_size: int) -> None:
+    mask = {"causal": True} if rank == 1 else MaskSpec()
+    ring_attention(*_qkv(8), mask=mask, layout=Layout("contiguous", world_size))
 
-    hf.shard_inputs(input_ids=torch.zeros(1, 8, dtype=torch.long), layout=Layout("zigzag", world_size),
-                    rank=(rank + 1) % world_size)
+
+def one_rank_layout_for_another_world(rank: int, world_size: int) -> None:
+    ring_attention(*_qkv(8), layout=Layout("contiguous", world_size + rank))
+
+
+def one_rank_meta_keys(rank: int, world_size: int) -> None:
+    q, k, v = _qkv(8)
+    if rank == 1:
+        k, v = k.to("meta"), v.to("meta")
+    ring_attention(q, k, v, layout=Layout("contiguous", world_size))
+
+
+def _shard(rank: int, world_size: int, ring: bool, rank_given: int) -> None:
+    from gemma4_flexring import hf
+    from hf_cases import CASES, make_model
+
+    hf.shard_inputs(make_model(CASES["packed"], ring=ring), input_ids=torch.zeros(1, 8, dtype=torch.long),
+                    layout=Layout("zigzag", world_size), rank=rank_given)
+
+
+def shard_with_wrong_rank(rank: int, world_size: int) -> None:
+    _shard(rank, world_size, ring=True, rank_given=(rank + 1) % world_size if rank == 1 else rank)
+
+
+def shard_for_a_model_without_the_ring(rank: int, world_size: int) -> None:
+    _shard(rank, world_size, ring=False, rank_given=rank)

@@ -145,9 +145,23 @@ def test_dropout_raises_before_any_exchange():
     model = hf.use_ring_attention(Gemma4ForCausalLM(text_config(attention_dropout=0.1)))
     model.train()
     with pytest.raises(ValueError, match="dropout"):
-        model(**hf.shard_inputs(**CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
+        model(**hf.shard_inputs(model, **CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
     model.eval()  # no dropout at evaluation
-    model(**hf.shard_inputs(**CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
+    model(**hf.shard_inputs(model, **CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0))
+
+
+def test_logits_to_keep_is_rejected_under_context_parallelism():
+    model = make_model(CASES["packed"], ring=True)
+    kwargs = hf.shard_inputs(model, **CASES["packed"].batch().model_kwargs(), layout=Layout("zigzag", 1), rank=0)
+    with pytest.raises(ValueError, match="logits_to_keep=1 is not supported under context parallelism"):
+        model(**kwargs, logits_to_keep=1)
+
+
+def test_shard_inputs_needs_a_model_on_the_ring():
+    batch = CASES["packed"].batch()
+    with pytest.raises(ValueError, match="use_ring_attention"):
+        hf.shard_inputs(make_model(CASES["packed"], ring=False), **batch.model_kwargs(), layout=Layout("zigzag", 1),
+                        rank=0)
 
 
 def test_missing_context_raises():
@@ -175,7 +189,7 @@ def test_shard_inputs_rejects_bad_input(change, error, match):
     kwargs = dict(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
                   attention_mask=batch.attention_mask, layout=Layout("zigzag", 1), rank=0)
     with pytest.raises(error, match=match):
-        hf.shard_inputs(**{**kwargs, **change})
+        hf.shard_inputs(make_model(CASES["packed"], ring=True), **{**kwargs, **change})
 
 
 def test_shard_token_features_gives_each_rank_its_rows_in_local_order():

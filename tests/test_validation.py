@@ -93,9 +93,33 @@ def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
     assert len(cluster(2).run(misuse_cases.then_works)) == 2
 
 
-def test_shard_inputs_rejects_another_ranks_index(cluster):
-    for name, message in cluster(2).errors(misuse_cases.shard_with_wrong_rank):
-        assert name == "ValueError" and "is not this process's rank" in message
+@pytest.mark.parametrize("worker, match", [
+    (misuse_cases.one_rank_wrong_mask_type, "rank 1: mask must be a MaskSpec, got dict"),
+    (misuse_cases.one_rank_layout_for_another_world, "rank 1: layout is for 3 ranks, the group has 2"),
+    (misuse_cases.one_rank_meta_keys, "rank 1: q, k, v must be on one device, got cpu, meta, meta"),
+])
+def test_argument_errors_on_one_rank_raise_on_every_rank(cluster, worker, match):
+    """Found before the op on one rank only: that rank joins the others' agreement as failed."""
+    errors = cluster(2).errors(worker)
+    for name, message in errors:
+        assert name == "ValueError" and match in message, errors
+    assert len(cluster(2).run(misuse_cases.then_works)) == 2
+
+
+@pytest.mark.parametrize("worker, match", [
+    (misuse_cases.shard_with_wrong_rank, "rank 1: rank 0 is not this process's rank 1 in the CP group"),
+    (misuse_cases.shard_for_a_model_without_the_ring, "the model's attention is not 'gemma4_flexring'"),
+])
+def test_shard_inputs_errors_raise_on_every_rank(cluster, worker, match):
+    errors = cluster(2).errors(worker)
+    for name, message in errors:
+        assert name == "ValueError" and match in message and message.startswith("shard_inputs"), errors
+
+
+def test_mixed_devices_are_rejected_not_dispatched_to_the_fake_kernel():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="must be on one device, got cpu, meta, meta"):
+        ring_attention(q, k.to("meta"), v.to("meta"))
 
 
 def test_double_backward_names_the_unsupported_feature():
