@@ -35,13 +35,13 @@ class GraphModule(torch.nn.Module):
     def forward(self, primals_1: "Sym(s21)", primals_2: "Sym(s25)", primals_3: "Sym(s63)", primals_4: "f32[1, s21, s25, s63]", primals_5: "Sym(s12)", primals_6: "f32[1, s12, s25, s63]", primals_7: "f32[1, s12, s25, s63]", primals_8: "i64[1, s25]", primals_9: "i64[]"):
         ring_attention = torch.ops.gemma4_flexring.ring_attention.default(primals_4, primals_6, primals_7, primals_9, primals_8, None, None, True, 4, False, 'contiguous', '', 1.0)
         getitem: "f32[1, s21, s25, s63]" = ring_attention[0]
-        getitem_1: "f32[1, s21, s25]" = ring_attention[1];  ring_attention = None
+        getitem_1: "f64[1, s21, s25]" = ring_attention[1];  ring_attention = None
         detach: "f32[1, s21, s25, s63]" = torch.ops.aten.detach.default(getitem)
         return (getitem, primals_4, primals_6, primals_7, primals_8, primals_9, getitem_1, detach, primals_1, primals_2, primals_3, primals_5)
 """)
         self.assertExpectedInline(graphs.backward, """\
 class GraphModule(torch.nn.Module):
-    def forward(self, primals_1: "Sym(s21)", primals_2: "Sym(s25)", primals_3: "Sym(s63)", primals_5: "Sym(s12)", primals_4: "f32[1, s21, s25, s63]", primals_6: "f32[1, s12, s25, s63]", primals_7: "f32[1, s12, s25, s63]", primals_8: "i64[1, s25]", primals_9: "i64[]", getitem_1: "f32[1, s21, s25]", detach: "f32[1, s21, s25, s63]", tangents_1: "f32[1, s21, s25, s63]"):
+    def forward(self, primals_1: "Sym(s21)", primals_2: "Sym(s25)", primals_3: "Sym(s63)", primals_5: "Sym(s12)", primals_4: "f32[1, s21, s25, s63]", primals_6: "f32[1, s12, s25, s63]", primals_7: "f32[1, s12, s25, s63]", primals_8: "i64[1, s25]", primals_9: "i64[]", getitem_1: "f64[1, s21, s25]", detach: "f32[1, s21, s25, s63]", tangents_1: "f32[1, s21, s25, s63]"):
         detach_1: "f32[1, s21, s25, s63]" = torch.ops.aten.detach.default(detach);  detach = None
         ring_attention_backward = torch.ops.gemma4_flexring.ring_attention_backward.default(tangents_1, primals_4, primals_6, primals_7, detach_1, getitem_1, primals_9, primals_8, None, None, True, 4, False, 'contiguous', '', 1.0);  tangents_1 = primals_4 = primals_6 = primals_7 = detach_1 = getitem_1 = primals_9 = primals_8 = None
         getitem_2: "f32[1, s21, s25, s63]" = ring_attention_backward[0]

@@ -100,7 +100,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
                       block_ids: Tensor | None, padding: Tensor | None, causal: bool,
                       sliding_window: int | None, block_bidirectional: bool, layout: str,
                       group_name: str, scale: float) -> tuple[Tensor, Tensor]:
-    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64)."""
+    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float64)."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout, group_name, scale)
     comm, plans, kernel = _prepare(args, check=True)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .kernels import ChunkKernel
-from .merge import accumulator_dtype, merge_
+from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
 from .schedule import PairPlan, Tile, ring_owner
 from .stats import record_send, record_step
 
@@ -78,12 +78,11 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm,
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
     Returns:
-        out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in the accumulator dtype.
+        out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in float64 (``LSE_DTYPE``).
     """
     q = unit_last_stride(q)
-    acc = accumulator_dtype(q.dtype)
-    out = q.new_zeros(q.shape, dtype=acc)
-    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
+    out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     for tiles, kv in _ring_steps(torch.stack((k, v)), plans, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
@@ -101,9 +100,11 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
     """
     grad_out, q, out = (unit_last_stride(t) for t in (grad_out, q, out))
-    acc = accumulator_dtype(q.dtype)
+    acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
+    # float32 and bfloat16), as one device's backward does.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
     dq = q.new_zeros(q.shape, dtype=acc)
     dkv = q.new_zeros((2, *k.shape), dtype=acc)
     dkv_recv = torch.empty_like(dkv) if comm.world_size > 1 else None
