@@ -19,7 +19,7 @@ from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask_mod
 from .merge import accumulator_dtype
-from .ring import RingComm, ring_backward, ring_forward
+from .ring import RingComm, local_key_padding, ring_backward, ring_forward
 from . import schedule
 from .validate import check_inputs, local_problems, signature
 
@@ -104,7 +104,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout, group_name, scale)
     comm, plans, kernel = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, scale)
+    return ring_forward(q, k, v, plans, comm, kernel, scale, local_key_padding(padding, layout, comm))
 
 
 @ring_attention_op.register_fake
@@ -125,7 +125,8 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout, group_name, scale)
     comm, plans, kernel = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, scale)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, scale,
+                         local_key_padding(padding, layout, comm))
 
 
 @ring_attention_backward_op.register_fake
