@@ -18,7 +18,7 @@ def backward_dtype(dtype: torch.dtype) -> torch.dtype:
     2x one device's max error). In float32 the ring rounds once, at the end, and on this CPU
     the float32 backward is as fast as the bfloat16 one. The forward keeps the inputs' dtype: in
     float32 it was 2.7x slower (bfloat16 runs on AMX), and its one extra rounding per tile leaves
-    ``out`` within 1.16x of one device's mean error (1.43x max) in tests/test_numerics.py. Only
+    ``out`` within 1.15x of one device's mean error (1.5x max) in tests/test_numerics.py. Only
     the tiles' slices are converted; K/V travel in their own dtype.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
