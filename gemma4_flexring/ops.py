@@ -86,8 +86,23 @@ def _plans(args: RingArgs, meta: Metadata, comm: RingComm) -> list[schedule.Pair
     return [plan(owner) for owner in range(comm.world_size)]
 
 
-def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairPlan], ChunkKernel]:
-    """Communicator, plans (one per K/V owner) and kernel for one call.
+class Prepared(NamedTuple):
+    """What one call of either op needs besides its tensors."""
+
+    comm: RingComm
+    plans: list[schedule.PairPlan]  # one per K/V owner
+    kernel: ChunkKernel
+    key_padding: Tensor | None  # [B, L] bool: this rank's padding keys, None when there are none
+
+
+def _key_padding(args: RingArgs, meta: Metadata, comm: RingComm) -> Tensor | None:
+    if not meta.padding:
+        return None
+    return Layout(args.layout_kind, comm.world_size).shard(args.padding, 1, comm.rank)
+
+
+def _prepare(args: RingArgs, check: bool) -> Prepared:
+    """Communicator, plans, kernel and key padding for one call.
 
     With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
     that any failure, planning included, raises on every rank before the first exchange.
@@ -96,7 +111,7 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     kernel = kernel_for(args.q.device)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
-        return comm, _plans(args, meta, comm), kernel
+        return Prepared(comm, _plans(args, meta, comm), kernel, _key_padding(args, meta, comm))
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout_kind,
                               comm.world_size, args.scale)
     plans: list[schedule.PairPlan] = []
@@ -110,7 +125,7 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     check_inputs(problems, comm.group, lambda: signature(
         args.q, args.k, meta, args.causal, args.sliding_window, args.block_bidirectional, args.layout_kind,
         args.resolved_scale, bool(problems)))
-    return comm, plans, kernel
+    return Prepared(comm, plans, kernel, _key_padding(args, meta, comm))
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
@@ -118,14 +133,14 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
                       block_ids: Tensor, padding: Tensor, causal: bool, sliding_window: int | None,
                       block_bidirectional: bool, layout_kind: str, group_name: str,
                       scale: float | None) -> tuple[Tensor, Tensor]:
-    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64).
+    """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float64).
 
     Metadata tensors are the whole sequence's, [B, S]; ``scale`` None means ``D ** -0.5``.
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout_kind, group_name, scale)
-    comm, plans, kernel = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale)
+    comm, plans, kernel, key_padding = _prepare(args, check=True)
+    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, key_padding)
 
 
 @ring_attention_op.register_fake
@@ -145,8 +160,8 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout_kind, group_name, scale)
-    comm, plans, kernel = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale)
+    comm, plans, kernel, key_padding = _prepare(args, check=False)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, key_padding)
 
 
 @ring_attention_backward_op.register_fake

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .kernels import ChunkKernel
-from .merge import accumulator_dtype, merge_
+from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
 from .schedule import PairPlan, Tile, ring_owner
 from .stats import record_send, record_step
 
@@ -73,18 +73,35 @@ def _ring_steps(kv: Tensor, plans: Plans, comm: RingComm) -> Iterator[tuple[tupl
             kv, recv = recv, kv
 
 
+def _local_kv(k: Tensor, v: Tensor, key_padding: Tensor | None) -> Tensor:
+    """[2, B, Hkv, L, D]: this rank's K and V, zero at padding keys.
+
+    Every tile masks padding keys, but a masked entry does not stop a NaN or Inf: the additive
+    mask gives NaN + (-inf) = NaN in the scores, and 0 * NaN = NaN in P @ V. Zeroed before the
+    exchange, padding keys hold finite values on every rank, whatever the caller's K and V hold.
+    """
+    kv = torch.stack((k, v))
+    if key_padding is not None:
+        kv = kv.masked_fill(key_padding.view(1, key_padding.shape[0], 1, -1, 1), 0)
+    return kv
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm,
-                 kernel: ChunkKernel, scale: float) -> tuple[Tensor, Tensor]:
+                 kernel: ChunkKernel, scale: float,
+                 key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
+    Args:
+        key_padding: this rank's padding keys [B, L] (bool, see ``local_key_padding``); their K
+            and V never reach any output, whatever values (NaN, Inf) they hold.
+
     Returns:
-        out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in the accumulator dtype.
+        out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in float64 (``LSE_DTYPE``).
     """
     q = unit_last_stride(q)
-    acc = accumulator_dtype(q.dtype)
-    out = q.new_zeros(q.shape, dtype=acc)
-    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
-    for tiles, kv in _ring_steps(torch.stack((k, v)), plans, comm):
+    out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
+    for tiles, kv in _ring_steps(_local_kv(k, v, key_padding), plans, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
@@ -93,21 +110,26 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm,
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  plans: Plans, comm: RingComm, kernel: ChunkKernel,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                  plans: Plans, comm: RingComm, kernel: ChunkKernel, scale: float,
+                  key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
+
+    Args:
+        key_padding: as for ``ring_forward``; dk and dv are exactly zero at padding keys.
 
     Returns:
         dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
     """
     grad_out, q, out = (unit_last_stride(t) for t in (grad_out, q, out))
-    acc = accumulator_dtype(q.dtype)
+    acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
+    # float32 and bfloat16), as one device's backward does.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
     dq = q.new_zeros(q.shape, dtype=acc)
     dkv = q.new_zeros((2, *k.shape), dtype=acc)
     dkv_recv = torch.empty_like(dkv) if comm.world_size > 1 else None
-    for tiles, kv in _ring_steps(torch.stack((k, v)), plans, comm):
+    for tiles, kv in _ring_steps(_local_kv(k, v, key_padding), plans, comm):
         for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_dq, tile_dk, tile_dv = kernel.backward(
@@ -120,5 +142,8 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             # This chunk's gradient moves on with the chunk; after P moves it is home.
             comm.swap(dkv, dkv_recv)
             dkv, dkv_recv = dkv_recv, dkv
+    if key_padding is not None:
+        # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
+        dkv = dkv.masked_fill(key_padding.view(1, key_padding.shape[0], 1, -1, 1), 0)
     # dk and dv are views of one buffer: copy them apart, an op's outputs must not alias.
     return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)

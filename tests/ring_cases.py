@@ -71,9 +71,11 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
-def run_case(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[torch.Tensor, ...]:
-    """One rank's (out, dq, dk, dv) for its shard of ``case``."""
-    q, k, v, grad = make_tensors(case)
+def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
+             tensors: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """One rank's (out, dq, dk, dv) for its shard of ``case`` (or of whole-sequence ``tensors``:
+    q, k, v, grad, in place of ``make_tensors(case)``)."""
+    q, k, v, grad = make_tensors(case) if tensors is None else tensors
     layout = Layout(layout_kind, world_size)
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
     if case.strided:

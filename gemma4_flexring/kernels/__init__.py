@@ -17,11 +17,17 @@ from .cpu import CpuFlashKernel
 
 class ChunkKernel(Protocol):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, tile: Tile, scale: float) -> tuple[Tensor, Tensor]:
-        """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> (out [B, Hq, Sq, D], lse [B, Hq, Sq], -inf for dead rows)."""
+        """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> (out [B, Hq, Sq, D], lse [B, Hq, Sq], -inf for dead rows).
+
+        out and lse may be wider than q's dtype (the ring accumulates in float32 or float64).
+        """
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  tile: Tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        """This tile's share of (dq, dk, dv), given the *merged* out and lse of the full row."""
+        """This tile's share of (dq, dk, dv), given the *merged* out and lse of the full row.
+
+        ``lse`` is float32 (float64 for float64 inputs); the shares may be wider than the inputs.
+        """
 
 
 _KERNELS: dict[str, ChunkKernel] = {"cpu": CpuFlashKernel()}
