@@ -128,3 +128,23 @@ def test_double_backward_names_the_unsupported_feature():
     dq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="gemma4_flexring: double backward .* is not supported"):
         dq.sum().backward()
+
+
+def test_a_failed_call_leaves_nothing_half_built(monkeypatch):
+    """Planning fails: a clear error, nothing cached for that batch, and the next call works."""
+    from gemma4_flexring import clear_mask_cache, mask_cache_info, schedule
+
+    clear_mask_cache()
+    q, k, v = qkv()
+    info = SequenceInfo(document_ids=torch.tensor([[0] * 4 + [1] * 4]))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while planning")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(schedule, "plan_pair", broken)
+        with pytest.raises(ValueError, match="planning the ring's masks failed: RuntimeError: out of memory"):
+            ring_attention(q, k, v, info=info)
+    assert (mask_cache_info().generations, mask_cache_info().entries) == (0, 0)
+    out = ring_attention(q, k, v, info=info)
+    assert torch.isfinite(out).all() and mask_cache_info().builds == 1
