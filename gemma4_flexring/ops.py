@@ -28,7 +28,7 @@ from .masks import MaskSpec
 from .merge import accumulator_dtype
 from .metadata import Metadata
 from .ring import RingComm, ring_backward, ring_forward
-from .validate import check_inputs, local_problems, signature
+from .validate import check_inputs_once, local_problems, signature
 
 
 class RingArgs(NamedTuple):
@@ -122,9 +122,10 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
             plans = _plans(args, meta, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
-    check_inputs(problems, comm.group, lambda: signature(
-        args.q, args.k, meta, args.causal, args.sliding_window, args.block_bidirectional, args.layout_kind,
-        args.resolved_scale, bool(problems)))
+    mine = None if problems else signature(args.q, args.k, meta, args.causal, args.sliding_window,
+                                           args.block_bidirectional, args.layout_kind, args.resolved_scale)
+    key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
+    check_inputs_once(key, problems, comm.group, lambda: mine)
     return Prepared(comm, plans, kernel, _key_padding(args, meta, comm))
 
 

@@ -21,11 +21,14 @@ class RingStats:
         steps: ring steps run, one per (call, step), forward and backward.
         steps_skipped: steps whose pair plan had no tile: the visiting chunk holds no key any
             local query may see, so no kernel ran (the chunk still moves on).
+        agreements: cross-rank agreements held before a first exchange (one small all_gather
+            each, a host synchronisation on GPUs): one per batch and kind of layer call.
     """
 
     bytes_sent: int = 0
     steps: int = 0
     steps_skipped: int = 0
+    agreements: int = 0
 
 
 _STATS = RingStats()
@@ -34,6 +37,11 @@ _STATS = RingStats()
 def record_send(nbytes: int) -> None:
     """Count one send of ``nbytes`` bytes."""
     _STATS.bytes_sent += nbytes
+
+
+def record_agreement() -> None:
+    """Count one cross-rank agreement."""
+    _STATS.agreements += 1
 
 
 def record_step(tiles: int) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from torch import Tensor
 from .kernels import kernel_for, supported_devices
 from .layout import LAYOUTS, Layout
 from .metadata import Metadata
+from .stats import record_agreement
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "head_dim", "dtype",
@@ -73,11 +75,9 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sl
     return problems
 
 
-def signature(q: Tensor, k: Tensor, meta: Metadata | None, causal: bool, sliding_window: int | None,
-              block_bidirectional: bool, layout: str, scale: float, failed: bool) -> list[int]:
-    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``); ``meta`` None when failed."""
-    if failed or meta is None:
-        return [1] + [0] * (len(_SIGNATURE_FIELDS) - 1)
+def signature(q: Tensor, k: Tensor, meta: Metadata, causal: bool, sliding_window: int | None,
+              block_bidirectional: bool, layout: str, scale: float) -> list[int]:
+    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``; the first, 0: not failed)."""
     dtype = _DTYPES.index(q.dtype)
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
     return [0, *q.shape[:2], k.shape[1], *q.shape[2:], dtype, int(causal),
@@ -118,6 +118,7 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
     mine = torch.tensor([1] + [0] * (len(fields) - 1) if problems else sign(), dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(group.size())]
+    record_agreement()
     dist.all_gather(table, mine, group=group)
     rows = [t.cpu().tolist() for t in table]
     if not any(r[0] for r in rows) and all(r == rows[0] for r in rows):
@@ -135,6 +136,28 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
 
 
 Problem = tuple[type[Exception], str]  # (exception type when alone, sentence)
+
+AGREED_CAPACITY = 256
+_AGREED: OrderedDict[Hashable, None] = OrderedDict()
+
+
+def check_inputs_once(key: Hashable, problems: list[str], group: dist.ProcessGroup | None,
+                      sign: Callable[[], list[int]]) -> None:
+    """``check_inputs``, skipped when this rank already agreed with the others on ``key``.
+
+    ``key`` must name everything the agreement covers: the group, the batch's generation and this
+    rank's signature. Every layer of one kind then agrees once per batch, not once per call (an
+    all_gather is a host synchronisation on GPUs). The price: a rank whose later call differs
+    from an agreed one while the others' calls match theirs is caught by the process group's
+    timeout, not by this check.
+    """
+    if not problems and key in _AGREED:
+        _AGREED.move_to_end(key)
+        return
+    check_inputs(problems, group, sign)
+    _AGREED[key] = None
+    while len(_AGREED) > AGREED_CAPACITY:
+        _AGREED.popitem(last=False)
 
 
 def agree(problems: list[Problem], group: dist.ProcessGroup | None, sign: Callable[[], list[int]],

@@ -118,3 +118,21 @@ def mesh_matches_default_group(rank: int, world_size: int) -> float:
     by_mesh = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout, group=mesh["cp"])
     by_default = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout)
     return float((by_mesh - by_default).abs().max())
+
+
+def agreements_over_layers(rank: int, world_size: int) -> list[int]:
+    """Agreements held by three layer calls (two masks) per batch, over two batches."""
+    from gemma4_flexring import reset_ring_stats, ring_stats
+
+    case = Case("sliding", "all", seq_len=8 * world_size)
+    q, k, v, _ = make_tensors(case)
+    layout = Layout("zigzag", world_size)
+    q, k, v = (layout.shard(t, 2, rank) for t in (q, k, v))
+    counts = []
+    for _ in range(2):
+        info = make_info("all", case.batch, case.seq_len)
+        reset_ring_stats()
+        for spec in (SPECS["sliding"], SPECS["causal"], SPECS["sliding"]):
+            ring_attention(q, k, v, mask=spec, info=info, layout=layout)
+        counts.append(ring_stats().agreements)
+    return counts

@@ -19,3 +19,10 @@ def test_causal_contiguous_counters(cluster, world_size):
         assert stats.steps == 2 * world_size
         # Chunks of later ranks hold only future keys: skipped in forward and backward.
         assert stats.steps_skipped == 2 * (world_size - 1 - rank)
+
+
+def test_ranks_agree_once_per_batch_and_kind_of_layer(cluster):
+    """Three layer calls with two masks: two agreements (all_gathers) per batch, not three."""
+    from ring_cases import agreements_over_layers
+
+    assert cluster(2).run(agreements_over_layers) == [[2, 2], [2, 2]]
