@@ -163,7 +163,7 @@ def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 
     cases = []
     for variant, present in METADATA_VARIANTS.items():
         info = SequenceInfo(*(t if i in present else None for i, t in enumerate(metadata)), shape=(BATCH, seq_len))
-        options = (True, 5, 1 in present, layout.kind, group, 0.5)
+        options = (layout.table(seq_len), True, 5, 1 in present, group, 0.5)
         forward_args = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
                         info.generation, *info.tensors(), *options)
         out, lse = torch.ops.gemma4_flexring.ring_attention(q, k, v, info.generation, *info.tensors(), *options)

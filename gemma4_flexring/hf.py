@@ -66,11 +66,18 @@ class RingContext:
 
 
 def _context_flatten(context: RingContext):
-    return [context.info], _context_meta(context)
+    return _context_children(context), _context_meta(context)
 
 
 def _context_flatten_with_keys(context: RingContext):
-    return [(pytree.GetAttrKey("info"), context.info)], _context_meta(context)
+    keys = [pytree.GetAttrKey("info"), pytree.GetAttrKey("layout_permutation")]
+    return list(zip(keys, _context_children(context))), _context_meta(context)
+
+
+def _context_children(context: RingContext) -> list:
+    """The SequenceInfo, then a table layout's permutation (a tensor that changes every batch)."""
+    permutation = context.layout.permutation
+    return [context.info] if permutation is None else [context.info, permutation]
 
 
 def _context_meta(context: RingContext) -> tuple[str, int, str]:
@@ -81,11 +88,14 @@ def _context_meta(context: RingContext) -> tuple[str, int, str]:
 def _context_unflatten(values, meta: tuple[str, int, str]) -> RingContext:
     kind, world_size, group = meta
     pg = dist.distributed_c10d._resolve_process_group(group) if group else None
-    return RingContext(values[0], Layout(kind, world_size), pg)
+    layout = Layout(kind, world_size, *values[1:])
+    return RingContext(values[0], layout, pg)
 
 
-# A pytree node (the SequenceInfo its one child; layout and group by name in its context), so that
-# ``torch.export`` takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it.
+# A pytree node (children: the SequenceInfo and, for a balanced layout, its permutation tensor; the
+# layout's kind and world size and the group by name in its context), so that ``torch.export``
+# takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it, and a compiled model
+# sees a new balanced layout as new tensor values, not new constants.
 pytree.register_pytree_node(
     RingContext, _context_flatten, _context_unflatten, serialized_type_name="gemma4_flexring.hf.RingContext",
     flatten_with_keys_fn=_context_flatten_with_keys,
@@ -183,10 +193,16 @@ def shift_labels(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor
 
 def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
                  attention_mask: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
-                 labels: Tensor | None = None, layout: Layout, rank: int, group=None) -> dict:
+                 labels: Tensor | None = None, layout: Layout | str, rank: int, group=None) -> dict:
     """Keyword arguments of one rank's ``model(**kwargs)`` for a whole-sequence batch.
 
     Every argument is the whole sequence, identical on every rank; nothing is communicated.
+
+    Args:
+        layout: a ``Layout``, or ``"balanced"`` for ``Layout.balanced`` of this batch over the
+            group (built from its packing; every rank computes the same one). The returned
+            context carries the layout: ``kwargs[CONTEXT_KWARG].layout.unshard(...)`` reassembles
+            per-rank logits.
 
     Shapes:
         input_ids: [B, S]. position_ids: [B, S] or [1, S], default 0 .. S - 1; restarts mark
@@ -210,13 +226,21 @@ def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
     """
     _check_batch(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
     batch, seq_len = input_ids.shape
-    if not isinstance(layout, Layout):
-        raise TypeError(f"shard_inputs: layout must be a Layout, got {type(layout).__name__}")
-    layout.check_length(seq_len)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.world_size:
-        raise ValueError(f"shard_inputs: rank must be an int in [0, {layout.world_size}), got {rank!r}")
     group = process_group(group)
     group_size = 1 if group is None else group.size()
+    balanced = isinstance(layout, str) and layout == "balanced"
+    if balanced:
+        layout = Layout("contiguous", group_size)  # stands in for the checks below; replaced after them
+    elif not isinstance(layout, Layout):
+        raise TypeError(f"shard_inputs: layout must be a Layout or 'balanced', got {type(layout).__name__}")
+    if balanced:
+        if seq_len % group_size:
+            raise ValueError(f"shard_inputs: a balanced layout over {group_size} ranks needs a sequence length "
+                             f"that is a multiple of {group_size}, got {seq_len}")
+    else:
+        layout.check_length(seq_len)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.world_size:
+        raise ValueError(f"shard_inputs: rank must be an int in [0, {layout.world_size}), got {rank!r}")
     if group_size != layout.world_size:
         raise ValueError(f"shard_inputs: layout is for {layout.world_size} ranks, the group has {group_size}")
     if group is not None and rank != group.rank():
@@ -225,6 +249,8 @@ def shard_inputs(*, input_ids: Tensor, position_ids: Tensor | None = None,
         position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
     position_ids = position_ids.expand(batch, seq_len)
     info = SequenceInfo.from_hf(attention_mask, position_ids, mm_token_type_ids)
+    if balanced:
+        layout = Layout.balanced(info, group_size)
 
     def local(t: Tensor) -> Tensor:
         return layout.shard(t, 1, rank).contiguous()
@@ -252,6 +278,9 @@ def shard_token_features(features: Tensor, token_mask: Tensor, layout: Layout, r
     Shapes:
         features: [N, H], N = token_mask.sum(); token_mask: [B, S] bool, the whole sequence.
         returns: [N_local, H], differentiable w.r.t. ``features``.
+
+    ``layout`` is the one the inputs were sharded with (``kwargs[CONTEXT_KWARG].layout`` after
+    ``shard_inputs(..., layout="balanced")``).
 
     Example (``Gemma4ForConditionalGeneration``)::
 

@@ -71,10 +71,19 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
+def make_layout(kind: str, world_size: int, case: Case) -> Layout:
+    """``kind`` over ``world_size`` ranks; "balanced" is computed from the case's metadata (whose
+    short sequences give small grains, hence many segments per rank)."""
+    if kind != "balanced":
+        return Layout(kind, world_size)
+    info = make_info(case.info, case.batch, case.seq_len) or SequenceInfo(shape=(case.batch, case.seq_len))
+    return Layout.balanced(info, world_size)
+
+
 def run_case(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[torch.Tensor, ...]:
     """One rank's (out, dq, dk, dv) for its shard of ``case``."""
     q, k, v, grad = make_tensors(case)
-    layout = Layout(layout_kind, world_size)
+    layout = make_layout(layout_kind, world_size, case)
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
     if case.strided:
         local = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True) for t in local]
