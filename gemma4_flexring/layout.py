@@ -29,6 +29,9 @@ FIXED_LAYOUTS = ("contiguous", "zigzag")
 TABLE_LAYOUTS = ("balanced", "explicit")
 LAYOUTS = FIXED_LAYOUTS + TABLE_LAYOUTS
 BALANCE_GRAIN = 128  # the planner's block size: balanced pieces are whole blocks where they can be
+# Of a rank's mean work: the largest left-over item handed out whole, and how much more work a rank
+# holding a neighbouring run may have and still be preferred (fewer segments).
+PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
 
 
 class Segment(NamedTuple):
@@ -81,11 +84,14 @@ class Layout:
     def balanced(cls, info, world_size: int, block_size: int | None = None) -> "Layout":
         """A layout that balances the causal work of ``info``'s packed documents over the ranks.
 
-        Every rank gets S / P tokens. Each stretch without a document boundary in any row is
-        split head-tail, as zigzag splits a whole sequence: rank r gets its r-th and (2P-1-r)-th
-        of 2P equal pieces, whole blocks of ``block_size`` tokens (default: 128, less when a
-        rank holds few tokens). What is left over (the middle of each stretch, stretches too short
-        to split) goes out block by block, heaviest first, to the least-loaded rank with room.
+        Every rank gets S / P tokens. Each stretch without a document boundary in any row, if it
+        holds at least 2P blocks of ``block_size`` tokens (default: 128, less when a rank holds
+        few tokens), is split head-tail, as zigzag splits a whole sequence: rank r gets its r-th
+        and (2P-1-r)-th of 2P pieces of whole blocks, as equal as blocks allow. What is left over
+        (shorter stretches, whole, and each long stretch's middle, under 2 blocks) goes out
+        heaviest first to the least-loaded rank with room, preferring a rank that holds a
+        neighbouring run (fewer segments); an item no rank has room for is split. If zigzag
+        balances this work as well (many short documents), the layout is zigzag's.
         Work is counted per query as the keys it sees under a causal document mask, summed over
         the batch rows: one layout serves the whole batch. Every rank computes the same layout
         from the same metadata, without communication.
@@ -281,35 +287,74 @@ def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None 
     runs: list[list[tuple[int, int]]] = [[] for _ in range(p)]
     load = [0] * p
     room = [local] * p
-    leftover: list[tuple[int, int]] = []
+    items: list[tuple[int, int]] = []  # left over: short stretches whole, the middles of long ones
     for start, stop in zip(edges, edges[1:]):
-        piece = (stop - start) // (2 * p * grain) * grain
-        if piece:
-            for r in range(p):
-                for a in (start + r * piece, stop - (r + 1) * piece):
-                    runs[r].append((a, a + piece))
-                    load[r] += cum[a + piece] - cum[a]
-                room[r] -= 2 * piece
-            start, stop = start + p * piece, stop - p * piece
-        leftover.extend((a, min(a + grain, stop)) for a in range(start, stop, grain))
+        units = (stop - start) // grain
+        if units < 2 * p:
+            items.append((start, stop))
+            continue
+        # Head-tail: rank r's head and tail pieces get `base` grains each; the grains left over go
+        # in pairs (one on each side) to the ranks with the most room; less than 2 grains remain.
+        base, extra = divmod(units, 2 * p)
+        width = [base] * p
+        for r in sorted(range(p), key=lambda r: (-room[r], load[r], r))[:extra // 2]:
+            if room[r] >= 2 * (base + 1) * grain:
+                width[r] += 1
+        head, tail = start, stop
+        for r in range(p):
+            w = width[r] * grain
+            for a in (head, tail - w):
+                runs[r].append((a, a + w))
+                load[r] += cum[a + w] - cum[a]
+            room[r] -= 2 * w
+            head, tail = head + w, tail - w
+        if tail > head:
+            items.append((head, tail))
 
-    # Heaviest chunk first, to the least-loaded rank with room for all of it; when none has
-    # room, the rank with the most room takes what fits and the rest goes back in the queue.
-    queue = [(-(cum[b] - cum[a]), a, b) for a, b in leftover]
+    # Heaviest item first, to the least-loaded rank with room for all of it (a rank already holding
+    # a neighbouring run is preferred when within `slack` of that load: fewer segments); when no
+    # rank has room, the rank with the most room takes what fits and the rest goes back.
+    # Items heavier than `piece` are cut into runs of whole grains of about that weight first.
+    piece, slack = PIECE_SHARE * cum[-1] / p, SLACK_SHARE * cum[-1] / p
+    chunks = []
+    for a, b in items:
+        heavy = cum[b] - cum[a]
+        step = (b - a) if heavy <= piece else max(grain, int((b - a) * piece / heavy) // grain * grain)
+        chunks.extend((c, min(c + step, b)) for c in range(a, b, step))
+    owner_of_end = {b: r for r in range(p) for _, b in runs[r]}
+    owner_of_start = {a: r for r in range(p) for a, _ in runs[r]}
+    queue = [(-(cum[b] - cum[a]), a, b) for a, b in chunks]
     heapq.heapify(queue)
+    left_work, left_tokens = sum(cum[b] - cum[a] for a, b in chunks), sum(b - a for a, b in chunks)
     while queue:
         _, a, b = heapq.heappop(queue)
         fits = [r for r in range(p) if room[r] >= b - a]
         if fits:
-            r = min(fits, key=lambda r: (load[r], r))
+            # A rank's expected final work: what it has, plus its room at the average work left.
+            rate = left_work / max(left_tokens, 1)
+            final = {r: load[r] + room[r] * rate for r in fits}
+            least = min(final.values())
+            near = [r for r in fits if final[r] <= least + slack
+                    and r in (owner_of_end.get(a), owner_of_start.get(b))]
+            r = min(near or fits, key=lambda r: (final[r], r))
         else:
             r = max(range(p), key=lambda r: (room[r], -r))
             heapq.heappush(queue, (-(cum[b] - cum[a + room[r]]), a + room[r], b))
             b = a + room[r]
         runs[r].append((a, b))
+        owner_of_end[b], owner_of_start[a] = r, r
         load[r] += cum[b] - cum[a]
         room[r] -= b - a
-    return [_merged(sorted(r)) for r in runs]
+        left_work -= cum[b] - cum[a]
+        left_tokens -= b - a
+    balanced = [_merged(sorted(r)) for r in runs]
+    # Where the packing needs no care (many short documents), zigzag may already do as well.
+    candidates = [balanced]
+    if seq_len % (2 * p) == 0:
+        w = seq_len // (2 * p)
+        candidates.append([_merged([(r * w, (r + 1) * w), ((2 * p - 1 - r) * w, (2 * p - r) * w)]) for r in range(p)])
+    return min(candidates, key=lambda c: (max(sum(cum[b] - cum[a] for a, b in rank) for rank in c),
+                                          sum(len(rank) for rank in c)))
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

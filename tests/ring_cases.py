@@ -125,3 +125,41 @@ def mesh_matches_default_group(rank: int, world_size: int) -> float:
     by_mesh = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout, group=mesh["cp"])
     by_default = ring_attention(q, k, v, mask=SPECS["sliding"], layout=layout)
     return float((by_mesh - by_default).abs().max())
+
+
+def random_problem(seed: int, world_size: int):
+    """Seeded random metadata (documents, an image block, padding, per row), mask and tensors over
+    S = 24 x P: (spec, info, q, k, v, grad), float64."""
+    g = torch.Generator().manual_seed(seed)
+    batch, s = 2, 24 * world_size
+    docs = torch.zeros(batch, s, dtype=torch.long)
+    blocks = torch.full((batch, s), -1, dtype=torch.long)
+    padding = torch.zeros(batch, s, dtype=torch.bool)
+    for b in range(batch):
+        cuts = sorted(torch.randint(1, s, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist())
+        for c in cuts:
+            docs[b, c:] += 1
+        start, length = (int(x) for x in torch.randint(0, s, (2,), generator=g))
+        blocks[b, start:start + length // 3] = 0
+        padding[b, s - int(torch.randint(0, s // 4, (), generator=g)):] = True
+    causal = bool(torch.randint(0, 4, (), generator=g) > 0)
+    window = [None, 3, 9, 30][int(torch.randint(0, 4, (), generator=g))]
+    spec = MaskSpec(causal=causal, sliding_window=window, block_bidirectional=bool(torch.randint(0, 2, (), generator=g)))
+    info = SequenceInfo(docs, blocks, padding)
+    q = torch.randn(batch, 4, s, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, 2, s, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    grad = torch.randn(batch, 4, s, 8, generator=g, dtype=torch.float64)
+    return spec, info, q, k, v, grad
+
+
+def run_random_balanced(rank: int, world_size: int, seeds: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's (out, dq, dk, dv) of each seeded random problem under its balanced layout."""
+    results = []
+    for seed in seeds:
+        spec, info, q, k, v, grad = random_problem(seed, world_size)
+        layout = Layout.balanced(info, world_size)
+        local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+        out = ring_attention(*local, mask=spec, info=info, layout=layout)
+        out.backward(layout.shard(grad, 2, rank))
+        results.append((out.detach(), *(t.grad for t in local)))
+    return results

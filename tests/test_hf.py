@@ -191,3 +191,20 @@ def test_shard_token_features_gives_each_rank_its_rows_in_local_order():
     assert hf.shard_token_features(features, mask, zigzag, 1).flatten().tolist() == [1.0]
     with pytest.raises(ValueError, match="N=3"):
         hf.shard_token_features(torch.zeros(4, 1), mask, zigzag, 0)
+
+
+def test_balanced_context_is_a_pytree_with_its_permutation_as_a_leaf():
+    """shard_inputs(layout="balanced") builds the layout from the batch; the context flattens to
+    tensors (the layout's permutation among them) and a JSON-serializable spec, and comes back equal."""
+    import torch.utils._pytree as pytree
+
+    batch = make_batch(packed=True, padded=True, images=True)
+    kwargs = hf.shard_inputs(**batch.model_kwargs(), layout="balanced", rank=0)
+    context = kwargs[hf.CONTEXT_KWARG]
+    info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
+    assert context.layout == Layout.balanced(info, 1)
+    leaves, spec = pytree.tree_flatten(context)
+    assert any(leaf is context.layout.permutation for leaf in leaves)
+    back = pytree.tree_unflatten(leaves, pytree.treespec_loads(pytree.treespec_dumps(spec)))
+    assert back.layout == context.layout and back.layout.kind == "balanced"
+    assert torch.equal(context.layout.unshard([kwargs["input_ids"]], dim=1), batch.input_ids)
