@@ -24,11 +24,12 @@ BATCH = 2
 
 
 def make_info(seq_len: int, batch: int = BATCH, seed: int = 0) -> SequenceInfo:
-    """Documents, an image block longer than the window and a padded tail, all length-dependent."""
+    """Documents, an image block longer than the window and a padded tail, all length-dependent
+    (and seed-dependent: the image's start and the first document boundary)."""
     g = torch.Generator().manual_seed(seed + seq_len)
     s = seq_len
     documents = torch.zeros(batch, s, dtype=torch.long)
-    documents[:, s // 3:] = 1
+    documents[:, s // 3 + seed % 5:] = 1  # the seed moves a boundary: same length, another packing
     documents[:, s * 3 // 4:] = 2
     documents[-1, : s // 4] = 3
     blocks = torch.full((batch, s), -1, dtype=torch.long)
@@ -93,17 +94,20 @@ def compile_configs() -> tuple[dict, dict]:
 
 
 def steps_under_compile(model: nn.Module, compiled: nn.Module, lengths, warmup: int, layout_of=None,
-                        rank: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+                        rank: int = 0, dtype: torch.dtype = torch.float32, vary_packing: bool = False) -> dict:
     """Train-like steps over ``lengths``, a fresh ``SequenceInfo`` each; compiled vs eager.
+
+    ``layout_of(info)`` gives each step's layout; ``vary_packing`` moves a document boundary
+    from step to step (so that equal lengths still get other balanced layouts).
 
     After ``warmup`` steps the stance is ``fail_on_recompile``. Returns the largest compiled/eager
     difference and per-step mask-cache deltas of the compiled step (forward + backward) alone.
     """
-    errors, builds, hits, entries, generations = [], [], [], [], []
+    errors, builds, hits, entries, generations, tables = [], [], [], [], [], []
     for step, seq_len in enumerate(lengths):
-        info = make_info(seq_len)
+        info = make_info(seq_len, seed=step if vary_packing else 0)
         hidden = make_hidden(seq_len, dtype=dtype)
-        layout = None if layout_of is None else layout_of()
+        layout = None if layout_of is None else layout_of(info)
         kwargs = {"info": info}
         if layout is not None:
             hidden = layout.shard(hidden, 1, rank)
@@ -122,23 +126,32 @@ def steps_under_compile(model: nn.Module, compiled: nn.Module, lengths, warmup: 
         errors.append(max_error(got, want))
         if mask_cache_info().builds != after.builds:
             raise AssertionError("the eager rerun of a step rebuilt masks the compiled step had built")
+        tables.append(None if layout is None else layout.table(seq_len).tolist())
     return {"max_error": max(errors), "builds": builds, "hits": hits, "entries": entries,
-            "generations_match": all(generations)}
+            "generations_match": all(generations), "distinct_layouts": len({str(t) for t in tables})}
 
 
 # --- per-rank workers ---------------------------------------------------------------------------
 
 
 def compiled_ring_steps(rank: int, world_size: int, backend: str, dynamic: bool | None, warmup: int,
-                        num_layers: int = 3, lengths=LENGTHS) -> dict:
-    """A compiled layer stack over the zigzag ring, ``lengths`` steps: frames, errors, cache counts."""
+                        num_layers: int = 3, lengths=LENGTHS, layout: str = "zigzag") -> dict:
+    """A compiled layer stack over the ring, ``lengths`` steps: frames, errors, cache counts.
+    ``layout="balanced"``: each step's layout is built from its batch, whose packing changes."""
     gemma4_flexring.clear_mask_cache()
     torch._dynamo.reset()
     model = Stack(num_layers)
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
     graphs = dynamo_graphs()
-    result = steps_under_compile(model, compiled, lengths, warmup, lambda: Layout("zigzag", world_size), rank)
+    if layout == "balanced":
+        def layout_of(info):
+            return Layout.balanced(info, world_size)
+    else:
+        def layout_of(info):
+            return Layout(layout, world_size)
+    result = steps_under_compile(model, compiled, lengths, warmup, layout_of, rank,
+                                 vary_packing=layout == "balanced")
     result.update(frames=counter.frame_count, graphs=dynamo_graphs() - graphs,
                   distinct_masks=model.distinct_masks(), num_layers=len(model.layers))
     return result
@@ -163,7 +176,7 @@ def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 
     cases = []
     for variant, present in METADATA_VARIANTS.items():
         info = SequenceInfo(*(t if i in present else None for i, t in enumerate(metadata)), shape=(BATCH, seq_len))
-        options = (True, 5, 1 in present, layout.kind, group, 0.5)
+        options = (layout.table(seq_len), True, 5, 1 in present, group, 0.5)
         forward_args = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
                         info.generation, *info.tensors(), *options)
         out, lse = torch.ops.gemma4_flexring.ring_attention(q, k, v, info.generation, *info.tensors(), *options)

@@ -16,7 +16,7 @@ from torch.export import Dim, ShapesCollection
 import hf_cases
 from gemma4_flexring import Layout, SequenceInfo, hf
 
-from .compile_cases import Stack, make_hidden, make_info, max_error, run_step
+from .compile_cases import Stack, compiled_ring_steps, make_hidden, make_info, max_error, run_step
 
 # Which of (documents, image blocks, padding) a batch holds: all 8 patterns.
 PATTERNS = list(itertools.product((False, True), repeat=3))
@@ -42,6 +42,35 @@ def test_twelve_batches_every_pattern_at_most_two_frames():
             got = run_step(compiled, hidden, info=info)
         assert max_error(got, run_step(model, hidden, info=info)) < 1e-6, (step, seq_len)
     assert counter.frame_count <= 2
+
+
+def test_explicit_layouts_differing_every_batch_at_most_two_frames():
+    """A layout is a tensor argument: 12 batches, each with another random permutation of its
+    positions as the layout (one rank holds them all, in that order), compile at most 2 frames and
+    equal eager; the layout is what changes the local token order."""
+    model = Stack(num_layers=3)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for step, seq_len in enumerate((16, 24, 24, 32, 32, 40, 48, 48, 56, 64, 64, 72)):
+        info = make_info(seq_len, seed=step)
+        layout = Layout.from_positions(torch.randperm(seq_len, generator=torch.Generator().manual_seed(step)), 1)
+        hidden = layout.shard(make_hidden(seq_len), 1, 0)
+        kwargs = dict(info=info, layout=layout, position_ids=layout.positions(seq_len, 0).expand(2, -1))
+        with torch.compiler.set_stance("fail_on_recompile" if step >= 2 else "default"):
+            got = run_step(compiled, hidden, **kwargs)
+        assert max_error(got, run_step(model, hidden, **kwargs)) < 1e-6, (step, seq_len)
+    assert counter.frame_count <= 2
+
+
+def test_balanced_layouts_on_two_ranks_at_most_two_frames(cluster):
+    """Two ranks, a compiled stack, every batch with its own packing and so its own balanced
+    layout (equal lengths included): at most 2 frames, no recompile after the second batch, each
+    step equal to eager."""
+    lengths = (32, 48, 48, 64, 64, 64, 80, 96)
+    for result in cluster(2).run(compiled_ring_steps, "aot_eager", None, 2, 3, lengths, "balanced"):
+        assert result["frames"] <= 2, result
+        assert result["distinct_layouts"] == len(lengths), result
+        assert result["max_error"] < 1e-5, result
 
 
 def _gemma4_batch(seq_len: int, pattern: tuple[bool, bool, bool], seed: int) -> dict:

@@ -53,6 +53,13 @@ def argument_problems(q, k, v, mask, info, layout, scale, world_size: int) -> li
         problems.append((TypeError, f"layout must be a Layout, got {type(layout).__name__}"))
     elif layout is not None and layout.world_size != world_size:
         problems.append((ValueError, f"layout is for {layout.world_size} ranks, the group has {world_size}"))
+    elif layout is not None and layout.permutation is None and not problems and q.dim() == 4:
+        # A fixed kind's table is built here, so its length is checked here; a table layout's
+        # length is checked in the op (comparing it here would guard on it).
+        try:
+            layout.check_length(q.shape[2] * world_size)
+        except ValueError as e:
+            problems.append((ValueError, str(e)))
     return problems
 
 
@@ -69,7 +76,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     Args:
         mask: the layer's MaskSpec (default: causal, no window).
         info: whole-sequence metadata (documents, image blocks, padding), the same on every rank.
-        layout: how the sequence is sharded (default: contiguous over the group).
+        layout: how the sequence is sharded (default: contiguous over the group); a balanced
+            layout (``Layout.balanced``) reaches the op as a tensor, so a new one every batch
+            does not recompile a compiled model.
         group: a ProcessGroup, a 1-D DeviceMesh, or None (default group; a world of one when
             torch.distributed is not initialized).
         scale: score scale, default ``D ** -0.5`` (Gemma 4 uses 1.0).
@@ -97,7 +106,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     # The op's window is an int64; any window at least as long as a sequence can be means the same.
     window = None if mask.sliding_window is None else min(mask.sliding_window, 2**62)
     scale = None if scale is None else float(scale)
+    # The layout as a tensor (rank-major global positions, [S]), for every kind: a balanced layout
+    # that changes every batch is then a graph input, not a guard.
+    table = layout.table(q.shape[2] * world_size) if q.dim() == 4 else torch.zeros(0, dtype=torch.int64)
     out, _ = torch.ops.gemma4_flexring.ring_attention(
-        q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), mask.causal, window,
-        mask.block_bidirectional, layout.kind, name, scale)
+        q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), table, mask.causal, window,
+        mask.block_bidirectional, name, scale)
     return out

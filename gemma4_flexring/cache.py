@@ -1,6 +1,6 @@
 """Block-mask plans, cached per batch of metadata.
 
-Two least-recently-used maps:
+Three least-recently-used maps:
 
 - generation -> ``Metadata`` (digest and relevant fields), with a stamp of the tensors it was
   computed from. A generation seen again with the same stamp costs no hashing; a changed stamp
@@ -9,6 +9,10 @@ Two least-recently-used maps:
   ``capacity`` most recently used digests are kept; interleaved micro-batches (forward A,
   forward B, backward A, backward B) thus build every plan once. Two batches with equal content
   share their plans.
+
+- layout digest -> the ``Layout`` (segments per rank) rebuilt from the op's layout table. The
+  table is hashed at every call (O(S), no data-pointer shortcut: tables are made afresh per call
+  and freed memory is reused); its runs are found and checked once per content.
 
 Memory bound: ``capacity`` x (distinct masks x world size) pair plans; each pair plan holds
 additive masks over partially allowed blocks only (see ``schedule.py``), and the generation map
@@ -23,7 +27,8 @@ from typing import Callable, Hashable, NamedTuple, TypeVar
 
 from torch import Tensor
 
-from .metadata import Metadata, describe, stamp
+from .layout import Layout
+from .metadata import Metadata, content_digest, describe, stamp
 
 T = TypeVar("T")
 
@@ -60,6 +65,7 @@ class PlanCache:
     def clear(self) -> None:
         self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
+        self._layouts: OrderedDict[bytes, Layout] = OrderedDict()
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
@@ -84,6 +90,23 @@ class PlanCache:
         self._trim()
         return meta
 
+    def layout(self, table: Tensor, world_size: int) -> tuple[bytes, Layout]:
+        """(digest, ``Layout``) of a rank-major positions ``table`` (int64 [S]) over ``world_size``
+        ranks; its segments are found (and the table checked) once per content.
+
+        Raises:
+            ValueError: the table is not a permutation of 0 .. S-1 that ``world_size`` divides.
+        """
+        digest = content_digest((world_size, tuple(table.shape)), [table])
+        layout = self._layouts.get(digest)
+        if layout is None:
+            layout = Layout.from_positions(table.detach().cpu().clone(), world_size)
+            layout.segments(table.shape[0], 0)  # reads and checks the table: raises before storing
+            self._layouts[digest] = layout
+        self._layouts.move_to_end(digest)
+        self._trim()
+        return digest, layout
+
     def plan(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
         """The plan under (``meta``'s digest, ``key``), built on first request."""
         plans = self._plans.get(meta.digest)
@@ -104,6 +127,8 @@ class PlanCache:
             self._plans.popitem(last=False)
         while len(self._metadata) > 4 * self.capacity:
             self._metadata.popitem(last=False)
+        while len(self._layouts) > 4 * self.capacity:
+            self._layouts.popitem(last=False)
 
     def info(self) -> MaskCacheInfo:
         return MaskCacheInfo(self._generation, self._builds, self._hits, len(self._plans), self.capacity,

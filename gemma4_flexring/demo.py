@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .info import SequenceInfo, blocks_from_token_types
 from .kernels import kernel_for
-from .layout import LAYOUTS, Layout
+from .layout import FIXED_LAYOUTS, Layout
 from .masks import MaskSpec
 from .reference import reference_mask
 from .stats import reset_ring_stats, ring_stats
@@ -45,6 +45,7 @@ STEPS = 2  # step 1 compiles, step 2 (a new batch) must reuse the compiled frame
 ROWS = 2
 IMAGE_TOKEN, PAD_TOKEN, VOCAB = 5, 0, 256
 MIN_SEQ_LEN = 32
+DEMO_LAYOUTS = ("balanced", *FIXED_LAYOUTS)
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # compiling on a busy machine takes minutes
 
 
@@ -55,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="ranks to spawn (default 2; under torchrun, its WORLD_SIZE)")
     parser.add_argument("--seq-len", type=int, default=384,
                         help="tokens per row, whole sequence (default 384: splits over 1, 2, 3, 4 ranks either way)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="zigzag", help="sharding (default zigzag)")
+    parser.add_argument("--layout", choices=DEMO_LAYOUTS, default="balanced",
+                        help="sharding (default balanced: built from each packed batch by shard_inputs)")
     parser.add_argument("--backend", default=None,
                         help="torch.compile backend (default: inductor on GPUs; aot_eager on CPU, which traces "
                              "the same forward and backward graphs without inductor's minutes of C++ compiling)")
@@ -69,7 +71,12 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.seq_len < MIN_SEQ_LEN:
         raise ValueError(f"--seq-len must be at least {MIN_SEQ_LEN} (documents, images and padding), "
                          f"got {args.seq_len}")
-    Layout(args.layout, world_size).check_length(args.seq_len)
+    if args.layout == "balanced":
+        if args.seq_len % world_size:
+            raise ValueError(f"balanced layout over {world_size} ranks needs a sequence length that is a "
+                             f"multiple of {world_size}, got {args.seq_len}")
+    else:
+        Layout(args.layout, world_size).check_length(args.seq_len)
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -202,12 +209,14 @@ class Measured:
     ring_steps_skipped: int
 
 
-def cp_step(compiled, model: torch.nn.Module, batch: Batch, layout: Layout, rank: int) -> Measured:
-    """One compiled forward and backward on this rank's shard, reassembled over the group."""
+def cp_step(compiled, model: torch.nn.Module, batch: Batch, layout: Layout | str, rank: int) -> Measured:
+    """One compiled forward and backward on this rank's shard, reassembled over the group
+    (``layout="balanced"``: ``shard_inputs`` builds it from the batch; a new one every step)."""
     from . import hf
 
     model.zero_grad(set_to_none=True)
     kwargs = hf.shard_inputs(model, **batch.as_kwargs(), layout=layout, rank=rank)
+    layout = kwargs[hf.CONTEXT_KWARG].layout
     reset_ring_stats()
     dist.barrier()
     start = time.perf_counter()
@@ -310,7 +319,7 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch
     from torch._dynamo.utils import counters
 
     config = demo_config(args.seq_len)
-    layout = Layout(args.layout, world_size)
+    layout = args.layout if args.layout == "balanced" else Layout(args.layout, world_size)
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
     model = make_model(config, device, ring=True)
     compiled = torch.compile(model, fullgraph=True, backend=backend)

@@ -67,11 +67,18 @@ class RingContext:
 
 
 def _context_flatten(context: RingContext):
-    return [context.info], _context_meta(context)
+    return _context_children(context), _context_meta(context)
 
 
 def _context_flatten_with_keys(context: RingContext):
-    return [(pytree.GetAttrKey("info"), context.info)], _context_meta(context)
+    keys = [pytree.GetAttrKey("info"), pytree.GetAttrKey("layout_permutation")]
+    return list(zip(keys, _context_children(context))), _context_meta(context)
+
+
+def _context_children(context: RingContext) -> list:
+    """The SequenceInfo, then a table layout's permutation (a tensor that changes every batch)."""
+    permutation = context.layout.permutation
+    return [context.info] if permutation is None else [context.info, permutation]
 
 
 def _context_meta(context: RingContext) -> tuple[str, int, str]:
@@ -82,11 +89,14 @@ def _context_meta(context: RingContext) -> tuple[str, int, str]:
 def _context_unflatten(values, meta: tuple[str, int, str]) -> RingContext:
     kind, world_size, group = meta
     pg = dist.distributed_c10d._resolve_process_group(group) if group else None
-    return RingContext(values[0], Layout(kind, world_size), pg)
+    layout = Layout(kind, world_size, *values[1:])
+    return RingContext(values[0], layout, pg)
 
 
-# A pytree node (the SequenceInfo its one child; layout and group by name in its context), so that
-# ``torch.export`` takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it.
+# A pytree node (children: the SequenceInfo and, for a balanced layout, its permutation tensor; the
+# layout's kind and world size and the group by name in its context), so that ``torch.export``
+# takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it, and a compiled model
+# sees a new balanced layout as new tensor values, not new constants.
 pytree.register_pytree_node(
     RingContext, _context_flatten, _context_unflatten, serialized_type_name="gemma4_flexring.hf.RingContext",
     flatten_with_keys_fn=_context_flatten_with_keys,
@@ -202,17 +212,23 @@ def uses_ring_attention(model: torch.nn.Module) -> bool:
     return getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
-_SHARD_FIELDS = ("failed", "batch", "seq_len", "layout", "world_size")
+_SHARD_FIELDS = ("failed", "batch", "seq_len", "balanced", "layout", "world_size")
 
 
 def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Tensor | None = None,
                  attention_mask: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
-                 labels: Tensor | None = None, layout: Layout, rank: int, group=None) -> dict:
+                 labels: Tensor | None = None, layout: Layout | str, rank: int, group=None) -> dict:
     """Keyword arguments of one rank's ``model(**kwargs)`` for a whole-sequence batch.
 
     Every argument is the whole sequence, identical on every rank. Every rank of the group must
     call this for each batch: the ranks agree on the batch's shape and on every check below
     (one small all_gather), so that a mistake on one rank raises on all of them.
+
+    Args:
+        layout: a ``Layout``, or ``"balanced"`` for ``Layout.balanced`` of this batch over the
+            group (built from its packing; every rank computes the same one). The returned
+            context carries the layout: ``kwargs[CONTEXT_KWARG].layout.unshard(...)`` reassembles
+            per-rank logits.
 
     Shapes:
         input_ids: [B, S]. position_ids: [B, S] or [1, S], default 0 .. S - 1; restarts mark
@@ -241,18 +257,23 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
             group's, or ranks that disagree on the batch's shape or layout.
     """
     group = process_group(group)
+    balanced = isinstance(layout, str) and layout == "balanced"
+    # A balanced layout is built from the batch after the checks; a contiguous one stands in for them.
+    placement = Layout("contiguous", 1 if group is None else group.size()) if balanced else layout
     problems = _batch_problems(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
-    problems += _placement_problems(layout, rank, group, input_ids.shape[1] if not problems else None)
+    problems += _placement_problems(placement, rank, group, input_ids.shape[1] if not problems else None)
     if not uses_ring_attention(model):
         problems.append((ValueError, f"the model's attention is not {ATTN_IMPLEMENTATION!r}, so it would ignore "
                                      "the ring context; call gemma4_flexring.hf.use_ring_attention(model) first"))
-    agree(problems, group, lambda: [0, *input_ids.shape, LAYOUTS.index(layout.kind), layout.world_size],
-          _SHARD_FIELDS, "shard_inputs")
+    agree(problems, group, lambda: [0, *input_ids.shape, int(balanced), LAYOUTS.index(placement.kind),
+                                    placement.world_size], _SHARD_FIELDS, "shard_inputs")
     batch, seq_len = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
     position_ids = position_ids.expand(batch, seq_len)
     info = SequenceInfo.from_hf(attention_mask, position_ids, mm_token_type_ids)
+    if balanced:
+        layout = Layout.balanced(info, placement.world_size)
 
     def local(t: Tensor) -> Tensor:
         return layout.shard(t, 1, rank).contiguous()
@@ -280,6 +301,9 @@ def shard_token_features(features: Tensor, token_mask: Tensor, layout: Layout, r
     Shapes:
         features: [N, H], N = token_mask.sum(); token_mask: [B, S] bool, the whole sequence.
         returns: [N_local, H], differentiable w.r.t. ``features``.
+
+    ``layout`` is the one the inputs were sharded with (``kwargs[CONTEXT_KWARG].layout`` after
+    ``shard_inputs(..., layout="balanced")``).
 
     Example (``Gemma4ForConditionalGeneration``)::
 
@@ -327,7 +351,7 @@ def _placement_problems(layout: Layout, rank: int, group: dist.ProcessGroup | No
                         seq_len: int | None) -> list[Problem]:
     """What is wrong with where this rank's shard would come from (``seq_len`` None: unknown)."""
     if not isinstance(layout, Layout):
-        return [(TypeError, f"layout must be a Layout, got {type(layout).__name__}")]
+        return [(TypeError, f"layout must be a Layout or 'balanced', got {type(layout).__name__}")]
     problems: list[Problem] = []
     if seq_len is not None:
         try:

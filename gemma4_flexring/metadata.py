@@ -40,9 +40,20 @@ class Metadata(NamedTuple):
     def any(self) -> bool:
         return self.documents or self.blocks or self.padding
 
-    def digest_words(self) -> list[int]:
-        """The digest as two signed 64-bit integers (for an int64 all_gather)."""
-        return [int.from_bytes(self.digest[i:i + 8], "little", signed=True) for i in (0, 8)]
+
+
+def content_digest(header: object, tensors: list[Tensor]) -> bytes:
+    """128-bit BLAKE2b digest of ``repr(header)`` and the tensors' dtypes and bytes (read on the CPU)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((header, [str(t.dtype) for t in tensors])).encode())
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def digest_words(digest: bytes) -> list[int]:
+    """A 16-byte digest as two signed 64-bit integers (for an int64 all_gather)."""
+    return [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]
 
 
 def relevance(document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None
@@ -65,12 +76,8 @@ def describe(document_ids: Tensor, block_ids: Tensor, padding: Tensor) -> Metada
     """Digest and relevance of [B, S] metadata (any device; read once on the CPU)."""
     document_ids, block_ids, padding = (t.detach().cpu() for t in (document_ids, block_ids, padding))
     matters = relevance(document_ids, block_ids, padding)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(padding.shape), matters)).encode())
-    for t, used in zip((document_ids, block_ids, padding), matters):
-        if used:
-            h.update(t.to(torch.int64 if t.dtype != torch.bool else torch.bool).contiguous().numpy().tobytes())
-    return Metadata(h.digest(), *matters)
+    used = [t for t, keep in zip((document_ids, block_ids, padding), matters) if keep]
+    return Metadata(content_digest((tuple(padding.shape), matters), used), *matters)
 
 
 def stamp(tensors: tuple[Tensor, ...]) -> tuple | None:

@@ -9,7 +9,11 @@
 Process groups travel by name. Masks are rebuilt inside the op from plain tensors and scalars
 (a BlockMask cannot be an op argument) and cached under the metadata's digest (``cache.py``).
 Every metadata tensor is always present, whatever the batch holds, so the op's inputs have one
-structure for every batch and a compiled graph never guards on what a batch contains.
+structure for every batch and a compiled graph never guards on what a batch contains. The layout
+arrives the same way, for every kind: ``layout`` is an int64 [S] tensor, every rank's global
+positions in local order, rank-major (``Layout.table``). The op rebuilds the layout's segments
+from it, and its content digest joins the plans' cache key; a balanced layout that changes every
+batch is thus one more tensor input, never a guard.
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ class RingArgs(NamedTuple):
     document_ids: Tensor
     block_ids: Tensor
     padding: Tensor
+    layout: Tensor
     causal: bool
     sliding_window: int | None
     block_bidirectional: bool
-    layout_kind: str
     group_name: str
     scale: float | None
 
@@ -55,7 +59,7 @@ class RingArgs(NamedTuple):
     @property
     def options(self) -> tuple:
         """The non-tensor arguments, in schema order."""
-        return self[len(self) - 6:]
+        return self[len(self) - 5:]
 
     @property
     def resolved_scale(self) -> float:
@@ -69,17 +73,18 @@ def resolve_group(group_name: str) -> dist.ProcessGroup | None:
     return dist.distributed_c10d._resolve_process_group(group_name)
 
 
-def _plans(args: RingArgs, meta: Metadata, comm: RingComm) -> list[schedule.PairPlan]:
-    """This rank's plan against every K/V owner, from the cache under ``meta``'s digest."""
+def _plans(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout,
+           comm: RingComm) -> list[schedule.PairPlan]:
+    """This rank's plan against every K/V owner, from the cache under ``meta``'s digest and the
+    layout's."""
     spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
-    layout = Layout(args.layout_kind, comm.world_size)
     q = args.q
     seq_len = q.shape[2] * comm.world_size
     batch = q.shape[0] if meta.any else 1
     metadata = meta.effective(*args.info)
 
     def plan(owner: int) -> schedule.PairPlan:
-        key = (spec, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
+        key = (spec, layout_digest, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
         return MASK_CACHE.plan(meta, key, lambda: schedule.plan_pair(
             spec, *metadata, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device))
 
@@ -95,10 +100,8 @@ class Prepared(NamedTuple):
     key_padding: Tensor | None  # [B, L] bool: this rank's padding keys, None when there are none
 
 
-def _key_padding(args: RingArgs, meta: Metadata, comm: RingComm) -> Tensor | None:
-    if not meta.padding:
-        return None
-    return Layout(args.layout_kind, comm.world_size).shard(args.padding, 1, comm.rank)
+def _key_padding(args: RingArgs, meta: Metadata, layout: Layout, comm: RingComm) -> Tensor | None:
+    return layout.shard(args.padding, 1, comm.rank) if meta.padding else None
 
 
 def _prepare(args: RingArgs, check: bool) -> Prepared:
@@ -111,42 +114,52 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     kernel = kernel_for(args.q.device)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
-        return Prepared(comm, _plans(args, meta, comm), kernel, _key_padding(args, meta, comm))
-    problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout_kind,
+        layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
+        return Prepared(comm, _plans(args, meta, layout_digest, layout, comm), kernel,
+                        _key_padding(args, meta, layout, comm))
+    problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
                               comm.world_size, args.scale)
     plans: list[schedule.PairPlan] = []
-    meta = None
+    meta = layout = key_padding = None
+    if not problems:
+        try:
+            layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
+        except ValueError as e:
+            problems.append(str(e))
     if not problems:
         try:
             meta = MASK_CACHE.metadata(int(args.generation), args.info)
-            plans = _plans(args, meta, comm)
+            plans = _plans(args, meta, layout_digest, layout, comm)
+            key_padding = _key_padding(args, meta, layout, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
     mine = None if problems else signature(args.q, args.k, meta, args.causal, args.sliding_window,
-                                           args.block_bidirectional, args.layout_kind, args.resolved_scale)
+                                           args.block_bidirectional, layout_digest, args.resolved_scale)
     key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
     check_inputs_once(key, problems, comm.group, lambda: mine)
-    return Prepared(comm, plans, kernel, _key_padding(args, meta, comm))
+    return Prepared(comm, plans, kernel, key_padding)
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor,
-                      block_ids: Tensor, padding: Tensor, causal: bool, sliding_window: int | None,
-                      block_bidirectional: bool, layout_kind: str, group_name: str,
+                      block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
+                      sliding_window: int | None, block_bidirectional: bool, group_name: str,
                       scale: float | None) -> tuple[Tensor, Tensor]:
     """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float64).
 
-    Metadata tensors are the whole sequence's, [B, S]; ``scale`` None means ``D ** -0.5``.
+    Metadata tensors are the whole sequence's, [B, S]; ``layout`` is int64 [S], every rank's
+    global positions in local order, rank-major (``Layout.table``); ``scale`` None means
+    ``D ** -0.5``.
     """
-    args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout_kind, group_name, scale)
+    args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
+                    block_bidirectional, group_name, scale)
     comm, plans, kernel, key_padding = _prepare(args, check=True)
     return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, key_padding)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-      block_bidirectional, layout_kind, group_name, scale):
+def _(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
+      block_bidirectional, group_name, scale):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("ring_attention: q, k, v must be 4-D [B, H, S_local, D]")
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulator_dtype(q.dtype))
@@ -155,19 +168,19 @@ def _(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_win
 @torch.library.custom_op("gemma4_flexring::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                lse: Tensor, generation: Tensor, document_ids: Tensor,
-                               block_ids: Tensor, padding: Tensor, causal: bool,
-                               sliding_window: int | None, block_bidirectional: bool, layout_kind: str,
+                               block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
+                               sliding_window: int | None, block_bidirectional: bool,
                                group_name: str, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
-    args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout_kind, group_name, scale)
+    args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
+                    block_bidirectional, group_name, scale)
     comm, plans, kernel, key_padding = _prepare(args, check=False)
     return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, key_padding)
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, causal,
-      sliding_window, block_bidirectional, layout_kind, group_name, scale):
+def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, layout, causal,
+      sliding_window, block_bidirectional, group_name, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -175,14 +188,14 @@ def _setup_context(ctx, inputs, output) -> None:
     args = RingArgs(*inputs)
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(args.q, args.k, args.v, out, lse, args.generation, *args.info)
+    ctx.save_for_backward(args.q, args.k, args.v, out, lse, args.generation, *args.info, args.layout)
     ctx.options = args.options
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    q, k, v, out, lse, generation, document_ids, block_ids, padding = ctx.saved_tensors
+    q, k, v, out, lse, generation, document_ids, block_ids, padding, layout = ctx.saved_tensors
     dq, dk, dv = torch.ops.gemma4_flexring.ring_attention_backward(
-        grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, *ctx.options)
+        grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, layout, *ctx.options)
     return dq, dk, dv, *([None] * (len(RingArgs._fields) - 3))
 
 

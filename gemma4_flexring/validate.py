@@ -18,19 +18,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .kernels import kernel_for, supported_devices
-from .layout import LAYOUTS, Layout
-from .metadata import Metadata
+from .metadata import Metadata, digest_words
 from .stats import record_agreement
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "head_dim", "dtype",
-                     "causal", "sliding_window", "block_bidirectional", "layout", "scale",
+                     "causal", "sliding_window", "block_bidirectional",
+                     "layout (positions)", "layout (positions)",  # a 128-bit digest in two words
+                     "scale",
                      "metadata (document_ids, block_ids, padding)",
                      "metadata (document_ids, block_ids, padding)")  # a 128-bit digest in two words
 
 
 def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sliding_window: int | None,
-                   layout: str, world_size: int, scale: float | None) -> list[str]:
+                   layout: Tensor, world_size: int, scale: float | None) -> list[str]:
     """Everything wrong with one rank's arguments, as readable sentences (empty when fine)."""
     problems = []
     for name, t in zip("qkv", (q, k, v)):
@@ -59,13 +60,10 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sl
         problems.append(f"scale must be a positive finite number, got {scale}")
     if sliding_window is not None and sliding_window < 1:
         problems.append(f"sliding_window must be None or positive, got {sliding_window}")
-    if layout not in LAYOUTS:
-        problems.append(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    else:
-        try:
-            Layout(layout, world_size).check_length(local_len * world_size)
-        except ValueError as e:
-            problems.append(str(e))
+    # Whether it is a permutation is checked when its segments are found (``PlanCache.layout``).
+    if layout.dim() != 1 or layout.dtype != torch.int64 or layout.shape[0] != local_len * world_size:
+        problems.append(f"the layout table must be int64 [S={local_len * world_size}] (rank-major global "
+                        f"positions), got {layout.dtype} {tuple(layout.shape)}")
     for name, t in zip(("document_ids", "block_ids", "padding"), info):
         if tuple(t.shape) != (batch, local_len * world_size):
             problems.append(f"SequenceInfo.{name} must be the whole sequence [B={batch}, "
@@ -76,28 +74,27 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sl
 
 
 def signature(q: Tensor, k: Tensor, meta: Metadata, causal: bool, sliding_window: int | None,
-              block_bidirectional: bool, layout: str, scale: float) -> list[int]:
-    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``; the first, 0: not failed)."""
+              block_bidirectional: bool, layout: bytes, scale: float) -> list[int]:
+    """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``; the first, 0: not failed);
+    ``layout`` is the layout table's 16-byte digest."""
     dtype = _DTYPES.index(q.dtype)
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
     return [0, *q.shape[:2], k.shape[1], *q.shape[2:], dtype, int(causal),
             -1 if sliding_window is None else sliding_window, int(block_bidirectional),
-            LAYOUTS.index(layout), scale_bits, *meta.digest_words()]
+            *digest_words(layout), scale_bits, *digest_words(meta.digest)]
 
 
 def _readable(field: str, value: int) -> object:
     """A signature entry as the user wrote it."""
     if field == "dtype":
         return _DTYPES[value]
-    if field == "layout":
-        return LAYOUTS[value]
     if field == "scale":
         return struct.unpack("<d", struct.pack("<q", value))[0]
     if field == "sliding_window":
         return None if value == -1 else value
     if field in ("causal", "block_bidirectional"):
         return bool(value)
-    if field.startswith("metadata"):
+    if field.startswith("metadata") or field.startswith("layout"):
         return f"digest {value & (2**64 - 1):016x}..."
     return value
 

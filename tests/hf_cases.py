@@ -167,6 +167,7 @@ class Result:
     logits: torch.Tensor
     loss: torch.Tensor
     grads: dict[str, torch.Tensor]
+    layout: Layout | None = None  # the layout a CP rank's inputs were sharded with
 
 
 def image_features(batch: Batch) -> torch.Tensor:
@@ -214,26 +215,31 @@ def reference(case: Case) -> Result:
 
 
 def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str) -> list[Result]:
-    """This rank's logits [B, L, V], loss share and gradient share for each named case."""
-    layout = Layout(layout_kind, world_size)
+    """This rank's logits [B, L, V], loss share and gradient share for each named case; "balanced"
+    lets ``shard_inputs`` build the layout from each batch."""
     results = []
     for name in names:
         case, batch = CASES[name], CASES[name].batch()
         model = make_model(case, ring=True)
+        layout = "balanced" if layout_kind == "balanced" else Layout(layout_kind, world_size)
         kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank)
+        layout = kwargs[hf.CONTEXT_KWARG].layout
         features = image_features(batch) if case.image_features else None
         if features is not None:
             local = hf.shard_token_features(features, batch.input_ids == IMAGE_TOKEN, layout, rank)
             kwargs["mm_encoder_outputs"] = image_outputs(local)
         with single_thread():
-            results.append(_result(model, model(**kwargs), features))
+            result = _result(model, model(**kwargs), features)
+        results.append(Result(result.logits, result.loss, result.grads, layout))
     return results
 
 
 def shard_kwargs(rank: int, world_size: int, layout_kind: str) -> dict:
-    """This rank's ``shard_inputs`` for the multimodal packed, padded batch, minus the context."""
+    """This rank's ``shard_inputs`` for the multimodal packed, padded batch; the context is replaced
+    by its layout (``"layout"``)."""
     batch = make_batch(packed=True, padded=True, images=True)
     model = make_model(CASES["vision_packed_padded"], ring=True)
-    kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=Layout(layout_kind, world_size), rank=rank)
-    kwargs.pop(hf.CONTEXT_KWARG)
+    layout = "balanced" if layout_kind == "balanced" else Layout(layout_kind, world_size)
+    kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank)
+    kwargs["layout"] = kwargs.pop(hf.CONTEXT_KWARG).layout
     return kwargs

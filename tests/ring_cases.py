@@ -71,12 +71,21 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
+def make_layout(kind: str, world_size: int, case: Case) -> Layout:
+    """``kind`` over ``world_size`` ranks; "balanced" is computed from the case's metadata (whose
+    short sequences give small grains, hence many segments per rank)."""
+    if kind != "balanced":
+        return Layout(kind, world_size)
+    info = make_info(case.info, case.batch, case.seq_len) or SequenceInfo(shape=(case.batch, case.seq_len))
+    return Layout.balanced(info, world_size)
+
+
 def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
              tensors: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
     """One rank's (out, dq, dk, dv) for its shard of ``case`` (or of whole-sequence ``tensors``:
     q, k, v, grad, in place of ``make_tensors(case)``)."""
     q, k, v, grad = make_tensors(case) if tensors is None else tensors
-    layout = Layout(layout_kind, world_size)
+    layout = make_layout(layout_kind, world_size, case)
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
     if case.strided:
         local = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True) for t in local]
@@ -136,3 +145,41 @@ def agreements_over_layers(rank: int, world_size: int) -> list[int]:
             ring_attention(q, k, v, mask=spec, info=info, layout=layout)
         counts.append(ring_stats().agreements)
     return counts
+
+
+def random_problem(seed: int, world_size: int):
+    """Seeded random metadata (documents, an image block, padding, per row), mask and tensors over
+    S = 24 x P: (spec, info, q, k, v, grad), float64."""
+    g = torch.Generator().manual_seed(seed)
+    batch, s = 2, 24 * world_size
+    docs = torch.zeros(batch, s, dtype=torch.long)
+    blocks = torch.full((batch, s), -1, dtype=torch.long)
+    padding = torch.zeros(batch, s, dtype=torch.bool)
+    for b in range(batch):
+        cuts = sorted(torch.randint(1, s, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist())
+        for c in cuts:
+            docs[b, c:] += 1
+        start, length = (int(x) for x in torch.randint(0, s, (2,), generator=g))
+        blocks[b, start:start + length // 3] = 0
+        padding[b, s - int(torch.randint(0, s // 4, (), generator=g)):] = True
+    causal = bool(torch.randint(0, 4, (), generator=g) > 0)
+    window = [None, 3, 9, 30][int(torch.randint(0, 4, (), generator=g))]
+    spec = MaskSpec(causal=causal, sliding_window=window, block_bidirectional=bool(torch.randint(0, 2, (), generator=g)))
+    info = SequenceInfo(docs, blocks, padding)
+    q = torch.randn(batch, 4, s, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, 2, s, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    grad = torch.randn(batch, 4, s, 8, generator=g, dtype=torch.float64)
+    return spec, info, q, k, v, grad
+
+
+def run_random_balanced(rank: int, world_size: int, seeds: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's (out, dq, dk, dv) of each seeded random problem under its balanced layout."""
+    results = []
+    for seed in seeds:
+        spec, info, q, k, v, grad = random_problem(seed, world_size)
+        layout = Layout.balanced(info, world_size)
+        local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+        out = ring_attention(*local, mask=spec, info=info, layout=layout)
+        out.backward(layout.shard(grad, 2, rank))
+        results.append((out.detach(), *(t.grad for t in local)))
+    return results

@@ -12,13 +12,14 @@ def test_demo_passes_and_reports(capsys):
     # backend "eager": dynamo's fullgraph capture without AOT compilation, to keep the suite fast.
     assert demo.main(["--world-size", "2", "--seq-len", "64", "--backend", "eager"]) == 0
     report = capsys.readouterr().out
-    for expected in ("2 ranks (gloo, cpu), zigzag layout", "1 frame for 2 steps", "MB sent", "ring steps",
+    for expected in ("2 ranks (gloo, cpu), balanced layout", "1 frame for 2 steps", "MB sent", "ring steps",
                      "parity:", "OK"):
         assert expected in report, report
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seq-len", "66"], "multiple of 4"),
+    (["--seq-len", "66", "--layout", "zigzag"], "multiple of 4"),
+    (["--world-size", "4", "--seq-len", "66"], "multiple of 4"),
     (["--world-size", "3", "--seq-len", "64", "--layout", "contiguous"], "multiple of 3"),
     (["--seq-len", "16"], "at least 32"),
     (["--world-size", "0"], "positive"),

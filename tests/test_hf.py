@@ -1,7 +1,7 @@
 """transformers integration: Gemma 4 under CP with ``attn_implementation="gemma4_flexring"``.
 
 Every case runs a tiny random float64 Gemma 4 (sliding and global layers) on 2 and 3 gloo ranks
-in both layouts, and compares with one transformers run on the whole sequence (sdpa,
+in every layout (zigzag, contiguous, and balanced from each batch), and compares with one transformers run on the whole sequence (sdpa,
 use_cache=False): logits, the loss (per-rank losses summed) and every parameter gradient
 (per-rank gradients summed).
 """
@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface, Gemma4ForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from gemma4_flexring import Layout, MaskSpec, hf
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, hf
 from gemma4_flexring.demo import relative_error
 from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp, shard_kwargs,
                       text_config)
@@ -43,13 +43,14 @@ def cp_results(cluster):
     return get
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "balanced"])
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_one_process(references, cp_results, name, world_size, layout):
     want = references[name]
     ranks = [r[list(CASES).index(name)] for r in cp_results(world_size, layout)]
-    logits = Layout(layout, world_size).unshard([r.logits for r in ranks], dim=1)
+    assert all(r.layout == ranks[0].layout for r in ranks)  # every rank built the same layout
+    logits = ranks[0].layout.unshard([r.logits for r in ranks], dim=1)
     assert (logits - want.logits).abs().max().item() <= LOGITS_TOLERANCE
     loss = sum(r.loss for r in ranks)
     assert abs(loss.item() - want.loss.item()) <= LOSS_RTOL * want.loss.item()
@@ -59,12 +60,15 @@ def test_matches_one_process(references, cp_results, name, world_size, layout):
     assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.1e}"
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "balanced"])
 def test_shard_inputs_on_ranks(cluster, layout):
     """Local tokens in layout order, global positions, labels shifted before sharding."""
     batch = make_batch(packed=True, padded=True, images=True)
-    sharding = Layout(layout, 3)
     parts = cluster(3).run(shard_kwargs, layout)
+    sharding = parts[0]["layout"]
+    if layout == "balanced":
+        info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
+        assert sharding == Layout.balanced(info, 3) and sharding != Layout("zigzag", 3)
     for rank, kwargs in enumerate(parts):
         assert torch.equal(kwargs["position_ids"], sharding.shard(batch.position_ids, 1, rank))
         assert kwargs["input_ids"].is_contiguous() and kwargs["shift_labels"].is_contiguous()
@@ -201,3 +205,20 @@ def test_shard_token_features_gives_each_rank_its_rows_in_local_order():
     assert hf.shard_token_features(features, mask, zigzag, 1).flatten().tolist() == [1.0]
     with pytest.raises(ValueError, match="N=3"):
         hf.shard_token_features(torch.zeros(4, 1), mask, zigzag, 0)
+
+
+def test_balanced_context_is_a_pytree_with_its_permutation_as_a_leaf():
+    """shard_inputs(layout="balanced") builds the layout from the batch; the context flattens to
+    tensors (the layout's permutation among them) and a JSON-serializable spec, and comes back equal."""
+    import torch.utils._pytree as pytree
+
+    batch = make_batch(packed=True, padded=True, images=True)
+    kwargs = hf.shard_inputs(**batch.model_kwargs(), layout="balanced", rank=0)
+    context = kwargs[hf.CONTEXT_KWARG]
+    info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
+    assert context.layout == Layout.balanced(info, 1)
+    leaves, spec = pytree.tree_flatten(context)
+    assert any(leaf is context.layout.permutation for leaf in leaves)
+    back = pytree.tree_unflatten(leaves, pytree.treespec_loads(pytree.treespec_dumps(spec)))
+    assert back.layout == context.layout and back.layout.kind == "balanced"
+    assert torch.equal(context.layout.unshard([kwargs["input_ids"]], dim=1), batch.input_ids)

@@ -1,14 +1,16 @@
 """Ring attention against the dense float64 reference: forward and all three gradients,
-world sizes 1-4, both layouts, every mask feature alone and combined, GQA, float32/float64 (and bfloat16)."""
+world sizes 1-4, every layout (contiguous, zigzag, balanced), every mask feature alone and combined,
+GQA, float32/float64 (and bfloat16)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gemma4_flexring import Layout
 from gemma4_flexring.reference import reference_attention
-from ring_cases import INFOS, SPECS, Case, make_info, make_tensors, mesh_matches_default_group, run_cases
+from ring_cases import (INFOS, SPECS, Case, make_info, make_layout, make_tensors, mesh_matches_default_group,
+                        random_problem, run_cases, run_random_balanced)
+from gemma4_flexring import Layout
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -44,16 +46,16 @@ def references():
     return [reference(c) for c in ALL_CASES]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "balanced"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_matches_dense_reference(cluster, references, world_size, layout):
     if world_size == 1:
         results = [run_cases(0, 1, ALL_CASES, layout)]
     else:
         results = cluster(world_size).run(run_cases, ALL_CASES, layout)
-    sharding = Layout(layout, world_size)
     failures = []
     for index, (case, expected) in enumerate(zip(ALL_CASES, references)):
+        sharding = make_layout(layout, world_size, case)
         for name, part, want in zip(("out", "dq", "dk", "dv"), range(4), expected):
             got = sharding.unshard([results[r][index][part] for r in range(world_size)], dim=2)
             assert got.dtype == case.dtype
@@ -75,3 +77,23 @@ def test_reference_rows_without_keys_are_zero():
 
 def test_group_may_be_a_device_mesh(cluster):
     assert cluster(2).run(mesh_matches_default_group) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_balanced_layouts_of_random_batches(cluster, world_size):
+    """Random documents, image blocks, padding, windows and causality per seed; each batch's own
+    balanced layout (many segments); forward and gradients against the float64 reference."""
+    seeds = list(range(100 * world_size, 100 * world_size + 6))
+    if world_size == 1:
+        results = [run_random_balanced(0, 1, seeds)]
+    else:
+        results = cluster(world_size).run(run_random_balanced, seeds)
+    for index, seed in enumerate(seeds):
+        spec, info, q, k, v, grad = random_problem(seed, world_size)
+        layout = Layout.balanced(info, world_size)
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+        out = reference_attention(q, k, v, spec, info, None)
+        expected = [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+        for name, part, want in zip(("out", "dq", "dk", "dv"), range(4), expected):
+            got = layout.unshard([results[r][index][part] for r in range(world_size)], dim=2)
+            assert (got - want).abs().max().item() <= 1e-12, (seed, spec, name)
