@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import generations, schedule
 from .cache import MASK_CACHE
+from .exchange import Exchange, build_exchange
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec
@@ -86,8 +87,27 @@ def _plans(args: RingArgs, meta: Metadata, comm: RingComm) -> list[schedule.Pair
     return [plan(owner) for owner in range(comm.world_size)]
 
 
-def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairPlan], ChunkKernel]:
-    """Communicator, plans (one per K/V owner) and kernel for one call.
+def _exchange(args: RingArgs, meta: Metadata, comm: RingComm, plans: list[schedule.PairPlan]) -> Exchange:
+    """This rank's exchange schedule (``exchange.py``), from the cache under ``meta``'s digest: what
+    it receives from its plans, what it sends from every query rank's needs against its chunk."""
+    spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
+    layout = Layout(args.layout_kind, comm.world_size)
+    q = args.q
+    seq_len = q.shape[2] * comm.world_size
+    batch = q.shape[0] if meta.any else 1
+    metadata = meta.effective(*args.info)
+
+    def build() -> Exchange:
+        send_rows = [() if reader == comm.rank else schedule.needed_kv_rows(
+            spec, *metadata, layout, seq_len, reader, comm.rank, batch, q.device) for reader in range(comm.world_size)]
+        return build_exchange(comm.rank, comm.world_size, plans, send_rows)
+
+    key = ("exchange", spec, layout, seq_len, comm.rank, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
+    return MASK_CACHE.plan(meta, key, build)
+
+
+def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairPlan], ChunkKernel, Exchange]:
+    """Communicator, plans (one per K/V owner), kernel and exchange schedule for one call.
 
     With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
     that any failure, planning included, raises on every rank before the first exchange.
@@ -96,21 +116,24 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     kernel = kernel_for(args.q.device)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
-        return comm, _plans(args, meta, comm), kernel
+        plans = _plans(args, meta, comm)
+        return comm, plans, kernel, _exchange(args, meta, comm, plans)
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout_kind,
                               comm.world_size, args.scale)
     plans: list[schedule.PairPlan] = []
+    exchange = None
     meta = None
     if not problems:
         try:
             meta = MASK_CACHE.metadata(int(args.generation), args.info)
             plans = _plans(args, meta, comm)
+            exchange = _exchange(args, meta, comm, plans)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
     check_inputs(problems, comm.group, lambda: signature(
         args.q, args.k, meta, args.causal, args.sliding_window, args.block_bidirectional, args.layout_kind,
         args.resolved_scale, bool(problems)))
-    return comm, plans, kernel
+    return comm, plans, kernel, exchange
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
@@ -124,8 +147,8 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout_kind, group_name, scale)
-    comm, plans, kernel = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale)
+    comm, plans, kernel, exchange = _prepare(args, check=True)
+    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, exchange)
 
 
 @ring_attention_op.register_fake
@@ -145,8 +168,8 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
                     block_bidirectional, layout_kind, group_name, scale)
-    comm, plans, kernel = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale)
+    comm, plans, kernel, exchange = _prepare(args, check=False)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, exchange)
 
 
 @ring_attention_backward_op.register_fake
