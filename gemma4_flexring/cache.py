@@ -18,12 +18,14 @@ served for metadata with the same digest.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Callable, Hashable, NamedTuple, TypeVar
 
 from torch import Tensor
 
 from .metadata import Metadata, describe, stamp
+from .stats import record_planning
 
 T = TypeVar("T")
 
@@ -77,7 +79,9 @@ class PlanCache:
         if known is not None and now is not None and known[0] == now:
             self._metadata.move_to_end(generation)
             return known[1]
+        start = time.perf_counter()
         meta = describe(*tensors)
+        record_planning(time.perf_counter() - start)
         self._described += 1
         self._metadata[generation] = (now, meta)
         self._metadata.move_to_end(generation)
@@ -92,7 +96,9 @@ class PlanCache:
             if key in plans:
                 self._hits += 1
                 return plans[key]  # type: ignore[return-value]
+        start = time.perf_counter()
         value = build()  # raises before anything is stored: no half-built entry
+        record_planning(time.perf_counter() - start)
         self._builds += 1
         self._plans.setdefault(meta.digest, {})[key] = value
         self._plans.move_to_end(meta.digest)

@@ -22,6 +22,8 @@ class RingStats:
         steps: ring steps run, one per (call, step), forward and backward.
         steps_skipped: steps whose pair plan had no tile: the owner's chunk holds no key any
             local query may see, so no kernel ran and no row of it was received.
+        planning_s: seconds spent planning: describing metadata and building plans and
+            exchange schedules (cache misses only).
         wait_forward_s, wait_backward_s: seconds spent waiting for exchanges to complete (time
             the exchange was not hidden behind computation), in forward and backward calls.
     """
@@ -29,6 +31,7 @@ class RingStats:
     bytes_sent: int = 0
     steps: int = 0
     steps_skipped: int = 0
+    planning_s: float = 0.0
     wait_forward_s: float = 0.0
     wait_backward_s: float = 0.0
 
@@ -53,6 +56,11 @@ def record_wait(seconds: float, backward: bool) -> None:
         _STATS.wait_backward_s += seconds
     else:
         _STATS.wait_forward_s += seconds
+
+
+def record_planning(seconds: float) -> None:
+    """Count ``seconds`` spent planning."""
+    _STATS.planning_s += seconds
 
 
 def ring_stats() -> RingStats:
