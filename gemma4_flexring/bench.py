@@ -13,8 +13,8 @@ part of the step. Per figure:
 - sent/bound: bytes sent per rank per layer (mean over ranks) against the lower bound, 3x the K/V
   rows of other ranks that some local query may see (K/V forward, K/V backward, dK/dV home);
 - wait fwd/bwd: share of forward and backward time spent waiting on exchanges;
-- mem: the largest peak resident-memory growth of a rank during forward or backward, minus what
-  the call returns (out and lse; dq, dk and dv), against the whole sequence's K+V bytes. Measured
+- mem f/b: the largest peak resident-memory growth of a rank during forward and backward, minus
+  what the call returns (out and lse; dq, dk and dv), against the whole sequence's K+V bytes. Measured
   from the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) with
   ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the resident set;
 - pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too;
@@ -214,10 +214,11 @@ def run_rank(rank: int, args, port: int, results) -> None:
         with PeakRss() as mem_f:
             out = ring_attention(q0, k0, v0, mask=layers[0][1], info=make_info(name, args.batch, args.seq_len,
                                                                                 args.documents), layout=layout)
+        grad = torch.ones_like(out)
         with PeakRss() as mem_b:
-            out.backward(torch.ones_like(out))
-        workspace = max(mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4,
-                        mem_b.growth - nbytes(q0, k0, v0))
+            out.backward(grad)
+        workspace_f = mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4
+        workspace_b = mem_b.growth - nbytes(q0, k0, v0)
         del out
         log("lower bound")
         info = make_info(name, args.batch, args.seq_len, args.documents)
@@ -230,7 +231,7 @@ def run_rank(rank: int, args, port: int, results) -> None:
             base, base_mem = _baseline(rank, world, layers[0][1], info, layout, args, tensors[0], F, dist_fn,
                                        reference_mask, log)
         row = dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent, bound=bound,
-                   workspace=workspace, pairs=pairs, base=base, base_mem=base_mem)
+                   workspace_f=workspace_f, workspace_b=workspace_b, pairs=pairs, base=base, base_mem=base_mem)
         per_rank = gather(row)
         if rank == 0:
             figures.append(summarize(name, layers, per_rank, args, whole_kv))
@@ -301,8 +302,10 @@ def summarize(name, layers, per_rank, args, whole_kv) -> dict:
         "bytes_sent_max_rank_layer": max(r["sent"] for r in per_rank) / n,
         "wait_share_forward": max(r["wait_f"] / r["fwd"] for r in per_rank),
         "wait_share_backward": max(r["wait_b"] / r["bwd"] for r in per_rank),
-        "workspace_bytes": max(r["workspace"] for r in per_rank), "whole_kv_bytes": whole_kv,
-        "memory_ratio": max(r["workspace"] for r in per_rank) / whole_kv,
+        "workspace_forward_bytes": max(r["workspace_f"] for r in per_rank),
+        "workspace_backward_bytes": max(r["workspace_b"] for r in per_rank), "whole_kv_bytes": whole_kv,
+        "memory_ratio_forward": max(r["workspace_f"] for r in per_rank) / whole_kv,
+        "memory_ratio_backward": max(r["workspace_b"] for r in per_rank) / whole_kv,
         "allowed_pairs": pairs,
         "pairs_per_s": pairs * args.heads / slowest,
         "seconds_per_pair": slowest / pairs if pairs else None,
@@ -320,7 +323,7 @@ def summarize(name, layers, per_rank, args, whole_kv) -> dict:
 def table(figures: list[dict]) -> str:
     causal = next((f for f in figures if f["figure"] == "causal"), None)
     head = (f"{'figure':<14}{'step ms':>9}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}{'ratio':>7}"
-            f"{'wait f/b %':>12}{'mem/KV':>8}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}  baseline")
+            f"{'wait f/b %':>12}{'mem/KV f/b':>12}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}  baseline")
     lines = [head]
     for f in figures:
         cost = f"{f['seconds_per_pair'] / causal['seconds_per_pair']:.2f}" if causal and f["seconds_per_pair"] else "-"
@@ -330,7 +333,7 @@ def table(figures: list[dict]) -> str:
             f"{f['figure']:<14}{f['step_s'] * 1e3:>9.1f}{f['planning_s'] * 1e3:>9.1f}{f['planning_share'] * 100:>6.1f}%"
             f"{f['bytes_sent_per_rank_layer'] / 1e6:>9.2f}{f['bytes_lower_bound_per_rank_layer'] / 1e6:>9.2f}"
             f"{f['bytes_ratio']:>7.2f}{f['wait_share_forward'] * 100:>6.0f}/{f['wait_share_backward'] * 100:<5.0f}"
-            f"{f['memory_ratio']:>8.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}{f['balance']:>8.2f}  {base}")
+            f"{f['memory_ratio_forward']:>7.2f}/{f['memory_ratio_backward']:<4.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}{f['balance']:>8.2f}  {base}")
     return "\n".join(lines)
 
 

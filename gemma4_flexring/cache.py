@@ -62,6 +62,7 @@ class PlanCache:
     def clear(self) -> None:
         self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
+        self._schedules: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
@@ -105,9 +106,19 @@ class PlanCache:
         self._trim()
         return value
 
+    def schedule(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
+        """A value derived from ``meta``'s plans (an exchange schedule) under (digest, ``key``), built
+        on first request and dropped with the digest's plans; not counted in ``info()``."""
+        schedules = self._schedules.setdefault(meta.digest, {})
+        if key not in schedules:
+            start = time.perf_counter()
+            schedules[key] = build()
+            record_planning(time.perf_counter() - start)
+        return schedules[key]  # type: ignore[return-value]
+
     def _trim(self) -> None:
         while len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
+            self._schedules.pop(self._plans.popitem(last=False)[0], None)
         while len(self._metadata) > 4 * self.capacity:
             self._metadata.popitem(last=False)
 

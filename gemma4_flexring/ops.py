@@ -103,7 +103,7 @@ def _exchange(args: RingArgs, meta: Metadata, comm: RingComm, plans: list[schedu
         return build_exchange(comm.rank, comm.world_size, plans, send_rows)
 
     key = ("exchange", spec, layout, seq_len, comm.rank, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-    return MASK_CACHE.plan(meta, key, build)
+    return MASK_CACHE.schedule(meta, key, build)
 
 
 def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairPlan], ChunkKernel, Exchange]:
