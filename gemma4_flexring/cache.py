@@ -22,6 +22,7 @@ served for metadata with the same digest.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Callable, Hashable, NamedTuple, TypeVar
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from .layout import Layout
 from .metadata import Metadata, content_digest, describe, stamp
+from .stats import record_planning
 
 T = TypeVar("T")
 
@@ -66,6 +68,7 @@ class PlanCache:
         self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
         self._layouts: OrderedDict[bytes, Layout] = OrderedDict()
+        self._schedules: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
@@ -83,7 +86,9 @@ class PlanCache:
         if known is not None and now is not None and known[0] == now:
             self._metadata.move_to_end(generation)
             return known[1]
+        start = time.perf_counter()
         meta = describe(*tensors)
+        record_planning(time.perf_counter() - start)
         self._described += 1
         self._metadata[generation] = (now, meta)
         self._metadata.move_to_end(generation)
@@ -115,16 +120,28 @@ class PlanCache:
             if key in plans:
                 self._hits += 1
                 return plans[key]  # type: ignore[return-value]
+        start = time.perf_counter()
         value = build()  # raises before anything is stored: no half-built entry
+        record_planning(time.perf_counter() - start)
         self._builds += 1
         self._plans.setdefault(meta.digest, {})[key] = value
         self._plans.move_to_end(meta.digest)
         self._trim()
         return value
 
+    def schedule(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
+        """A value derived from ``meta``'s plans (an exchange schedule) under (digest, ``key``), built
+        on first request and dropped with the digest's plans; not counted in ``info()``."""
+        schedules = self._schedules.setdefault(meta.digest, {})
+        if key not in schedules:
+            start = time.perf_counter()
+            schedules[key] = build()
+            record_planning(time.perf_counter() - start)
+        return schedules[key]  # type: ignore[return-value]
+
     def _trim(self) -> None:
         while len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
+            self._schedules.pop(self._plans.popitem(last=False)[0], None)
         while len(self._metadata) > 4 * self.capacity:
             self._metadata.popitem(last=False)
         while len(self._layouts) > 4 * self.capacity:

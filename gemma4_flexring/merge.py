@@ -42,5 +42,5 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     zero = acc_lse.new_zeros(())
     old_weight = torch.where(alive, torch.exp(acc_lse - new_lse), zero).to(acc_out.dtype)
     new_weight = torch.where(alive, torch.exp(lse - new_lse), zero).to(acc_out.dtype)
-    acc_out.mul_(old_weight.unsqueeze(-1)).add_(out * new_weight.unsqueeze(-1))
+    acc_out.mul_(old_weight.unsqueeze(-1)).addcmul_(out, new_weight.unsqueeze(-1))  # no tile-sized temporary
     acc_lse.copy_(new_lse)

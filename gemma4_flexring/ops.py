@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import generations, schedule
 from .cache import MASK_CACHE
+from .exchange import Exchange, build_exchange
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec
@@ -97,7 +98,27 @@ class Prepared(NamedTuple):
     comm: RingComm
     plans: list[schedule.PairPlan]  # one per K/V owner
     kernel: ChunkKernel
+    exchange: Exchange | None  # what this rank sends and receives at each step
     key_padding: Tensor | None  # [B, L] bool: this rank's padding keys, None when there are none
+
+
+def _exchange(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout, comm: RingComm,
+              plans: list[schedule.PairPlan]) -> Exchange:
+    """This rank's exchange schedule (``exchange.py``), from the cache under ``meta``'s digest: what
+    it receives from its plans, what it sends from every query rank's needs against its chunk."""
+    spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
+    q = args.q
+    seq_len = q.shape[2] * comm.world_size
+    batch = q.shape[0] if meta.any else 1
+    metadata = meta.effective(*args.info)
+
+    def build() -> Exchange:
+        send_rows = [() if reader == comm.rank else schedule.needed_kv_rows(
+            spec, *metadata, layout, seq_len, reader, comm.rank, batch, q.device) for reader in range(comm.world_size)]
+        return build_exchange(comm.rank, comm.world_size, plans, send_rows)
+
+    key = ("exchange", spec, layout_digest, seq_len, comm.rank, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
+    return MASK_CACHE.schedule(meta, key, build)
 
 
 def _key_padding(args: RingArgs, meta: Metadata, layout: Layout, comm: RingComm) -> Tensor | None:
@@ -105,7 +126,7 @@ def _key_padding(args: RingArgs, meta: Metadata, layout: Layout, comm: RingComm)
 
 
 def _prepare(args: RingArgs, check: bool) -> Prepared:
-    """Communicator, plans, kernel and key padding for one call.
+    """Communicator, plans, kernel, exchange schedule and key padding for one call.
 
     With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
     that any failure, planning included, raises on every rank before the first exchange.
@@ -115,12 +136,13 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
         layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
-        return Prepared(comm, _plans(args, meta, layout_digest, layout, comm), kernel,
+        plans = _plans(args, meta, layout_digest, layout, comm)
+        return Prepared(comm, plans, kernel, _exchange(args, meta, layout_digest, layout, comm, plans),
                         _key_padding(args, meta, layout, comm))
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
                               comm.world_size, args.scale)
     plans: list[schedule.PairPlan] = []
-    meta = layout = key_padding = None
+    meta = layout = exchange = key_padding = None
     if not problems:
         try:
             layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
@@ -130,6 +152,7 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
         try:
             meta = MASK_CACHE.metadata(int(args.generation), args.info)
             plans = _plans(args, meta, layout_digest, layout, comm)
+            exchange = _exchange(args, meta, layout_digest, layout, comm, plans)
             key_padding = _key_padding(args, meta, layout, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
@@ -137,7 +160,7 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
                                            args.block_bidirectional, layout_digest, args.resolved_scale)
     key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
     check_inputs_once(key, problems, comm.group, lambda: mine)
-    return Prepared(comm, plans, kernel, key_padding)
+    return Prepared(comm, plans, kernel, exchange, key_padding)
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
@@ -153,8 +176,8 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
                     block_bidirectional, group_name, scale)
-    comm, plans, kernel, key_padding = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, key_padding)
+    comm, plans, kernel, exchange, key_padding = _prepare(args, check=True)
+    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, exchange, key_padding)
 
 
 @ring_attention_op.register_fake
@@ -174,8 +197,9 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
                     block_bidirectional, group_name, scale)
-    comm, plans, kernel, key_padding = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, key_padding)
+    comm, plans, kernel, exchange, key_padding = _prepare(args, check=False)
+    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, exchange,
+                         key_padding)
 
 
 @ring_attention_backward_op.register_fake

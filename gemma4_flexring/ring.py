@@ -1,49 +1,54 @@
-"""The ring: key/value chunks travel rank to rank by point-to-point exchanges.
+"""The ring: each rank attends its queries to every owner's K/V rows, received directly.
 
-Forward: at step s rank r attends its queries to the chunk of rank (r - s) mod P while the
-chunk travels on to r + 1; partial results merge through their LSE. Backward: the chunks
-travel the same way, each with its dK/dV accumulator, which arrives home after P steps.
-Memory per rank is O(S / P): two chunk buffers and the accumulators, never the whole K/V.
+Forward: at step s rank r attends to the rows of owner (r - s) mod P that its tiles read,
+sent straight from the owner (``exchange.py``), and partial results merge through their LSE in
+place. Step s + 1's exchange is posted before step s computes. Backward: the same rows travel
+again, and the dK/dV of the rows a rank received go back to their owner, who accumulates them;
+the dK/dV of step s travel while step s + 1 computes. Each step's sends and receives (K/V of the
+next step, dK/dV of the previous one) go out in one ``batch_isend_irecv``; a step with nothing
+to send or receive posts nothing.
+
+Memory per rank: two preallocated receive buffers as large as the most rows received in one
+step (and in the backward one dK/dV receive buffer and the dK/dV of two steps), never the whole
+K/V.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import time
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .exchange import Exchange, Step, row_count, whole_chunks
 from .kernels import ChunkKernel
 from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
-from .schedule import PairPlan, Tile, ring_owner
-from .stats import record_send, record_step
+from .schedule import PairPlan, Rows
+from .stats import record_send, record_step, record_wait
 
 Plans = Sequence[PairPlan]  # indexed by the K/V owner rank
 
 
 class RingComm:
-    """Sends to rank + 1 and receives from rank - 1 of ``group`` (None: a world of one)."""
+    """Point-to-point exchanges within ``group`` (None: a world of one), by group rank."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
         self.rank = 0 if group is None else group.rank()
         self.world_size = 1 if group is None else group.size()
-        if group is not None:
-            self._next = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
-            self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
+        self._global = [r if group is None else dist.get_global_rank(group, r) for r in range(self.world_size)]
 
-    def start(self, send: Tensor, recv: Tensor) -> list:
-        """Begin sending ``send`` to the next rank and receiving into ``recv`` from the previous."""
-        ops = [dist.P2POp(dist.isend, send, self._next, self.group),
-               dist.P2POp(dist.irecv, recv, self._prev, self.group)]
-        record_send(send.numel() * send.element_size())
+    def start(self, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]]) -> list:
+        """Post every (peer, tensor) send and receive in one ``batch_isend_irecv``; nothing when
+        there is nothing to exchange. Messages between two ranks match in posting order."""
+        ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, t in recvs]
+        if not ops:
+            return []
+        record_send(sum(t.numel() * t.element_size() for _, t in sends))
         return dist.batch_isend_irecv(ops)
-
-    def swap(self, send: Tensor, recv: Tensor) -> None:
-        """Blocking ``start``: ``recv`` holds the previous rank's ``send`` on return."""
-        for work in self.start(send, recv):
-            work.wait()
 
 
 def unit_last_stride(t: Tensor) -> Tensor:
@@ -52,98 +57,225 @@ def unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _wait(works: list) -> None:
-    for work in works:
+def pack_rows(t: Tensor, rows: Rows) -> Tensor:
+    """Rows ``rows`` of ``t`` [B, H, L, D] as one contiguous [B, H, n, D] tensor (``t`` itself
+    when that is all of a contiguous ``t``)."""
+    if rows == ((0, t.shape[2]),) and t.is_contiguous():
+        return t
+    parts = [t[:, :, a:b] for a, b in rows]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def add_rows_(acc: Tensor, rows: Rows, packed: Tensor) -> None:
+    """``acc[:, :, rows] += packed``, where ``packed`` [B, H, n, D] holds ``rows`` one after another."""
+    at = 0
+    for a, b in rows:
+        acc[:, :, a:b] += packed[:, :, at:at + b - a]
+        at += b - a
+
+
+class _Buffers:
+    """Preallocated flat storage, viewed as [B, H, n, D] tensors of any n up to its size."""
+
+    def __init__(self, like: Tensor, rows: int, count: int, dtype: torch.dtype) -> None:
+        b, h, _, d = like.shape
+        self._shape = (b, h, d)
+        self._flat = [like.new_empty(b * h * rows * d, dtype=dtype) for _ in range(count)] if rows else []
+
+    def view(self, index: int, rows: int) -> Tensor:
+        b, h, d = self._shape
+        return self._flat[index][: b * h * rows * d].view(b, h, rows, d)
+
+
+class _Posted(NamedTuple):
+    works: list
+    k: Tensor | None  # the K/V rows being received (None: none)
+    v: Tensor | None
+    keep: tuple  # tensors being sent: alive until the exchange completes
+
+
+def _wait(posted: _Posted, backward: bool) -> None:
+    start = time.perf_counter()
+    for work in posted.works:
         work.wait()
+    record_wait(time.perf_counter() - start, backward)
 
 
-def _ring_steps(kv: Tensor, plans: Plans, comm: RingComm) -> Iterator[tuple[tuple[Tile, ...], Tensor]]:
-    """Yield (tiles, visiting chunk) per ring step; the next chunk is already on its way meanwhile.
+class _KVExchange:
+    """The K/V traffic of one pass: two receive buffers, used alternately by steps."""
 
-    ``kv`` [2, B, Hkv, L, D] is this rank's K and V; the chunk at step s is rank (r - s)'s.
-    """
-    recv = torch.empty_like(kv) if comm.world_size > 1 else None
-    for step in range(comm.world_size):
-        works = comm.start(kv, recv) if step < comm.world_size - 1 else []
-        tiles = plans[ring_owner(comm.rank, step, comm.world_size)].tiles
-        record_step(len(tiles))
-        yield tiles, kv
-        if works:
-            _wait(works)
-            kv, recv = recv, kv
+    def __init__(self, k: Tensor, v: Tensor, exchange: Exchange) -> None:
+        self.k, self.v, self.exchange = k, v, exchange
+        rows = exchange.max_recv_rows()
+        self._kbuf, self._vbuf = (_Buffers(t, rows, 2, t.dtype) for t in (k, v))
+
+    def ops(self, step: int):
+        """(sends, receives, received k, received v) of ``step``'s K/V; nothing past the last step."""
+        if step >= len(self.exchange.steps):
+            return [], [], None, None
+        s = self.exchange.steps[step]
+        sends, recvs, k_in, v_in = [], [], None, None
+        if s.send_rows:
+            sends = [(s.send_to, pack_rows(self.k, s.send_rows)), (s.send_to, pack_rows(self.v, s.send_rows))]
+        if s.recv_rows:
+            n = row_count(s.recv_rows)
+            k_in, v_in = self._kbuf.view(step % 2, n), self._vbuf.view(step % 2, n)
+            recvs = [(s.recv_from, k_in), (s.recv_from, v_in)]
+        return sends, recvs, k_in, v_in
 
 
-def _local_kv(k: Tensor, v: Tensor, key_padding: Tensor | None) -> Tensor:
-    """[2, B, Hkv, L, D]: this rank's K and V, zero at padding keys.
+def without_padding(k: Tensor, v: Tensor, key_padding: Tensor | None) -> tuple[Tensor, Tensor]:
+    """This rank's K and V [B, Hkv, L, D], zero at its padding keys ``key_padding`` [B, L].
 
     Every tile masks padding keys, but a masked entry does not stop a NaN or Inf: the additive
     mask gives NaN + (-inf) = NaN in the scores, and 0 * NaN = NaN in P @ V. Zeroed before the
     exchange, padding keys hold finite values on every rank, whatever the caller's K and V hold.
     """
-    kv = torch.stack((k, v))
-    if key_padding is not None:
-        kv = kv.masked_fill(key_padding.view(1, key_padding.shape[0], 1, -1, 1), 0)
-    return kv
+    if key_padding is None:
+        return k, v
+    keys = key_padding.view(key_padding.shape[0], 1, -1, 1)
+    return k.masked_fill(keys, 0), v.masked_fill(keys, 0)
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm,
-                 kernel: ChunkKernel, scale: float,
+def _exchange_for(exchange: Exchange | None, plans: Plans, comm: RingComm, chunk_len: int) -> Exchange:
+    return whole_chunks(comm.rank, comm.world_size, plans, chunk_len) if exchange is None else exchange
+
+
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, kernel: ChunkKernel,
+                 scale: float, exchange: Exchange | None = None,
                  key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
     Args:
-        key_padding: this rank's padding keys [B, L] (bool, see ``local_key_padding``); their K
-            and V never reach any output, whatever values (NaN, Inf) they hold.
+        exchange: this rank's exchange schedule (``exchange.py``); None sends whole chunks.
+        key_padding: this rank's padding keys [B, L] (bool); their K and V never reach any
+            output, whatever values (NaN, Inf) they hold.
 
     Returns:
         out [B, Hq, L, D] in q's dtype (contiguous) and lse [B, Hq, L] in float64 (``LSE_DTYPE``).
     """
-    q = unit_last_stride(q)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    k, v = without_padding(k, v, key_padding)
+    exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
-    for tiles, kv in _ring_steps(_local_kv(k, v, key_padding), plans, comm):
-        for tile in tiles:
+    kv = _KVExchange(k, v, exchange)
+    posted = None
+    for step, plan in enumerate(exchange.steps):
+        if step == 0:
+            k_step, v_step = k, v
+        else:
+            _wait(posted, backward=False)
+            k_step, v_step = posted.k, posted.v
+        sends, recvs, k_in, v_in = kv.ops(step + 1)  # the next step's rows travel while this one computes
+        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
+        record_step(len(plan.tiles))
+        for tile in plan.tiles:
             rows, cols = tile.q_rows, tile.kv_rows
-            tile_out, tile_lse = kernel.forward(q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols], tile, scale)
+            tile_out, tile_lse = kernel.forward(q[:, :, rows], k_step[:, :, cols], v_step[:, :, cols], tile, scale)
             merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
+            del tile_out, tile_lse  # freed before the next tile's are made
     return out.to(q.dtype), lse
+
+
+def dkv_send_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dK/dV partial sums travel in the accumulator dtype (float32; float64 for float64 inputs).
+
+    Not in bfloat16/float16: a partial sum rounded to half precision before it is added at home
+    is one more rounding per step, and one rounding per share was measured to put dv at 2x one
+    device's error (tests/test_numerics.py); the CPU kernel returns float32 shares for that reason.
+    """
+    return out_accumulator_dtype(dtype)
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   plans: Plans, comm: RingComm, kernel: ChunkKernel, scale: float,
+                  exchange: Exchange | None = None,
                   key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
-
-    Args:
-        key_padding: as for ``ring_forward``; dk and dv are exactly zero at padding keys.
 
     Returns:
         dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
     """
-    grad_out, q, out = (unit_last_stride(t) for t in (grad_out, q, out))
+    grad_out, q, k, v, out = (unit_last_stride(t) for t in (grad_out, q, k, v, out))
+    k, v = without_padding(k, v, key_padding)
+    exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
-    # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
-    # float32 and bfloat16), as one device's backward does.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     dq = q.new_zeros(q.shape, dtype=acc)
-    dkv = q.new_zeros((2, *k.shape), dtype=acc)
-    dkv_recv = torch.empty_like(dkv) if comm.world_size > 1 else None
-    for tiles, kv in _ring_steps(_local_kv(k, v, key_padding), plans, comm):
-        for tile in tiles:
-            rows, cols = tile.q_rows, tile.kv_rows
-            tile_dq, tile_dk, tile_dv = kernel.backward(
-                grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, cols], kv[1, :, :, cols],
-                out[:, :, rows], lse[:, :, rows], tile, scale)
-            dq[:, :, rows] += tile_dq
-            dkv[0, :, :, cols] += tile_dk
-            dkv[1, :, :, cols] += tile_dv
-        if dkv_recv is not None:
-            # This chunk's gradient moves on with the chunk; after P moves it is home.
-            comm.swap(dkv, dkv_recv)
-            dkv, dkv_recv = dkv_recv, dkv
+    dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
+    send_dtype = dkv_send_dtype(k.dtype)
+    kv = _KVExchange(k, v, exchange)
+    steps = exchange.steps
+    dkv_in = _Buffers(k, exchange.max_send_rows(), 2, send_dtype)  # views 0, 1: dK, dV coming home
+    posted = _Posted([], None, None, ())
+    home: tuple[int, Tensor, Tensor] | None = None     # (step, dK, dV) of rows sent at that step, coming home
+    partial: tuple[int, Tensor, Tensor] | None = None  # (step, dK, dV) of the rows received at that step
+    # Batch ``step`` (posted before step computes, the last one after): K/V of step + 1, dK/dV of step - 1.
+    for step in range(len(steps) + 1):
+        if step > 0:
+            _wait(posted, backward=True)
+            _add_home(dk, dv, steps, home)
+        k_step, v_step = (k, v) if step == 0 else (posted.k, posted.v)
+        sends, recvs, k_in, v_in = kv.ops(step + 1)
+        if partial is not None:
+            sends += [(steps[partial[0]].recv_from, partial[1]), (steps[partial[0]].recv_from, partial[2])]
+        home = None
+        if step >= 2 and steps[step - 1].send_rows:
+            n = row_count(steps[step - 1].send_rows)
+            home = (step - 1, dkv_in.view(0, n), dkv_in.view(1, n))
+            recvs += [(steps[step - 1].send_to, home[1]), (steps[step - 1].send_to, home[2])]
+        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
+        partial = None
+        if step == len(steps):
+            break
+        tiles = steps[step].tiles
+        record_step(len(tiles))
+        if step == 0:
+            for tile in tiles:
+                tile_dk, tile_dv = _backward_tile(tile, grad_out, q, k_step, v_step, out, lse, kernel, scale, dq)
+                dk[:, :, tile.kv_rows] += tile_dk
+                dv[:, :, tile.kv_rows] += tile_dv
+        elif steps[step].recv_rows:
+            partial = (step, *_received_grads(tiles, row_count(steps[step].recv_rows), grad_out, q, k_step, v_step,
+                                              out, lse, kernel, scale, dq, send_dtype))
+    _wait(posted, backward=True)
+    _add_home(dk, dv, steps, home)
     if key_padding is not None:
         # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
-        dkv = dkv.masked_fill(key_padding.view(1, key_padding.shape[0], 1, -1, 1), 0)
-    # dk and dv are views of one buffer: copy them apart, an op's outputs must not alias.
-    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+        dk, dv = without_padding(dk, dv, key_padding)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward_tile(tile, grad_out, q, k, v, out, lse, kernel, scale, dq) -> tuple[Tensor, Tensor]:
+    """One tile's dK/dV; its dQ is added into ``dq``."""
+    rows, cols = tile.q_rows, tile.kv_rows
+    tile_dq, tile_dk, tile_dv = kernel.backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                                out[:, :, rows], lse[:, :, rows], tile, scale)
+    dq[:, :, rows] += tile_dq
+    return tile_dk, tile_dv
+
+
+def _received_grads(tiles, n, grad_out, q, k, v, out, lse, kernel, scale, dq,
+                    send_dtype) -> tuple[Tensor, Tensor]:
+    """dK/dV [B, Hkv, n, D] in ``send_dtype`` of the n received rows, from this step's tiles: the
+    kernel's own outputs when one tile reads every row, else their float32/64 sum."""
+    if len(tiles) == 1 and tiles[0].kv_rows == slice(0, n):
+        tile_dk, tile_dv = _backward_tile(tiles[0], grad_out, q, k, v, out, lse, kernel, scale, dq)
+        return tile_dk.to(send_dtype).contiguous(), tile_dv.to(send_dtype).contiguous()
+    acc = out_accumulator_dtype(k.dtype)
+    sum_dk, sum_dv = (k.new_zeros((*k.shape[:2], n, k.shape[3]), dtype=acc) for _ in range(2))
+    for tile in tiles:
+        tile_dk, tile_dv = _backward_tile(tile, grad_out, q, k, v, out, lse, kernel, scale, dq)
+        sum_dk[:, :, tile.kv_rows] += tile_dk
+        sum_dv[:, :, tile.kv_rows] += tile_dv
+        del tile_dk, tile_dv
+    return sum_dk.to(send_dtype), sum_dv.to(send_dtype)
+
+
+def _add_home(dk: Tensor, dv: Tensor, steps: Sequence[Step], home) -> None:
+    """Add the dK/dV that came home for the rows sent at step ``home[0]``."""
+    if home is not None:
+        add_rows_(dk, steps[home[0]].send_rows, home[1])
+        add_rows_(dv, steps[home[0]].send_rows, home[2])

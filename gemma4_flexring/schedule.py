@@ -59,11 +59,20 @@ class Tile(NamedTuple):
     dead_rows: Tensor | None = None
 
 
+Rows = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of a rank's local rows
+
+
 class PairPlan(NamedTuple):
-    """The tiles of one (query rank, key rank) pair and the block masks they came from."""
+    """The tiles of one (query rank, key rank) pair and the block masks they came from.
+
+    ``kv_rows``: the key rank's local rows that some tile reads (the union of the tiles'
+    ``kv_rows``), which is what the exchange sends; ``needed_kv_rows`` derives the same runs
+    on the key rank without building tiles.
+    """
 
     tiles: tuple[Tile, ...]
     block_masks: tuple[BlockMask, ...]
+    kv_rows: Rows = ()
 
 
 def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None,
@@ -84,20 +93,67 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
     metadata = informative(document_ids, block_ids, padding)
     batch = batch if any(t is not None for t in metadata) else 1
     mask = gemma4_mask(spec, *metadata)
-    tiles, masks = [], []
+    tiles, masks, kv_rows = [], [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
             if mask is None:
                 tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
+                kv_rows.append((ks.local_start, ks.local_start + ks.length))
                 continue
             q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
             any_allowed, all_allowed = segment_flags(mask, q_blocks, k_blocks, batch)
+            kv_rows.extend(used_key_rows(any_allowed, ks, block_size))
             tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
             complete = q_blocks.complete()[:, None] & k_blocks.complete()[None, :]
             masks.append(block_mask_from_flags(any_allowed.unsqueeze(1), (all_allowed & complete).unsqueeze(1),
                                                block_size, tile_mod, (qs.length, ks.length)))
             tiles.extend(plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype))
-    return PairPlan(tuple(tiles), tuple(masks))
+    return PairPlan(tuple(tiles), tuple(masks), merge_rows(kv_rows))
+
+
+def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None,
+                   padding: Tensor | None, layout: Layout, seq_len: int, q_rank: int, kv_rank: int, batch: int,
+                   device: torch.device, block_size: int | None = None) -> Rows:
+    """``plan_pair(...).kv_rows`` from the block flags alone (no tiles, no additive masks): the
+    rows of ``kv_rank``'s chunk that ``q_rank``'s tiles read. The key rank calls it for every
+    query rank to know what to send; both sides take the runs from the same flags, so they agree.
+    """
+    block_size = BLOCK_SIZE if block_size is None else block_size
+    metadata = informative(document_ids, block_ids, padding)
+    batch = batch if any(t is not None for t in metadata) else 1
+    mask = gemma4_mask(spec, *metadata)
+    kv_rows: list[tuple[int, int]] = []
+    for ks in layout.segments(seq_len, kv_rank):
+        if mask is None:
+            kv_rows.append((ks.local_start, ks.local_start + ks.length))
+            continue
+        k_blocks = Blocks(ks.global_start, ks.length, block_size, device)
+        for qs in layout.segments(seq_len, q_rank):
+            q_blocks = Blocks(qs.global_start, qs.length, block_size, device)
+            any_allowed, _ = segment_flags(mask, q_blocks, k_blocks, batch)
+            kv_rows.extend(used_key_rows(any_allowed, ks, block_size))
+    return merge_rows(kv_rows)
+
+
+def used_key_rows(any_allowed: Tensor, ks: Segment, block_size: int) -> list[tuple[int, int]]:
+    """Local rows of the key blocks of segment ``ks`` that some query block uses, as runs;
+    ``any_allowed`` [B, Qb, KVb] are ``segment_flags``' first flags."""
+    used = any_allowed.flatten(0, 1).any(0)
+    if not used.any():
+        return []
+    return [(ks.local_start + b0 * block_size, ks.local_start + min(b1 * block_size, ks.length))
+            for _, b0, b1, _ in _runs(used.view(1, -1).to(torch.int8)).tolist()]
+
+
+def merge_rows(rows) -> Rows:
+    """Sorted, disjoint runs covering the union of [start, stop) runs ``rows``."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(rows):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return tuple((a, b) for a, b in merged)
 
 
 def segment_flags(mask: Mask, q: Blocks, k: Blocks, batch: int) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,8 @@
 """Process-wide counters of ring work, for reports (the demo) and benchmarks.
 
-The ring reports here as it runs: every point-to-point send and every ring step, forward and
-backward, with whether the step's pair plan needed any kernel call. The counters live in the
+The ring reports here as it runs: every point-to-point send, every ring step, forward and
+backward, with whether the step's pair plan needed any kernel call, and the time spent waiting
+for exchanges to complete. The counters live in the
 op's eager body, so they count compiled calls too. Read them with ``ring_stats()``; they only
 grow until ``reset_ring_stats()``.
 """
@@ -17,10 +18,14 @@ class RingStats:
     """Counters of this process since the last reset.
 
     Attributes:
-        bytes_sent: bytes sent to the next rank (K/V chunks, and dK/dV in the backward).
+        bytes_sent: bytes sent to other ranks (K/V rows, and dK/dV of received rows in the backward).
         steps: ring steps run, one per (call, step), forward and backward.
-        steps_skipped: steps whose pair plan had no tile: the visiting chunk holds no key any
-            local query may see, so no kernel ran (the chunk still moves on).
+        steps_skipped: steps whose pair plan had no tile: the owner's chunk holds no key any
+            local query may see, so no kernel ran and no row of it was received.
+        planning_s: seconds spent planning: describing metadata and building plans and
+            exchange schedules (cache misses only).
+        wait_forward_s, wait_backward_s: seconds spent waiting for exchanges to complete (time
+            the exchange was not hidden behind computation), in forward and backward calls.
         agreements: cross-rank agreements held before a first exchange (one small all_gather
             each, a host synchronisation on GPUs): one per batch and kind of layer call.
     """
@@ -28,6 +33,9 @@ class RingStats:
     bytes_sent: int = 0
     steps: int = 0
     steps_skipped: int = 0
+    planning_s: float = 0.0
+    wait_forward_s: float = 0.0
+    wait_backward_s: float = 0.0
     agreements: int = 0
 
 
@@ -50,6 +58,19 @@ def record_step(tiles: int) -> None:
     _STATS.steps_skipped += tiles == 0
 
 
+def record_wait(seconds: float, backward: bool) -> None:
+    """Count ``seconds`` spent waiting on an exchange."""
+    if backward:
+        _STATS.wait_backward_s += seconds
+    else:
+        _STATS.wait_forward_s += seconds
+
+
+def record_planning(seconds: float) -> None:
+    """Count ``seconds`` spent planning."""
+    _STATS.planning_s += seconds
+
+
 def ring_stats() -> RingStats:
     """A snapshot of the counters."""
     return dataclasses.replace(_STATS)
@@ -58,4 +79,4 @@ def ring_stats() -> RingStats:
 def reset_ring_stats() -> None:
     """Set every counter back to zero."""
     for field in dataclasses.fields(RingStats):
-        setattr(_STATS, field.name, 0)
+        setattr(_STATS, field.name, field.default)

@@ -116,6 +116,47 @@ def causal_step_stats(rank: int, world_size: int):
     return ring_stats()
 
 
+# Long sequences with a small window and small blocks: most owners hold nothing a rank needs (its
+# exchange is skipped), the rest send a halo of about W rows; documents and padding cut more.
+EXCHANGE_CASES = [
+    Case("sliding", "none", seq_len=192, block_size=8),
+    Case("sliding_vision", "all", seq_len=192, block_size=8),
+    Case("bidirectional_window", "packed_padded", seq_len=192, block_size=8),
+    Case("causal", "documents", seq_len=192, block_size=8),
+]
+
+
+def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -> tuple[int, int, int]:
+    """(bytes this rank sent in one forward and backward of ``case``, the bytes the plans imply,
+    K/V rows that some local query may see, summed over the other owners).
+
+    The plans imply: every other rank's needed rows of this rank's chunk, sent forward and
+    backward, and the dK/dV of the rows this rank read of other chunks, sent home.
+    """
+    from gemma4_flexring import reset_ring_stats, ring_stats
+    from gemma4_flexring.metadata import informative
+    from gemma4_flexring.reference import reference_mask
+
+    layout = Layout(layout_kind, world_size)
+    info = make_info(case.info, case.batch, case.seq_len)
+    metadata = (None, None, None) if info is None else informative(*info.tensors())
+    batch = case.batch if any(t is not None for t in metadata) else 1
+    rows = lambda runs: sum(b - a for a, b in runs)  # noqa: E731
+    needed_by_others = sum(rows(schedule.needed_kv_rows(case.mask, *metadata, layout, case.seq_len, reader, rank,
+                                                        batch, torch.device("cpu"), case.block_size))
+                           for reader in range(world_size) if reader != rank)
+    read_of_others = sum(rows(schedule.plan_pair(case.mask, *metadata, layout, case.seq_len, rank, owner, batch,
+                                                 case.dtype, torch.device("cpu"), case.block_size).kv_rows)
+                         for owner in range(world_size) if owner != rank)
+    row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * torch.empty((), dtype=case.dtype).element_size()
+    allowed = reference_mask(case.mask, info, case.batch, case.seq_len)  # [B, S, S]
+    seen = allowed[:, layout.positions(case.seq_len, rank)].any(1).any(0)  # keys some local query may see
+    lower = sum(int(seen[layout.positions(case.seq_len, owner)].sum()) for owner in range(world_size) if owner != rank)
+    reset_ring_stats()
+    run_case(rank, world_size, case, layout_kind)
+    return ring_stats().bytes_sent, row_bytes * (2 * needed_by_others + read_of_others), lower
+
+
 def mesh_matches_default_group(rank: int, world_size: int) -> float:
     """Max difference between ``group=<1-D DeviceMesh>`` and the default group."""
     from torch.distributed.device_mesh import init_device_mesh

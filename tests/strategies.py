@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+
 
 @st.composite
 def runs(draw, batch: int, seq_len: int, values: st.SearchStrategy) -> torch.Tensor:
@@ -16,3 +18,18 @@ def runs(draw, batch: int, seq_len: int, values: st.SearchStrategy) -> torch.Ten
             row += [draw(values)] * draw(st.integers(1, seq_len))
         rows.append(row[:seq_len])
     return torch.tensor(rows, dtype=torch.long)
+
+
+@st.composite
+def random_plans(draw):
+    """A random mask on random (unsorted) metadata, layout and block size."""
+    world_size, kind = draw(st.integers(1, 3)), draw(st.sampled_from(["contiguous", "zigzag"]))
+    pieces = world_size * (2 if kind == "zigzag" else 1)
+    batch, seq_len = draw(st.integers(1, 2)), pieces * draw(st.integers(1, 48 // pieces))
+    spec = MaskSpec(causal=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, seq_len)),
+                    block_bidirectional=draw(st.booleans()))
+    info = SequenceInfo(draw(st.none() | runs(batch, seq_len, st.integers(0, 3))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(-1, 2))),
+                        draw(st.none() | runs(batch, seq_len, st.integers(0, 1)).map(lambda t: t.bool())),
+                        shape=(batch, seq_len))
+    return spec, info, batch, seq_len, Layout(kind, world_size), draw(st.integers(1, 12))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemma4_flexring.reference import reference_attention
-from ring_cases import (INFOS, SPECS, Case, make_info, make_layout, make_tensors, mesh_matches_default_group,
+from ring_cases import (EXCHANGE_CASES, INFOS, SPECS, Case, make_info, make_layout, make_tensors, mesh_matches_default_group,
                         random_problem, run_cases, run_random_balanced)
 from gemma4_flexring import Layout
 
@@ -31,7 +31,7 @@ SHAPE_CASES = [
     Case("bidirectional_window", "padding", seq_len=96, block_size=8),
     Case("sliding_vision", "all", strided=True),
 ]
-ALL_CASES = [Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES
+ALL_CASES = [Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES + EXCHANGE_CASES
 
 
 def reference(case: Case) -> list[torch.Tensor]:

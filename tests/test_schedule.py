@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.schedule import plan_pair, ring_owner
 from ring_cases import SPECS, make_info
-from strategies import runs
+from strategies import random_plans
 
 CPU = torch.device("cpu")
 
@@ -76,21 +76,6 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
             want = dense[:, qp][:, :, kp]
             got = covered(plan, mask_batch, seq_len // world_size).expand_as(want)
             assert torch.equal(got, want), (q_rank, kv_rank)
-
-
-@st.composite
-def random_plans(draw):
-    """A random mask on random (unsorted) metadata, layout and block size."""
-    world_size, kind = draw(st.integers(1, 3)), draw(st.sampled_from(["contiguous", "zigzag"]))
-    pieces = world_size * (2 if kind == "zigzag" else 1)
-    batch, seq_len = draw(st.integers(1, 2)), pieces * draw(st.integers(1, 48 // pieces))
-    spec = MaskSpec(causal=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, seq_len)),
-                    block_bidirectional=draw(st.booleans()))
-    info = SequenceInfo(draw(st.none() | runs(batch, seq_len, st.integers(0, 3))),
-                        draw(st.none() | runs(batch, seq_len, st.integers(-1, 2))),
-                        draw(st.none() | runs(batch, seq_len, st.integers(0, 1)).map(lambda t: t.bool())),
-                        shape=(batch, seq_len))
-    return spec, info, batch, seq_len, Layout(kind, world_size), draw(st.integers(1, 12))
 
 
 @settings(max_examples=150, deadline=None)

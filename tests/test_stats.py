@@ -13,8 +13,9 @@ CHUNK_BYTES = 2 * 1 * 2 * 8 * 8 * 4  # K and V, [B=1, Hkv=2, L=8, D=8], float32
 def test_causal_contiguous_counters(cluster, world_size):
     per_rank = [causal_step_stats(0, 1)] if world_size == 1 else cluster(world_size).run(causal_step_stats)
     for rank, stats in enumerate(per_rank):
-        # Forward: P - 1 K/V sends. Backward: P - 1 K/V sends and P dK/dV sends (float32 accumulators).
-        sends = 0 if world_size == 1 else 2 * (world_size - 1) + world_size
+        # Rank r's chunk goes only to the later ranks, whose queries see it, forward and backward;
+        # the dK/dV of the r earlier ranks' chunks go home to them (float32, the inputs' dtype).
+        sends = 2 * (world_size - 1 - rank) + rank
         assert stats.bytes_sent == sends * CHUNK_BYTES
         assert stats.steps == 2 * world_size
         # Chunks of later ranks hold only future keys: skipped in forward and backward.

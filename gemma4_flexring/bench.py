@@ -1,0 +1,389 @@
+"""``python -m gemma4_flexring bench``: ring attention speed, traffic and memory on gloo ranks.
+
+    python -m gemma4_flexring bench --world-size 8 --seq-len 131072 --heads 2 --kv-heads 1 \\
+        --mask causal sliding packed vision --layout zigzag --json out.json
+
+Spawns ``--world-size`` gloo ranks on this machine (one torch thread each by default). Every
+figure is one layer (or, with ``--stack N``, a Gemma-4-like stack of N layers: five sliding
+layers to one global one) timed forward and backward, median of ``--repeats`` steps after one
+warm-up. Every step builds a fresh ``SequenceInfo`` and empties the plan cache, so planning is
+part of the step. Per figure:
+
+- step: forward + backward of the slowest rank; plan: the planning time and its share of the step;
+- sent/bound: bytes sent per rank per layer (mean over ranks) against the lower bound, 3x the K/V
+  rows of other ranks that some local query may see (K/V forward, K/V backward, dK/dV home);
+- wait fwd/bwd: share of forward and backward time spent waiting on exchanges;
+- mem f/b: the largest peak resident-memory growth of a rank during forward and backward, minus
+  what the call returns (out and lse; dq, dk and dv), against the whole sequence's K+V bytes. Measured
+  from the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) with
+  ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the resident set;
+- pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too;
+- Gpairs/s: allowed pairs (x batch x query heads) per second, forward + backward;
+- balance: max / mean over ranks of the time not spent waiting;
+- baseline: aten SDPA at P=1, an all-gather CP (K/V all-gathered, SDPA with the dense mask of the
+  local queries) at P>1, side by side in the same processes, when its dense mask fits in memory.
+
+Targets are reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .blocks import EMPTY, FULL, PARTIAL, Blocks
+from .cache import clear_mask_cache
+from .info import SequenceInfo
+from .layout import Layout
+from .masks import MaskSpec, gemma4_mask
+from .metadata import informative
+from .schedule import DENSE_CHUNK, _block_indices, evaluate_at
+from .stats import reset_ring_stats, ring_stats
+
+MASKS = ("causal", "sliding", "packed", "vision")
+TARGETS = {"sdpa": 1.10, "allgather": 1.1, "bytes": 1.25, "memory_p8": 0.4, "balance": 1.10}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+BASELINE_MASK_LIMIT = 1 << 28  # dense mask entries (per rank) the baseline may build
+
+
+def layer_masks(name: str, window: int, stack: int) -> list[tuple[str, MaskSpec]]:
+    """(kind, mask) of each layer of a figure: one layer, or a Gemma-4-like stack."""
+    sliding = MaskSpec(causal=True, sliding_window=window, block_bidirectional=name == "vision")
+    one = MaskSpec(causal=True) if name in ("causal", "packed") else sliding
+    if not stack:
+        return [(name, one)]
+    return [("global", MaskSpec(causal=True)) if i % 6 == 5 else ("sliding", sliding) for i in range(stack)]
+
+
+def make_info(name: str, batch: int, seq_len: int, documents: int) -> SequenceInfo:
+    """The batch's metadata: packed documents for "packed", image blocks for "vision"."""
+    if name == "packed":
+        docs = (torch.arange(seq_len) * documents // seq_len).expand(batch, -1)
+        return SequenceInfo(document_ids=docs.contiguous())
+    if name == "vision":  # an image of 1/16 of the sequence every quarter
+        blocks = torch.full((batch, seq_len), -1, dtype=torch.long)
+        for n in range(4):
+            start = n * seq_len // 4 + seq_len // 8
+            blocks[:, start:start + seq_len // 16] = n
+        return SequenceInfo(block_ids=blocks)
+    return SequenceInfo(shape=(batch, seq_len))
+
+
+def mask_figures(spec: MaskSpec, info: SequenceInfo, layout: Layout, seq_len: int, rank: int,
+                 block: int = 128) -> tuple[int, int]:
+    """(allowed (query, key) pairs of ``rank``'s queries summed over the batch, rows of other ranks'
+    chunks that some local query may see), exactly: full blocks counted whole, partial ones evaluated."""
+    metadata = informative(*info.tensors())
+    batch = info.tensors()[0].shape[0]
+    mask = gemma4_mask(spec, *metadata)
+    pairs, seen_rows = 0, 0
+    for owner in range(layout.world_size):
+        for ks in layout.segments(seq_len, owner):
+            seen = torch.zeros(ks.length, dtype=torch.bool)
+            kb = Blocks(ks.global_start, ks.length, block, torch.device("cpu"))
+            k_first, k_last = kb.bounds()
+            k_size = k_last - k_first + 1
+            for qs in layout.segments(seq_len, rank):
+                if mask is None:
+                    pairs += batch * qs.length * ks.length
+                    seen[:] = True
+                    continue
+                qb = Blocks(qs.global_start, qs.length, block, torch.device("cpu"))
+                if (mask.classify(qb.as_one(), kb.as_one()) == EMPTY).all():
+                    continue
+                q_first, q_last = qb.bounds()
+                cls = mask.classify(qb, kb).expand(batch, qb.count, kb.count)
+                full = cls == FULL
+                pairs += int((full.sum(0) * (q_last - q_first + 1)[:, None] * k_size[None, :]).sum())
+                for b in full.any(0).any(0).nonzero().flatten().tolist():
+                    seen[b * block:(b + 1) * block] = True
+                partial = cls == PARTIAL
+                qi, ki = partial.any(0).nonzero(as_tuple=True)
+                step = max(1, DENSE_CHUNK // (batch * block * block))
+                for n in range(0, qi.numel(), step):
+                    q_idx, q_real = _block_indices(q_first[qi[n:n + step]], q_last[qi[n:n + step]], block)
+                    k_idx, k_real = _block_indices(k_first[ki[n:n + step]], k_last[ki[n:n + step]], block)
+                    allowed = evaluate_at(mask.mask_mod, batch, q_idx[:, :, None], k_idx[:, None, :])
+                    allowed = allowed & (q_real[:, :, None] & k_real[:, None, :])
+                    allowed = allowed & partial[:, qi[n:n + step], ki[n:n + step], None, None]
+                    pairs += int(allowed.sum())
+                    rows = (k_idx - ks.global_start)[allowed.any(0).any(1)]
+                    seen[rows] = True
+            if owner != rank:
+                seen_rows += int(seen.sum())
+    return pairs, seen_rows
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """Peak resident-memory growth of this process within a ``with`` block (bytes)."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        self.base = _rss("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.growth = _rss("VmHWM") - self.base
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def run_rank(rank: int, args, port: int, results) -> None:
+    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
+    import torch.distributed.nn.functional as dist_fn
+    import torch.nn.functional as F
+
+    from .api import ring_attention
+    from .reference import reference_mask
+
+    torch.set_num_threads(args.threads)
+    world = args.world_size
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gather = (lambda x: [x]) if world == 1 else (lambda x: _all_gather(x, world))
+    layout = Layout(args.layout, world)
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(rank)
+    local = args.seq_len // world
+    shape_q = (args.batch, args.heads, local, args.head_dim)
+    shape_kv = (args.batch, args.kv_heads, local, args.head_dim)
+    whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * dtype.itemsize
+    figures = []
+    for name in args.mask:
+        layers = layer_masks(name, args.window, args.stack)
+        tensors = [[torch.randn(s, generator=g).to(dtype).requires_grad_(True) for s in (shape_q, shape_kv, shape_kv)]
+                   for _ in layers]
+
+        def log(msg: str) -> None:
+            if rank == 0:
+                print(f"[bench] {name}: {msg}", file=sys.stderr, flush=True)
+
+        def forward():
+            info = make_info(name, args.batch, args.seq_len, args.documents)  # fresh: a new generation
+            clear_mask_cache()  # plans are built again: planning is part of every step
+            return [ring_attention(q, k, v, mask=spec, info=info, layout=layout)
+                    for (_, spec), (q, k, v) in zip(layers, tensors)]
+
+        def backward(outs):
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+        times = []
+        def zero_grads():
+            for t in (t for layer in tensors for t in layer):
+                t.grad = None
+
+        for repeat in range(args.repeats + 1):
+            zero_grads()
+            log(f"step {repeat + 1}/{args.repeats + 1} (the first warms up)")
+            reset_ring_stats()
+            start = time.perf_counter()
+            outs = forward()
+            mid = time.perf_counter()
+            backward(outs)
+            end = time.perf_counter()
+            stats = ring_stats()
+            if repeat:
+                times.append((end - start, mid - start, end - mid, stats.planning_s, stats.wait_forward_s,
+                              stats.wait_backward_s, stats.bytes_sent))
+        step, fwd, bwd, plan, wait_f, wait_b, sent = (statistics.median(t[i] for t in times) for i in range(7))
+        del outs
+        log("memory")
+        zero_grads()
+        q0, k0, v0 = tensors[0]
+        with PeakRss() as mem_f:
+            out = ring_attention(q0, k0, v0, mask=layers[0][1], info=make_info(name, args.batch, args.seq_len,
+                                                                                args.documents), layout=layout)
+        grad = torch.ones_like(out)
+        with PeakRss() as mem_b:
+            out.backward(grad)
+        workspace_f = mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4
+        workspace_b = mem_b.growth - nbytes(q0, k0, v0)
+        del out
+        log("lower bound")
+        info = make_info(name, args.batch, args.seq_len, args.documents)
+        per_layer = [mask_figures(spec, info, layout, args.seq_len, rank) for _, spec in layers]
+        pairs = sum(p for p, _ in per_layer)
+        row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * dtype.itemsize
+        bound = 3 * sum(r for _, r in per_layer) * row_bytes
+        base = base_mem = None
+        if len(layers) == 1 and args.baseline:
+            base, base_mem = _baseline(rank, world, layers[0][1], info, layout, args, tensors[0], F, dist_fn,
+                                       reference_mask, log)
+        row = dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent, bound=bound,
+                   workspace_f=workspace_f, workspace_b=workspace_b, pairs=pairs, base=base, base_mem=base_mem)
+        per_rank = gather(row)
+        if rank == 0:
+            figures.append(summarize(name, layers, per_rank, args, whole_kv))
+    if rank == 0:
+        results["figures"] = figures
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _all_gather(obj, world: int) -> list:
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _baseline(rank, world, spec, info, layout, args, qkv, F, dist_fn, reference_mask, log):
+    """(median step time, peak workspace) of aten SDPA (P=1) or all-gather CP (P>1); (None, None)
+    when its dense mask [B, L, S] would be too large."""
+    local = args.seq_len // world
+    if args.batch * local * args.seq_len > BASELINE_MASK_LIMIT:
+        return None, None
+    log("baseline")
+    q, k, v = qkv
+    for t in qkv:
+        t.grad = None
+    positions = layout.positions(args.seq_len, rank)
+    allowed = reference_mask(spec, info, args.batch, args.seq_len)[:, None, positions]
+    causal_only = world == 1 and spec == MaskSpec(causal=True) and not any(
+        t is not None for t in informative(*info.tensors()))
+
+    def step():
+        if world == 1:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal_only else allowed,
+                                                 is_causal=causal_only, enable_gqa=True)
+        else:
+            k_all, v_all = (layout.unshard(list(dist_fn.all_gather(t)), dim=2) for t in (k, v))
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+
+    step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    with PeakRss() as mem:
+        step()
+    return statistics.median(times), mem.growth - nbytes(q, k, v)
+
+
+def summarize(name, layers, per_rank, args, whole_kv) -> dict:
+    n = len(layers)
+    slowest = max(r["step"] for r in per_rank)
+    busy = [r["step"] - r["wait_f"] - r["wait_b"] for r in per_rank]
+    sent = statistics.mean(r["sent"] for r in per_rank) / n
+    bound = statistics.mean(r["bound"] for r in per_rank) / n
+    pairs = sum(r["pairs"] for r in per_rank)
+    fig = {
+        "figure": name if not args.stack else f"stack{args.stack}:{name}",
+        "layers": n, "world_size": args.world_size, "seq_len": args.seq_len, "layout": args.layout,
+        "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+        "dtype": args.dtype, "window": args.window,
+        "step_s": slowest, "forward_s": max(r["fwd"] for r in per_rank), "backward_s": max(r["bwd"] for r in per_rank),
+        "planning_s": max(r["plan"] for r in per_rank),
+        "planning_share": max(r["plan"] / r["step"] for r in per_rank),
+        "bytes_sent_per_rank_layer": sent, "bytes_lower_bound_per_rank_layer": bound,
+        "bytes_ratio": sent / bound if bound else (1.0 if sent == 0 else float("inf")),
+        "bytes_sent_max_rank_layer": max(r["sent"] for r in per_rank) / n,
+        "wait_share_forward": max(r["wait_f"] / r["fwd"] for r in per_rank),
+        "wait_share_backward": max(r["wait_b"] / r["bwd"] for r in per_rank),
+        "workspace_forward_bytes": max(r["workspace_f"] for r in per_rank),
+        "workspace_backward_bytes": max(r["workspace_b"] for r in per_rank), "whole_kv_bytes": whole_kv,
+        "memory_ratio_forward": max(r["workspace_f"] for r in per_rank) / whole_kv,
+        "memory_ratio_backward": max(r["workspace_b"] for r in per_rank) / whole_kv,
+        "allowed_pairs": pairs,
+        "pairs_per_s": pairs * args.heads / slowest,
+        "seconds_per_pair": slowest / pairs if pairs else None,
+        "balance": max(busy) / statistics.mean(busy),
+    }
+    bases = [r["base"] for r in per_rank]
+    if all(b is not None for b in bases):
+        fig["baseline"] = "sdpa" if args.world_size == 1 else "allgather"
+        fig["baseline_s"] = max(bases)
+        fig["baseline_ratio"] = slowest / max(bases)
+        fig["baseline_memory_ratio"] = max(r["base_mem"] for r in per_rank) / whole_kv
+    return fig
+
+
+def table(figures: list[dict]) -> str:
+    causal = next((f for f in figures if f["figure"] == "causal"), None)
+    head = (f"{'figure':<14}{'step ms':>9}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}{'ratio':>7}"
+            f"{'wait f/b %':>12}{'mem/KV f/b':>12}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}  baseline")
+    lines = [head]
+    for f in figures:
+        cost = f"{f['seconds_per_pair'] / causal['seconds_per_pair']:.2f}" if causal and f["seconds_per_pair"] else "-"
+        base = (f"{f['baseline']} {f['baseline_s'] * 1e3:.0f} ms, ratio {f['baseline_ratio']:.2f}, "
+                f"mem/KV {f['baseline_memory_ratio']:.2f}") if "baseline" in f else "n/a"
+        lines.append(
+            f"{f['figure']:<14}{f['step_s'] * 1e3:>9.1f}{f['planning_s'] * 1e3:>9.1f}{f['planning_share'] * 100:>6.1f}%"
+            f"{f['bytes_sent_per_rank_layer'] / 1e6:>9.2f}{f['bytes_lower_bound_per_rank_layer'] / 1e6:>9.2f}"
+            f"{f['bytes_ratio']:>7.2f}{f['wait_share_forward'] * 100:>6.0f}/{f['wait_share_backward'] * 100:<5.0f}"
+            f"{f['memory_ratio_forward']:>7.2f}/{f['memory_ratio_backward']:<4.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}{f['balance']:>8.2f}  {base}")
+    return "\n".join(lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gemma4_flexring bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--mask", nargs="+", choices=MASKS, default=["causal"], help="one figure per mask")
+    p.add_argument("--window", type=int, default=1024, help="sliding window of sliding layers")
+    p.add_argument("--documents", type=int, default=5, help="packed documents of the packed mask")
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    p.add_argument("--stack", type=int, default=0,
+                   help="run each mask's metadata through a Gemma-4-like stack of N layers (5 sliding : 1 global)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--json", help="write the figures to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # Large buffers are mmapped and returned on free, so the resident high-water mark is the peak.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        port = _free_port()
+        mp.start_processes(run_rank, args=(args, port, results), nprocs=args.world_size, start_method="spawn")
+        figures = results["figures"]
+    print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
+          f"{args.dtype} {args.layout} window={args.window} threads/rank={args.threads}"
+          + (f" stack={args.stack}" if args.stack else ""))
+    print(table(figures))
+    print(f"targets: sent/bound <= {TARGETS['bytes']}, mem/KV <= {TARGETS['memory_p8']} at P=8, "
+          f"ring/sdpa <= {TARGETS['sdpa']} at P=1, ring/all-gather <= {TARGETS['allgather']}, "
+          f"balance <= {TARGETS['balance']} (zigzag)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "targets": TARGETS, "figures": figures}, f, indent=1)
+    return 0
