@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 

@@ -202,7 +202,9 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
+    # float32 and bfloat16), as one device's backward does.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
     send_dtype = dkv_send_dtype(k.dtype)

@@ -33,6 +33,13 @@ class Example:
             return None
         return SequenceInfo(self.document_ids, self.block_ids, self.padding)
 
+    def make_layout(self) -> Layout:
+        """The example's layout; a balanced one is computed from its metadata."""
+        if self.layout != "balanced":
+            return Layout(self.layout, self.world_size)
+        info = self.info() or SequenceInfo(shape=(self.batch, self.seq_len))
+        return Layout.balanced(info, self.world_size)
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Whole-sequence float64 q, k, v and an output gradient."""
         g = torch.Generator().manual_seed(self.seed)
@@ -44,7 +51,7 @@ class Example:
 def run_example(rank: int, world_size: int, example: Example) -> tuple[torch.Tensor, ...]:
     """This rank's (out, dq, dk, dv) of ``example``."""
     q, k, v, grad = example.tensors()
-    layout = Layout(example.layout, world_size)
+    layout = example.make_layout()
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
     saved, schedule.BLOCK_SIZE = schedule.BLOCK_SIZE, example.block_size
     try:
