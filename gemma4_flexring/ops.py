@@ -47,6 +47,7 @@ class RingArgs(NamedTuple):
     layout_kind: str
     group_name: str
     scale: float | None
+    kernel: str = ""
 
     @property
     def info(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,7 +56,7 @@ class RingArgs(NamedTuple):
     @property
     def options(self) -> tuple:
         """The non-tensor arguments, in schema order."""
-        return self[len(self) - 6:]
+        return self[len(self) - 7:]
 
     @property
     def resolved_scale(self) -> float:
@@ -93,12 +94,12 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     that any failure, planning included, raises on every rank before the first exchange.
     """
     comm = RingComm(resolve_group(args.group_name))
-    kernel = kernel_for(args.q.device)
+    kernel = kernel_for(args.q.device, args.kernel)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
-        return comm, _plans(args, meta, comm), kernel
+        return comm, _kernel_plans(_plans(args, meta, comm), kernel), kernel
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout_kind,
-                              comm.world_size, args.scale)
+                              comm.world_size, args.scale, args.kernel)
     plans: list[schedule.PairPlan] = []
     meta = None
     if not problems:
@@ -110,27 +111,34 @@ def _prepare(args: RingArgs, check: bool) -> tuple[RingComm, list[schedule.PairP
     check_inputs(problems, comm.group, lambda: signature(
         args.q, args.k, meta, args.causal, args.sliding_window, args.block_bidirectional, args.layout_kind,
         args.resolved_scale, bool(problems)))
-    return comm, plans, kernel
+    return comm, _kernel_plans(plans, kernel), kernel
+
+
+def _kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[schedule.PairPlan]:
+    """The plans with ``tiles`` holding ``kernel``'s own calls (dense tiles for aten, segment pairs
+    with their BlockMasks for flex): the ring runs whatever calls a plan's ``tiles`` holds."""
+    return [plan._replace(tiles=kernel.calls(plan)) for plan in plans]
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor,
                       block_ids: Tensor, padding: Tensor, causal: bool, sliding_window: int | None,
                       block_bidirectional: bool, layout_kind: str, group_name: str,
-                      scale: float | None) -> tuple[Tensor, Tensor]:
+                      scale: float | None, kernel: str = "") -> tuple[Tensor, Tensor]:
     """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float32/float64).
 
-    Metadata tensors are the whole sequence's, [B, S]; ``scale`` None means ``D ** -0.5``.
+    Metadata tensors are the whole sequence's, [B, S]; ``scale`` None means ``D ** -0.5``;
+    ``kernel`` names the chunk kernel ("" = the device's default, see ``kernels``).
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout_kind, group_name, scale)
+                    block_bidirectional, layout_kind, group_name, scale, kernel)
     comm, plans, kernel = _prepare(args, check=True)
     return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-      block_bidirectional, layout_kind, group_name, scale):
+      block_bidirectional, layout_kind, group_name, scale, kernel=""):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("ring_attention: q, k, v must be 4-D [B, H, S_local, D]")
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulator_dtype(q.dtype))
@@ -141,17 +149,18 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                lse: Tensor, generation: Tensor, document_ids: Tensor,
                                block_ids: Tensor, padding: Tensor, causal: bool,
                                sliding_window: int | None, block_bidirectional: bool, layout_kind: str,
-                               group_name: str, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+                               group_name: str, scale: float | None,
+                               kernel: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, causal, sliding_window,
-                    block_bidirectional, layout_kind, group_name, scale)
+                    block_bidirectional, layout_kind, group_name, scale, kernel)
     comm, plans, kernel = _prepare(args, check=False)
     return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale)
 
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, causal,
-      sliding_window, block_bidirectional, layout_kind, group_name, scale):
+      sliding_window, block_bidirectional, layout_kind, group_name, scale, kernel=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -11,7 +11,15 @@ _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.
 
 
 class CpuFlashKernel:
-    """``ChunkKernel`` over aten's CPU flash attention (GQA native, any float dtype)."""
+    """``ChunkKernel`` over aten's CPU flash attention (GQA native, any float dtype): one call per
+    dense tile, so unmasked and causal tiles take the kernel's fast paths and additive masks
+    cover partial blocks only."""
+
+    name = "aten"
+    devices = ("cpu",)
+
+    def calls(self, plan) -> tuple:
+        return plan.tiles
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, tile, scale: float) -> tuple[Tensor, Tensor]:
         out, lse = _forward(q, k, v, 0.0, tile.kind == "causal", attn_mask=tile.bias, scale=scale)
