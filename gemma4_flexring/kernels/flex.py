@@ -1,13 +1,13 @@
 """Flex chunk kernel: FlexAttention fed each segment pair's ``BlockMask``.
 
-Forward: ``flex_attention(..., return_aux=AuxRequest(lse=True))``, GQA through ``enable_gqa``.
+Forward: the ``flex_attention`` HOP with the LSE (``return_aux=AuxRequest(lse=True)``'s options), GQA native.
 Backward: ``torch.ops.higher_order.flex_attention_backward`` fed the ring's *merged* out and LSE,
 so each pair's gradient share needs no forward recompute, as on the aten path.
 
-LSE bases, in one place: ``flex_attention`` itself returns the natural-log LSE (it scales the
-kernel's base-2 statistics by ln 2 unless ``BACKEND="FLASH"``), which is the ring's convention;
-the backward HOP reads base-2 statistics, so ``to_backward_lse`` divides by ln 2. On CUDA the
-backend is pinned to "TRITON" so that both conventions hold.
+LSE bases, in one place: flex's HOPs keep base-2 statistics (the Triton and the eager dense
+backends; not ``BACKEND="FLASH"``, so CUDA pins "TRITON"); the ring merges natural logs.
+``from_flex_lse`` / ``to_flex_lse`` are the only conversions. Both functions call the HOPs, as
+``flex_attention`` does when compiled, so eager and compiled runs share one code path.
 
 On CUDA both functions are compiled once, at import (``torch.compile`` is lazy: nothing compiles
 until the first call), ``fullgraph=True, dynamic=True``: lengths and the segments' offsets
@@ -24,12 +24,18 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, _apply_kernel_options, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, _apply_kernel_options
 
-LOG2_E = 1.0 / math.log(2.0)
+LN_2 = math.log(2.0)
+LOG2_E = 1.0 / LN_2
 
 
-def to_backward_lse(lse: Tensor) -> Tensor:
+def from_flex_lse(lse_base2: Tensor) -> Tensor:
+    """Flex's base-2 LSE in the ring's convention, the natural log."""
+    return lse_base2 * LN_2
+
+
+def to_flex_lse(lse: Tensor) -> Tensor:
     """The ring's natural-log LSE as flex's backward reads it: base 2."""
     return lse * LOG2_E
 
@@ -40,9 +46,15 @@ def _identity_score(score, b, h, q_idx, kv_idx):
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float,
              options: dict) -> tuple[Tensor, Tensor]:
-    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
-                              return_aux=AuxRequest(lse=True), kernel_options=options)
-    return out, aux.lse
+    """The flex HOP, as ``flex_attention`` calls it when compiled (GQA is native to it); run
+    directly, eager flex skips its per-call dynamo wrapper. Returns the natural-log LSE."""
+    if torch.compiler.is_dynamo_compiling():
+        for t in (q, k, v):  # as flex_attention does: heads and head dim are static
+            torch._dynamo.mark_static(t, -3)
+            torch._dynamo.mark_static(t, -1)
+    out, lse_base2, _ = torch.ops.higher_order.flex_attention(
+        q, k, v, _identity_score, block_mask.as_tuple(), scale, options)
+    return out, from_flex_lse(lse_base2)
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_base2: Tensor,
@@ -148,18 +160,19 @@ class FlexKernel:
         return _forward, _backward, contextlib.nullcontext
 
     @staticmethod
-    def _mask_and_options(q: Tensor, k: Tensor, pair) -> tuple[BlockMask, dict]:
+    def _mask_and_options(q: Tensor, k: Tensor, v: Tensor, pair) -> tuple[BlockMask, dict]:
         block_mask = pair.block_mask
         if block_mask is None:
             from ..schedule import BLOCK_SIZE
 
             block_mask = _full_block_mask(q.shape[2], k.shape[2], q.device, BLOCK_SIZE)
         options = cuda_options(q.shape[-1], q.dtype) if q.device.type == "cuda" else {}
-        return block_mask, options
+        # The full option set the HOPs read (what flex_attention derives from user options).
+        return block_mask, _apply_kernel_options(q, k, v, True, options, AuxRequest(lse=True))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pair, scale: float) -> tuple[Tensor, Tensor]:
         forward, _, scope = self._functions(q.device)
-        block_mask, options = self._mask_and_options(q, k, pair)
+        block_mask, options = self._mask_and_options(q, k, v, pair)
         # An op's body sees its inputs' requires_grad without recording; flex refuses such inputs on CPU.
         q, k, v = q.detach(), k.detach(), v.detach()
         with scope():
@@ -169,7 +182,6 @@ class FlexKernel:
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         _, backward, scope = self._functions(q.device)
-        block_mask, options = self._mask_and_options(q, k, pair)
-        options = _apply_kernel_options(q, k, v, True, options, AuxRequest(lse=True))
+        block_mask, options = self._mask_and_options(q, k, v, pair)
         with scope():
-            return backward(grad_out, q, k, v, out, to_backward_lse(lse), block_mask, scale, options)
+            return backward(grad_out, q, k, v, out, to_flex_lse(lse), block_mask, scale, options)
