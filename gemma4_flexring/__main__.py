@@ -1,4 +1,4 @@
-"""Command line: ``python -m gemma4_flexring {demo,graph,bench} [options]``."""
+"""Command line: ``python -m gemma4_flexring {demo,graph,bench,selfcheck} [options]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "gemma4_flexring.demo", "graph": "gemma4_flexring.graph_cli", "bench": "gemma4_flexring.bench"}
+    commands = {"demo": "gemma4_flexring.demo", "graph": "gemma4_flexring.graph_cli", "bench": "gemma4_flexring.bench",
+                "selfcheck": "gemma4_flexring.selfcheck"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m gemma4_flexring {{{','.join(commands)}}} [options]  (--help after a command)")
         return 2

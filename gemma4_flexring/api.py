@@ -33,7 +33,8 @@ def process_group(group=None) -> dist.ProcessGroup | None:
     return group
 
 
-def argument_problems(q, k, v, mask, info, layout, scale, world_size: int) -> list[tuple[type[Exception], str]]:
+def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,
+                      kernel=None) -> list[tuple[type[Exception], str]]:
     """What is wrong with ``ring_attention``'s arguments before the op can be called:
     (exception type when alone, sentence) pairs; empty when fine."""
     problems: list[tuple[type[Exception], str]] = []
@@ -49,6 +50,8 @@ def argument_problems(q, k, v, mask, info, layout, scale, world_size: int) -> li
         problems.append((TypeError, f"info must be a SequenceInfo or None, got {type(info).__name__}"))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         problems.append((TypeError, f"scale must be a number or None, got {type(scale).__name__}"))
+    if kernel is not None and not isinstance(kernel, str):
+        problems.append((TypeError, f"kernel must be a str or None, got {type(kernel).__name__}"))
     if layout is not None and not isinstance(layout, Layout):
         problems.append((TypeError, f"layout must be a Layout, got {type(layout).__name__}"))
     elif layout is not None and layout.world_size != world_size:
@@ -65,7 +68,7 @@ def argument_problems(q, k, v, mask, info, layout, scale, world_size: int) -> li
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
                    info: SequenceInfo | None = None, layout: Layout | None = None, group=None,
-                   scale: float | None = None) -> Tensor:
+                   scale: float | None = None, kernel: str | None = None) -> Tensor:
     """Exact context-parallel attention of this rank's queries against the whole sequence.
 
     Shapes (P ranks, S = P * L):
@@ -82,6 +85,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
         group: a ProcessGroup, a 1-D DeviceMesh, or None (default group; a world of one when
             torch.distributed is not initialized).
         scale: score scale, default ``D ** -0.5`` (Gemma 4 uses 1.0).
+        kernel: the chunk kernel: None picks by device (flex on CUDA, aten on CPU); "aten"
+            (CPU flash attention) or "flex" (FlexAttention: compiled on CUDA, eager and slow on
+            CPU, for tests). A name that is unknown or cannot serve q's device raises on every rank.
 
     Raises:
         ValueError: on every rank of the group, before any exchange, when any rank's arguments
@@ -95,7 +101,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     pg = process_group(group)
     name = "" if pg is None else pg.group_name
     world_size = 1 if pg is None else dist.get_world_size(pg)
-    problems = argument_problems(q, k, v, mask, info, layout, scale, world_size)
+    problems = argument_problems(q, k, v, mask, info, layout, scale, world_size, kernel)
     if problems:
         fail_together(problems, pg)
     mask = MaskSpec() if mask is None else mask
@@ -111,5 +117,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     table = layout.table(q.shape[2] * world_size) if q.dim() == 4 else torch.zeros(0, dtype=torch.int64)
     out, _ = torch.ops.gemma4_flexring.ring_attention(
         q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), table, mask.causal, window,
-        mask.block_bidirectional, name, scale)
+        mask.block_bidirectional, name, scale, kernel or "")
     return out

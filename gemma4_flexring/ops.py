@@ -52,6 +52,7 @@ class RingArgs(NamedTuple):
     block_bidirectional: bool
     group_name: str
     scale: float | None
+    kernel: str = ""
 
     @property
     def info(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,7 +61,7 @@ class RingArgs(NamedTuple):
     @property
     def options(self) -> tuple:
         """The non-tensor arguments, in schema order."""
-        return self[len(self) - 5:]
+        return self[len(self) - 6:]
 
     @property
     def resolved_scale(self) -> float:
@@ -103,9 +104,12 @@ class Prepared(NamedTuple):
 
 
 def _exchange(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout, comm: RingComm,
-              plans: list[schedule.PairPlan]) -> Exchange:
+              plans: list[schedule.PairPlan], kernel: ChunkKernel) -> Exchange | None:
     """This rank's exchange schedule (``exchange.py``), from the cache under ``meta``'s digest: what
-    it receives from its plans, what it sends from every query rank's needs against its chunk."""
+    it receives from its plans, what it sends from every query rank's needs against its chunk.
+    None (whole chunks) for a kernel whose calls read whole key segments, not the tiles' rows."""
+    if kernel.reads_whole_segments:
+        return None
     spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
     q = args.q
     seq_len = q.shape[2] * comm.world_size
@@ -132,15 +136,16 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     that any failure, planning included, raises on every rank before the first exchange.
     """
     comm = RingComm(resolve_group(args.group_name))
-    kernel = kernel_for(args.q.device)
+    kernel = kernel_for(args.q.device, args.kernel)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)
         layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
         plans = _plans(args, meta, layout_digest, layout, comm)
-        return Prepared(comm, plans, kernel, _exchange(args, meta, layout_digest, layout, comm, plans),
+        return Prepared(comm, _kernel_plans(plans, kernel), kernel,
+                        _exchange(args, meta, layout_digest, layout, comm, plans, kernel),
                         _key_padding(args, meta, layout, comm))
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
-                              comm.world_size, args.scale)
+                              comm.world_size, args.scale, args.kernel)
     plans: list[schedule.PairPlan] = []
     meta = layout = exchange = key_padding = None
     if not problems:
@@ -152,7 +157,7 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
         try:
             meta = MASK_CACHE.metadata(int(args.generation), args.info)
             plans = _plans(args, meta, layout_digest, layout, comm)
-            exchange = _exchange(args, meta, layout_digest, layout, comm, plans)
+            exchange = _exchange(args, meta, layout_digest, layout, comm, plans, kernel)
             key_padding = _key_padding(args, meta, layout, comm)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
@@ -160,29 +165,35 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
                                            args.block_bidirectional, layout_digest, args.resolved_scale)
     key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
     check_inputs_once(key, problems, comm.group, lambda: mine)
-    return Prepared(comm, plans, kernel, exchange, key_padding)
+    return Prepared(comm, _kernel_plans(plans, kernel), kernel, exchange, key_padding)
+
+
+def _kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[schedule.PairPlan]:
+    """The plans with ``tiles`` holding ``kernel``'s own calls (dense tiles for aten, segment pairs
+    with their BlockMasks for flex): the ring runs whatever calls a plan's ``tiles`` holds."""
+    return [plan._replace(tiles=kernel.calls(plan)) for plan in plans]
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor,
                       block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
                       sliding_window: int | None, block_bidirectional: bool, group_name: str,
-                      scale: float | None) -> tuple[Tensor, Tensor]:
+                      scale: float | None, kernel: str = "") -> tuple[Tensor, Tensor]:
     """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float64).
 
     Metadata tensors are the whole sequence's, [B, S]; ``layout`` is int64 [S], every rank's
     global positions in local order, rank-major (``Layout.table``); ``scale`` None means
-    ``D ** -0.5``.
+    ``D ** -0.5``; ``kernel`` names the chunk kernel ("" = the device's default, see ``kernels``).
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-                    block_bidirectional, group_name, scale)
+                    block_bidirectional, group_name, scale, kernel)
     comm, plans, kernel, exchange, key_padding = _prepare(args, check=True)
     return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, exchange, key_padding)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-      block_bidirectional, group_name, scale):
+      block_bidirectional, group_name, scale, kernel=""):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("ring_attention: q, k, v must be 4-D [B, H, S_local, D]")
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulator_dtype(q.dtype))
@@ -193,10 +204,11 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                lse: Tensor, generation: Tensor, document_ids: Tensor,
                                block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
                                sliding_window: int | None, block_bidirectional: bool,
-                               group_name: str, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+                               group_name: str, scale: float | None,
+                               kernel: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-                    block_bidirectional, group_name, scale)
+                    block_bidirectional, group_name, scale, kernel)
     comm, plans, kernel, exchange, key_padding = _prepare(args, check=False)
     return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, exchange,
                          key_padding)
@@ -204,7 +216,7 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, layout, causal,
-      sliding_window, block_bidirectional, group_name, scale):
+      sliding_window, block_bidirectional, group_name, scale, kernel=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

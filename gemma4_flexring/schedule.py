@@ -62,23 +62,41 @@ class Tile(NamedTuple):
 Rows = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of a rank's local rows
 
 
-class PairPlan(NamedTuple):
-    """The tiles of one (query rank, key rank) pair and the block masks they came from.
+class SegmentPair(NamedTuple):
+    """One (query segment, key segment) pair with work to do, in both forms a kernel may take.
 
-    ``kv_rows``: the key rank's local rows that some tile reads (the union of the tiles'
-    ``kv_rows``), which is what the exchange sends; ``needed_kv_rows`` derives the same runs
-    on the key rank without building tiles.
+    ``q_rows``/``kv_rows`` cover the whole segments (local rows, rows of the visiting chunk).
+    ``block_mask`` is the pair's flex BlockMask over (q_rows, kv_rows), None when every entry is
+    allowed; its mask_mod reads the segments' offsets from 0-d tensors, so a compiled kernel sees
+    the same closure structure for every pair. ``tiles`` is the same work as dense calls (partial
+    blocks as additive masks), in local rows.
+    """
+
+    q_rows: slice
+    kv_rows: slice
+    block_mask: BlockMask | None
+    tiles: tuple[Tile, ...]
+
+
+class PairPlan(NamedTuple):
+    """The work of one (query rank, key rank) pair.
+
+    ``tiles``: every dense kernel call; ``block_masks``: every segment pair's BlockMask (skipped
+    pairs included, none when no mask applies); ``kv_rows``: the key rank's local rows that some
+    tile reads, which is what the exchange sends (``needed_kv_rows`` derives the same runs on the
+    key rank without building tiles); ``pairs``: the segment pairs with work to do.
     """
 
     tiles: tuple[Tile, ...]
     block_masks: tuple[BlockMask, ...]
     kv_rows: Rows = ()
+    pairs: tuple[SegmentPair, ...] = ()
 
 
 def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None,
               layout: Layout, seq_len: int, q_rank: int, kv_rank: int, batch: int, dtype: torch.dtype,
               device: torch.device, block_size: int | None = None) -> PairPlan:
-    """Plan every tile of the pair (query rank, key rank).
+    """Plan every segment pair and tile of the pair (query rank, key rank).
 
     Args:
         spec: the layer's mask.
@@ -93,22 +111,28 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
     metadata = informative(document_ids, block_ids, padding)
     batch = batch if any(t is not None for t in metadata) else 1
     mask = gemma4_mask(spec, *metadata)
-    tiles, masks, kv_rows = [], [], []
+    masks, pairs, read_rows = [], [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
+            q_rows, kv_rows = _rows(qs, 0, qs.length), _rows(ks, 0, ks.length)
             if mask is None:
-                tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
-                kv_rows.append((ks.local_start, ks.local_start + ks.length))
+                pairs.append(SegmentPair(q_rows, kv_rows, None, (Tile(q_rows, kv_rows, "full"),)))
+                read_rows.append((ks.local_start, ks.local_start + ks.length))
                 continue
             q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
             any_allowed, all_allowed = segment_flags(mask, q_blocks, k_blocks, batch)
-            kv_rows.extend(used_key_rows(any_allowed, ks, block_size))
+            read_rows.extend(used_key_rows(any_allowed, ks, block_size))
             tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
+            # Tensor offsets: a compiled flex guards on closure ints' values, not on tensors'.
+            flex_mod = offset_mask_mod(mask.mask_mod, *(torch.tensor(s.global_start, device=device) for s in (qs, ks)))
             complete = q_blocks.complete()[:, None] & k_blocks.complete()[None, :]
-            masks.append(block_mask_from_flags(any_allowed.unsqueeze(1), (all_allowed & complete).unsqueeze(1),
-                                               block_size, tile_mod, (qs.length, ks.length)))
-            tiles.extend(plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype))
-    return PairPlan(tuple(tiles), tuple(masks), merge_rows(kv_rows))
+            block_mask = block_mask_from_flags(any_allowed.unsqueeze(1), (all_allowed & complete).unsqueeze(1),
+                                               block_size, flex_mod, (qs.length, ks.length))
+            masks.append(block_mask)
+            tiles = plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
+            if tiles:
+                pairs.append(SegmentPair(q_rows, kv_rows, block_mask, tuple(tiles)))
+    return PairPlan(tuple(t for p in pairs for t in p.tiles), tuple(masks), merge_rows(read_rows), tuple(pairs))
 
 
 def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .kernels import kernel_for, supported_devices
+from .kernels import kernel_problem
 from .metadata import Metadata, digest_words
 from .stats import record_agreement
 
@@ -31,7 +31,7 @@ _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "hea
 
 
 def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sliding_window: int | None,
-                   layout: Tensor, world_size: int, scale: float | None) -> list[str]:
+                   layout: Tensor, world_size: int, scale: float | None, kernel: str = "") -> list[str]:
     """Everything wrong with one rank's arguments, as readable sentences (empty when fine)."""
     problems = []
     for name, t in zip("qkv", (q, k, v)):
@@ -43,8 +43,8 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sl
         problems.append(f"q, k, v must share one dtype of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         problems.append(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    elif kernel_for(q.device) is None:
-        problems.append(f"no chunk kernel for device type {q.device.type!r}; supported: {supported_devices()}")
+    elif (problem := kernel_problem(kernel, q.device)) is not None:
+        problems.append(problem)
     if k.shape != v.shape:
         problems.append(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     batch, q_heads, local_len, head_dim = q.shape

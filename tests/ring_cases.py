@@ -34,6 +34,7 @@ class Case:
     seed: int = 0
     block_size: int | None = None
     strided: bool = False  # q, k, v with a non-unit stride in the head dim
+    kernel: str | None = None  # the chunk kernel (None: by device)
 
     @property
     def mask(self) -> MaskSpec:
@@ -95,7 +96,7 @@ def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
         schedule.BLOCK_SIZE = case.block_size
     try:
         out = ring_attention(*local, mask=case.mask, info=make_info(case.info, case.batch, case.seq_len),
-                             layout=layout, scale=case.scale)
+                             layout=layout, scale=case.scale, kernel=case.kernel)
         out.backward(layout.shard(grad, 2, rank))
     finally:
         schedule.BLOCK_SIZE = saved
@@ -186,3 +187,11 @@ def agreements_over_layers(rank: int, world_size: int) -> list[int]:
             ring_attention(q, k, v, mask=spec, info=info, layout=layout)
         counts.append(ring_stats().agreements)
     return counts
+
+
+def bad_kernel_on_rank_zero(rank: int, world_size: int, name: str) -> None:
+    """Rank 0 asks for kernel ``name``, the others for the default: all must raise."""
+    q, k, v, _ = make_tensors(Case("causal", "none", seq_len=8 * world_size))
+    layout = Layout("contiguous", world_size)
+    q, k, v = (layout.shard(t, 2, rank) for t in (q, k, v))
+    ring_attention(q, k, v, layout=layout, kernel=name if rank == 0 else None)

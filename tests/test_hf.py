@@ -213,7 +213,8 @@ def test_balanced_context_is_a_pytree_with_its_permutation_as_a_leaf():
     import torch.utils._pytree as pytree
 
     batch = make_batch(packed=True, padded=True, images=True)
-    kwargs = hf.shard_inputs(**batch.model_kwargs(), layout="balanced", rank=0)
+    model = make_model(CASES["vision_packed_padded"], ring=True)
+    kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout="balanced", rank=0)
     context = kwargs[hf.CONTEXT_KWARG]
     info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
     assert context.layout == Layout.balanced(info, 1)

@@ -1,42 +1,80 @@
-"""Chunk kernels: attention of query rows against one key/value tile, returning the LSE.
+"""Chunk kernels: attention of query rows against the visiting key/value chunk, returning the LSE.
 
-A kernel implements ``ChunkKernel``; ``kernel_for(device)`` picks it. The ring never calls
-a kernel for a skipped tile.
+The contract (``ChunkKernel``): a kernel takes the plan of one (query rank, key rank) pair,
+which holds every segment pair in two forms (``schedule.SegmentPair``: the pair's flex
+``BlockMask`` and the dense tiles, additive masks over partial blocks only), and chooses its
+unit of work from it (``calls``): the aten kernel calls per dense tile, the flex kernel once per
+segment pair with its BlockMask. The ring slices q and the visiting chunk by each call's
+``q_rows`` / ``kv_rows`` and merges the results through their natural-log LSE; the backward
+is fed the *merged* out and LSE. The ring never calls a kernel for a skipped block or pair.
+
+Kernels are chosen by name, "" meaning the device's default (``default_kernel``): flex on CUDA,
+aten on CPU. A plain registry, not ``torch.library``'s ``register_kernel`` by device type: the
+op's body (planning, the exchange, the merge) is the same on every device, the kernel is a
+piece inside it, and the choice is not by device alone: "flex" also runs on CPU (eagerly, for
+tests), so one device type has two kernels.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from ..schedule import Tile
+from ..schedule import PairPlan
 from .cpu import CpuFlashKernel
+from .flex import FlexKernel
 
 
 class ChunkKernel(Protocol):
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, tile: Tile, scale: float) -> tuple[Tensor, Tensor]:
-        """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> (out [B, Hq, Sq, D], lse [B, Hq, Sq], -inf for dead rows).
+    name: str
+    devices: tuple[str, ...]  # device types it serves
+    # Whether its calls read whole key segments (flex, with the segment's BlockMask) rather than
+    # the plan's tiles: the exchange then sends whole chunks instead of the tiles' rows.
+    reads_whole_segments: bool
 
-        out and lse may be wider than q's dtype (the ring accumulates in float32 or float64).
-        """
+    def calls(self, plan: PairPlan) -> Sequence:
+        """This kernel's calls for one pair: objects with ``q_rows`` and ``kv_rows`` slices
+        (``Tile``s for aten, ``SegmentPair``s for flex), each handed back to forward/backward."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, call, scale: float) -> tuple[Tensor, Tensor]:
+        """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (the call's rows) -> (out [B, Hq, Sq, D] in q's dtype,
+        lse [B, Hq, Sq] natural log, float32 or float64, -inf for rows with no allowed key); out
+        may be wider than q's dtype (the ring accumulates in float32 or float64)."""
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 tile: Tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        """This tile's share of (dq, dk, dv), given the *merged* out and lse of the full row.
-
-        ``lse`` is float32 (float64 for float64 inputs); the shares may be wider than the inputs.
-        """
-
-
-_KERNELS: dict[str, ChunkKernel] = {"cpu": CpuFlashKernel()}
+                 call, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """This call's share of (dq, dk, dv), given the *merged* out and natural lse of the full row
+        (+inf for rows with no key anywhere; float32, float64 for float64 inputs). The shares may
+        be wider than the inputs."""
 
 
-def kernel_for(device: torch.device) -> ChunkKernel | None:
-    """The chunk kernel for ``device``'s type, or None when there is none."""
-    return _KERNELS.get(device.type)
+KERNELS: dict[str, ChunkKernel] = {"aten": CpuFlashKernel(), "flex": FlexKernel()}
+
+
+def default_kernel(device: torch.device) -> str:
+    """The kernel "" picks: flex on CUDA, aten elsewhere."""
+    return "flex" if device.type == "cuda" else "aten"
+
+
+def kernel_problem(name: str, device: torch.device) -> str | None:
+    """Why ``name`` cannot run on ``device`` (None when it can)."""
+    resolved = name or default_kernel(device)
+    kernel = KERNELS.get(resolved)
+    if kernel is None:
+        return f"unknown kernel {name!r}; choose one of {tuple(KERNELS)} or None (by device)"
+    if device.type not in kernel.devices:
+        serving = [n for n, k in KERNELS.items() if device.type in k.devices]
+        return (f"kernel {resolved!r} cannot run on device type {device.type!r} (it serves {kernel.devices}); "
+                f"kernels for {device.type!r}: {tuple(serving)}")
+    return None
+
+
+def kernel_for(device: torch.device, name: str = "") -> ChunkKernel | None:
+    """The kernel ``name`` ("" = the device's default) for ``device``, or None when it cannot serve it."""
+    return None if kernel_problem(name, device) else KERNELS[name or default_kernel(device)]
 
 
 def supported_devices() -> tuple[str, ...]:
-    return tuple(_KERNELS)
+    return tuple(sorted({d for k in KERNELS.values() for d in k.devices}))

@@ -25,10 +25,17 @@ def backward_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class CpuFlashKernel:
-    """``ChunkKernel`` over aten's CPU flash attention (GQA native, any float dtype).
+    """``ChunkKernel`` over aten's CPU flash attention (GQA native, any float dtype): one call per
+    dense tile, so unmasked and causal tiles take the kernel's fast paths and additive masks
+    cover partial blocks only. The backward returns float32 shares for float16/bfloat16 inputs
+    (see ``backward_dtype``)."""
 
-    The backward returns float32 shares for float16/bfloat16 inputs (see ``backward_dtype``).
-    """
+    name = "aten"
+    devices = ("cpu",)
+    reads_whole_segments = False
+
+    def calls(self, plan) -> tuple:
+        return plan.tiles
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, tile, scale: float) -> tuple[Tensor, Tensor]:
         out, lse = _forward(q, k, v, 0.0, tile.kind == "causal", attn_mask=tile.bias, scale=scale)

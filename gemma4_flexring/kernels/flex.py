@@ -1,0 +1,188 @@
+"""Flex chunk kernel: FlexAttention fed each segment pair's ``BlockMask``.
+
+Forward: the ``flex_attention`` HOP with the LSE (``return_aux=AuxRequest(lse=True)``'s options), GQA native.
+Backward: ``torch.ops.higher_order.flex_attention_backward`` fed the ring's *merged* out and LSE,
+so each pair's gradient share needs no forward recompute, as on the aten path.
+
+LSE bases, in one place: flex's HOPs keep base-2 statistics (the Triton and the eager dense
+backends; not ``BACKEND="FLASH"``, so CUDA pins "TRITON"); the ring merges natural logs.
+``from_flex_lse`` / ``to_flex_lse`` are the only conversions. Both functions call the HOPs, as
+``flex_attention`` does when compiled, so eager and compiled runs share one code path.
+
+On CUDA both functions are compiled once, at import (``torch.compile`` is lazy: nothing compiles
+until the first call), ``fullgraph=True, dynamic=True``: lengths and the segments' offsets
+(0-d tensors in the mask_mods) are symbolic, so neither recompiles per length. Their dynamo
+settings apply inside ``_scope`` only. On CPU the same functions run eagerly: flex's unfused
+path, slow, meant for tests (compiled flex on CPU cannot return the LSE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, _apply_kernel_options
+
+LN_2 = math.log(2.0)
+LOG2_E = 1.0 / LN_2
+
+
+def from_flex_lse(lse_base2: Tensor) -> Tensor:
+    """Flex's base-2 LSE in the ring's convention, the natural log."""
+    return lse_base2 * LN_2
+
+
+def to_flex_lse(lse: Tensor) -> Tensor:
+    """The ring's natural-log LSE as flex's backward reads it: base 2."""
+    return lse * LOG2_E
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float,
+             options: dict) -> tuple[Tensor, Tensor]:
+    """The flex HOP, as ``flex_attention`` calls it when compiled (GQA is native to it); run
+    directly, eager flex skips its per-call dynamo wrapper. Returns the natural-log LSE."""
+    if torch.compiler.is_dynamo_compiling():
+        for t in (q, k, v):  # as flex_attention does: heads and head dim are static
+            torch._dynamo.mark_static(t, -3)
+            torch._dynamo.mark_static(t, -1)
+    out, lse_base2, _ = torch.ops.higher_order.flex_attention(
+        q, k, v, _identity_score, block_mask.as_tuple(), scale, options)
+    return out, from_flex_lse(lse_base2)
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_base2: Tensor,
+              block_mask: BlockMask, scale: float, options: dict) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv, _ = torch.ops.higher_order.flex_attention_backward(
+        q, k, v, out, lse_base2, grad_out, None, _identity_score, None, block_mask.as_tuple(), scale,
+        options, (), ())
+    return dq, dk, dv
+
+
+def compiled(backend="inductor") -> tuple:
+    """(forward, backward) compiled with ``backend``, fullgraph and dynamic in length."""
+    return (torch.compile(_forward, backend=backend, fullgraph=True, dynamic=True),
+            torch.compile(_backward, backend=backend, fullgraph=True, dynamic=True))
+
+
+_CUDA_FORWARD, _CUDA_BACKWARD = compiled()
+
+# Graphs differ by mask structure, dtype, head dim and GQA ratio: a Gemma 4 model needs a few
+# per kernel, more than dynamo's default limit of 8.
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def _scope():
+    """Dynamo settings for our compiled calls only: the user's stance ("fail_on_recompile",
+    "force_eager") and ``error_on_recompile`` govern their code, not ours, and ours do not leak."""
+    with torch.compiler.set_stance("default"), torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT, error_on_recompile=False):
+        yield
+
+
+def cuda_options(head_dim: int, dtype: torch.dtype) -> dict:
+    """Triton tile sizes that fit one SM's shared memory (H100/H200: 227 KB per block).
+
+    Estimates, bf16/fp16 (fp32 doubles the bytes): forward keeps a BLOCK_M x D query tile and
+    ``num_stages`` BLOCK_N x D key and value tiles; the backward keeps both sides' tiles of two
+    operands each. Flex's defaults for D > 256 (64 x 32, 3 stages: ~256 KB forward) and its sm90
+    backward default for D > 128 (64 x 64, 2 stages) do not fit at D = 512. Not run on a GPU here.
+    """
+    options: dict = {"BACKEND": "TRITON"}
+    wide = dtype == torch.float32
+    if head_dim <= 128:
+        return options
+    if head_dim <= 256:
+        # forward 32 KB + 2 x 32 KB (bf16); backward ~96 KB.
+        tiles = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4,
+                     bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
+                     bwd_num_stages=1, bwd_num_warps=4)
+        if wide:
+            tiles.update(fwd_BLOCK_M=32, bwd_BLOCK_M1=16, bwd_BLOCK_N1=32, bwd_BLOCK_M2=32, bwd_BLOCK_N2=16)
+    else:
+        # D = 512: forward 32 KB + 2 x 64 KB = 160 KB (bf16); backward ~96 KB, 8 warps so the
+        # BLOCK_N1 x D fp32 dK/dV accumulators fit in registers.
+        tiles = dict(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4,
+                     bwd_BLOCK_M1=16, bwd_BLOCK_N1=32, bwd_BLOCK_M2=32, bwd_BLOCK_N2=16,
+                     bwd_num_stages=1, bwd_num_warps=8)
+        if wide:
+            tiles.update(fwd_BLOCK_M=16, fwd_BLOCK_N=16, fwd_num_stages=1, bwd_BLOCK_N1=16, bwd_BLOCK_M2=16)
+    options.update(tiles)
+    return options
+
+
+@lru_cache(maxsize=256)
+def _full_block_mask(q_len: int, kv_len: int, device: torch.device, BLOCK_SIZE: int) -> BlockMask:
+    """A BlockMask allowing every entry (for segment pairs no mask applies to)."""
+    from ..schedule import block_mask_from_flags
+
+    q_blocks, kv_blocks = -(-q_len // BLOCK_SIZE), -(-kv_len // BLOCK_SIZE)
+    complete = ((torch.arange(q_blocks, device=device) < q_len // BLOCK_SIZE)[:, None]
+                & (torch.arange(kv_blocks, device=device) < kv_len // BLOCK_SIZE)[None, :])
+    return block_mask_from_flags(torch.ones_like(complete)[None, None], complete[None, None], BLOCK_SIZE,
+                                 _allow_all, (q_len, kv_len))
+
+
+def _allow_all(b, h, q_idx, kv_idx):
+    return q_idx >= 0
+
+
+class FlexKernel:
+    """``ChunkKernel`` over FlexAttention: one call per segment pair, with its BlockMask.
+
+    Args:
+        compile_backend: None compiles with inductor on CUDA and runs eagerly elsewhere; a
+            backend (e.g. "eager" or a ``CompileCounter``) compiles with it on any device, which
+            lets CPU tests check the compiled path's guards and scope.
+    """
+
+    name = "flex"
+    devices = ("cpu", "cuda")
+    reads_whole_segments = True
+
+    def __init__(self, compile_backend=None) -> None:
+        self._compiled = None if compile_backend is None else compiled(compile_backend)
+
+    def calls(self, plan) -> tuple:
+        return plan.pairs
+
+    def _functions(self, device: torch.device):
+        if self._compiled is not None:
+            return (*self._compiled, _scope)
+        if device.type == "cuda":
+            return _CUDA_FORWARD, _CUDA_BACKWARD, _scope
+        return _forward, _backward, contextlib.nullcontext
+
+    @staticmethod
+    def _mask_and_options(q: Tensor, k: Tensor, v: Tensor, pair) -> tuple[BlockMask, dict]:
+        block_mask = pair.block_mask
+        if block_mask is None:
+            from ..schedule import BLOCK_SIZE
+
+            block_mask = _full_block_mask(q.shape[2], k.shape[2], q.device, BLOCK_SIZE)
+        options = cuda_options(q.shape[-1], q.dtype) if q.device.type == "cuda" else {}
+        # The full option set the HOPs read (what flex_attention derives from user options).
+        return block_mask, _apply_kernel_options(q, k, v, True, options, AuxRequest(lse=True))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pair, scale: float) -> tuple[Tensor, Tensor]:
+        forward, _, scope = self._functions(q.device)
+        block_mask, options = self._mask_and_options(q, k, v, pair)
+        # An op's body sees its inputs' requires_grad without recording; flex refuses such inputs on CPU.
+        q, k, v = q.detach(), k.detach(), v.detach()
+        with scope():
+            # Rows with no allowed key come back as out = 0, lse = -inf: the merge gives them no weight.
+            return forward(q, k, v, block_mask, scale, options)
+
+    def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        _, backward, scope = self._functions(q.device)
+        block_mask, options = self._mask_and_options(q, k, v, pair)
+        with scope():
+            return backward(grad_out, q, k, v, out, to_flex_lse(lse), block_mask, scale, options)
