@@ -95,9 +95,16 @@ class _Posted(NamedTuple):
 
 
 def _wait(posted: _Posted, backward: bool) -> None:
+    """Wait for a posted exchange; a failure names the exchange and what usually causes it."""
     start = time.perf_counter()
-    for work in posted.works:
-        work.wait()
+    try:
+        for work in posted.works:
+            work.wait()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"gemma4_flexring: a ring exchange of the {'backward' if backward else 'forward'} pass failed: a peer "
+            "stopped after the ranks agreed on the inputs (it raised, or its process died), or did not answer "
+            f"within the process group's timeout. {type(e).__name__}: {e}") from e
     record_wait(time.perf_counter() - start, backward)
 
 

@@ -84,3 +84,31 @@ def shard_with_wrong_rank(rank: int, world_size: int) -> None:
 
 def shard_for_a_model_without_the_ring(rank: int, world_size: int) -> None:
     _shard(rank, world_size, ring=False, rank_given=rank)
+
+
+def peer_fails_after_agreement(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, float]:
+    """On a group with a short timeout, rank 1 raises after the ranks agreed (as a kernel running
+    out of memory would); rank 0 waits in the exchange. Returns (error type, message, seconds)."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gemma4_flexring import ops
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    real_forward = ops.ring_forward
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated: out of memory in the chunk kernel")
+
+    if rank == 1:
+        ops.ring_forward = out_of_memory
+    start = time.monotonic()
+    try:
+        ring_attention(*_qkv(8), mask=MaskSpec(causal=False), layout=Layout("contiguous", world_size), group=group)
+    except RuntimeError as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    finally:
+        ops.ring_forward = real_forward
+    return "", "", time.monotonic() - start

@@ -148,3 +148,19 @@ def test_a_failed_call_leaves_nothing_half_built(monkeypatch):
     assert (mask_cache_info().generations, mask_cache_info().entries) == (0, 0)
     out = ring_attention(q, k, v, info=info)
     assert torch.isfinite(out).all() and mask_cache_info().builds == 1
+
+
+def test_a_peer_failing_after_the_agreement_is_reported_within_the_timeout():
+    """Rank 1 raises after the agreement; rank 0, waiting in the exchange, gets an error that names
+    the exchange once the group's timeout (here 3 s, not the default 30 minutes) has passed. Its
+    own processes: the failed exchange leaves that group unusable."""
+    from cluster import Cluster
+
+    cluster = Cluster(2)
+    try:
+        (name0, message0, seconds0), (name1, message1, _) = cluster.run(misuse_cases.peer_fails_after_agreement, 3.0)
+    finally:
+        cluster.close()
+    assert (name1, message1) == ("RuntimeError", "simulated: out of memory in the chunk kernel")
+    assert name0 == "RuntimeError" and "ring exchange of the forward pass failed" in message0
+    assert 3.0 <= seconds0 < 300  # the group's timeout, far below the default 30 minutes
