@@ -19,7 +19,8 @@ part of the step. Per figure:
   ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the resident set;
 - pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too;
 - Gpairs/s: allowed pairs (x batch x query heads) per second, forward + backward;
-- balance: max / mean over ranks of the time not spent waiting;
+- balance: max / mean over ranks of the time not spent waiting (compare ``--layout zigzag
+  contiguous balanced`` on uneven ``--packing`` rows: the balanced layout is built from the batch);
 - baseline: aten SDPA at P=1, an all-gather CP (K/V all-gathered, SDPA with the dense mask of the
   local queries) at P>1, side by side in the same processes, when its dense mask fits in memory.
 
@@ -29,6 +30,7 @@ Targets are reported, not enforced.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -65,11 +67,34 @@ def layer_masks(name: str, window: int, stack: int) -> list[tuple[str, MaskSpec]
     return [("global", MaskSpec(causal=True)) if i % 6 == 5 else ("sliding", sliding) for i in range(stack)]
 
 
-def make_info(name: str, batch: int, seq_len: int, documents: int) -> SequenceInfo:
+# Packed rows with uneven documents: document lengths per row at PACKING_BASE tokens, scaled to the
+# sequence length (the last document takes what is left). "equal" is --documents equal documents.
+PACKING_BASE = 16384
+PACKINGS = {
+    "long_tail": [[14000]],                                   # one long document and a short tail
+    "long_four": [[12000, 1100, 1500, 900]],                  # a long document and four short ones
+    "six_uneven": [[5000, 3000, 2500, 1884, 2500]],           # six uneven documents
+    "four_equal": [[4096, 4096, 4096]],                       # four equal documents
+    "two_rows": [[14000], [5000, 3000, 2500, 1884, 2500]],    # B=2, rows packed differently
+}
+
+
+def packed_documents(packing: str, batch: int, seq_len: int, documents: int) -> torch.Tensor:
+    """[B, S] document ids of the named packing (its own row count for the uneven ones)."""
+    if packing == "equal":
+        return (torch.arange(seq_len) * documents // seq_len).expand(batch, -1).contiguous()
+    rows = []
+    for lengths in PACKINGS[packing]:
+        cuts = [n * seq_len // PACKING_BASE for n in lengths]
+        cuts.append(seq_len - sum(cuts))
+        rows.append(torch.cat([torch.full((n,), i) for i, n in enumerate(cuts) if n > 0]))
+    return torch.stack(rows)
+
+
+def make_info(name: str, batch: int, seq_len: int, documents: int, packing: str = "equal") -> SequenceInfo:
     """The batch's metadata: packed documents for "packed", image blocks for "vision"."""
     if name == "packed":
-        docs = (torch.arange(seq_len) * documents // seq_len).expand(batch, -1)
-        return SequenceInfo(document_ids=docs.contiguous())
+        return SequenceInfo(document_ids=packed_documents(packing, batch, seq_len, documents))
     if name == "vision":  # an image of 1/16 of the sequence every quarter
         blocks = torch.full((batch, seq_len), -1, dtype=torch.long)
         for n in range(4):
@@ -162,7 +187,6 @@ def run_rank(rank: int, args, port: int, results) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     gather = (lambda x: [x]) if world == 1 else (lambda x: _all_gather(x, world))
-    layout = Layout(args.layout, world)
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(rank)
     local = args.seq_len // world
@@ -170,17 +194,19 @@ def run_rank(rank: int, args, port: int, results) -> None:
     shape_kv = (args.batch, args.kv_heads, local, args.head_dim)
     whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * dtype.itemsize
     figures = []
-    for name in args.mask:
+    for name, kind in itertools.product(args.mask, args.layout):
+        # A balanced layout comes from the batch's packing, as ``hf.shard_inputs(layout="balanced")`` builds it.
+        layout = figure_layout(kind, make_info(name, args.batch, args.seq_len, args.documents, args.packing), world)
         layers = layer_masks(name, args.window, args.stack)
         tensors = [[torch.randn(s, generator=g).to(dtype).requires_grad_(True) for s in (shape_q, shape_kv, shape_kv)]
                    for _ in layers]
 
         def log(msg: str) -> None:
             if rank == 0:
-                print(f"[bench] {name}: {msg}", file=sys.stderr, flush=True)
+                print(f"[bench] {name} {kind}: {msg}", file=sys.stderr, flush=True)
 
         def forward():
-            info = make_info(name, args.batch, args.seq_len, args.documents)  # fresh: a new generation
+            info = make_info(name, args.batch, args.seq_len, args.documents, args.packing)  # fresh: a new generation
             clear_mask_cache()  # plans are built again: planning is part of every step
             return [ring_attention(q, k, v, mask=spec, info=info, layout=layout)
                     for (_, spec), (q, k, v) in zip(layers, tensors)]
@@ -213,7 +239,7 @@ def run_rank(rank: int, args, port: int, results) -> None:
         q0, k0, v0 = tensors[0]
         with PeakRss() as mem_f:
             out = ring_attention(q0, k0, v0, mask=layers[0][1], info=make_info(name, args.batch, args.seq_len,
-                                                                                args.documents), layout=layout)
+                                                                                args.documents, args.packing), layout=layout)
         grad = torch.ones_like(out)
         with PeakRss() as mem_b:
             out.backward(grad)
@@ -221,7 +247,7 @@ def run_rank(rank: int, args, port: int, results) -> None:
         workspace_b = mem_b.growth - nbytes(q0, k0, v0)
         del out
         log("lower bound")
-        info = make_info(name, args.batch, args.seq_len, args.documents)
+        info = make_info(name, args.batch, args.seq_len, args.documents, args.packing)
         per_layer = [mask_figures(spec, info, layout, args.seq_len, rank) for _, spec in layers]
         pairs = sum(p for p, _ in per_layer)
         row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * dtype.itemsize
@@ -234,7 +260,7 @@ def run_rank(rank: int, args, port: int, results) -> None:
                    workspace_f=workspace_f, workspace_b=workspace_b, pairs=pairs, base=base, base_mem=base_mem)
         per_rank = gather(row)
         if rank == 0:
-            figures.append(summarize(name, layers, per_rank, args, whole_kv))
+            figures.append(summarize(name, kind, layers, per_rank, args, whole_kv))
     if rank == 0:
         results["figures"] = figures
     if world > 1:
@@ -282,7 +308,11 @@ def _baseline(rank, world, spec, info, layout, args, qkv, F, dist_fn, reference_
     return statistics.median(times), mem.growth - nbytes(q, k, v)
 
 
-def summarize(name, layers, per_rank, args, whole_kv) -> dict:
+def figure_layout(kind: str, info: SequenceInfo, world: int) -> Layout:
+    return Layout.balanced(info, world) if kind == "balanced" else Layout(kind, world)
+
+
+def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
     n = len(layers)
     slowest = max(r["step"] for r in per_rank)
     busy = [r["step"] - r["wait_f"] - r["wait_b"] for r in per_rank]
@@ -291,7 +321,8 @@ def summarize(name, layers, per_rank, args, whole_kv) -> dict:
     pairs = sum(r["pairs"] for r in per_rank)
     fig = {
         "figure": name if not args.stack else f"stack{args.stack}:{name}",
-        "layers": n, "world_size": args.world_size, "seq_len": args.seq_len, "layout": args.layout,
+        "layers": n, "world_size": args.world_size, "seq_len": args.seq_len, "layout": kind,
+        "packing": args.packing if name == "packed" else None,
         "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
         "dtype": args.dtype, "window": args.window,
         "step_s": slowest, "forward_s": max(r["fwd"] for r in per_rank), "backward_s": max(r["bwd"] for r in per_rank),
@@ -321,16 +352,17 @@ def summarize(name, layers, per_rank, args, whole_kv) -> dict:
 
 
 def table(figures: list[dict]) -> str:
-    causal = next((f for f in figures if f["figure"] == "causal"), None)
-    head = (f"{'figure':<14}{'step ms':>9}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}{'ratio':>7}"
+    causal = {f["layout"]: f for f in figures if f["figure"] == "causal"}
+    head = (f"{'figure':<14}{'layout':<11}{'step ms':>9}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}{'ratio':>7}"
             f"{'wait f/b %':>12}{'mem/KV f/b':>12}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}  baseline")
     lines = [head]
     for f in figures:
-        cost = f"{f['seconds_per_pair'] / causal['seconds_per_pair']:.2f}" if causal and f["seconds_per_pair"] else "-"
+        ref = causal.get(f["layout"])
+        cost = f"{f['seconds_per_pair'] / ref['seconds_per_pair']:.2f}" if ref and f["seconds_per_pair"] else "-"
         base = (f"{f['baseline']} {f['baseline_s'] * 1e3:.0f} ms, ratio {f['baseline_ratio']:.2f}, "
                 f"mem/KV {f['baseline_memory_ratio']:.2f}") if "baseline" in f else "n/a"
         lines.append(
-            f"{f['figure']:<14}{f['step_s'] * 1e3:>9.1f}{f['planning_s'] * 1e3:>9.1f}{f['planning_share'] * 100:>6.1f}%"
+            f"{f['figure']:<14}{f['layout']:<11}{f['step_s'] * 1e3:>9.1f}{f['planning_s'] * 1e3:>9.1f}{f['planning_share'] * 100:>6.1f}%"
             f"{f['bytes_sent_per_rank_layer'] / 1e6:>9.2f}{f['bytes_lower_bound_per_rank_layer'] / 1e6:>9.2f}"
             f"{f['bytes_ratio']:>7.2f}{f['wait_share_forward'] * 100:>6.0f}/{f['wait_share_backward'] * 100:<5.0f}"
             f"{f['memory_ratio_forward']:>7.2f}/{f['memory_ratio_backward']:<4.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}{f['balance']:>8.2f}  {base}")
@@ -356,7 +388,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask", nargs="+", choices=MASKS, default=["causal"], help="one figure per mask")
     p.add_argument("--window", type=int, default=1024, help="sliding window of sliding layers")
     p.add_argument("--documents", type=int, default=5, help="packed documents of the packed mask")
-    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    p.add_argument("--layout", nargs="+", choices=["contiguous", "zigzag", "balanced"], default=["zigzag"],
+                   help="one figure per layout and mask, side by side; balanced is built from the batch")
+    p.add_argument("--packing", choices=["equal", *PACKINGS], default="equal",
+                   help="documents of the packed mask: --documents equal ones, or uneven rows (sets --batch)")
     p.add_argument("--stack", type=int, default=0,
                    help="run each mask's metadata through a Gemma-4-like stack of N layers (5 sliding : 1 global)")
     p.add_argument("--repeats", type=int, default=3)
@@ -368,6 +403,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.packing != "equal":
+        args.batch = len(PACKINGS[args.packing])
     # Large buffers are mmapped and returned on free, so the resident high-water mark is the peak.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     ctx = mp.get_context("spawn")
@@ -377,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(run_rank, args=(args, port, results), nprocs=args.world_size, start_method="spawn")
         figures = results["figures"]
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
-          f"{args.dtype} {args.layout} window={args.window} threads/rank={args.threads}"
+          f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads}"
           + (f" stack={args.stack}" if args.stack else ""))
     print(table(figures))
     print(f"targets: sent/bound <= {TARGETS['bytes']}, mem/KV <= {TARGETS['memory_p8']} at P=8, "
