@@ -296,8 +296,9 @@ def format_report(setup: Setup, config, batch: Batch, steps: list[Measured], che
         f"  model:    tiny Gemma 4, {text.num_hidden_layers} layers (sliding W={text.sliding_window} and global), "
         f"use_bidirectional_attention={text.use_bidirectional_attention!r}, {str(DTYPE).removeprefix('torch.')}",
         f"  batch:    {batch.describe()}",
-        f"  compiled: torch.compile(fullgraph=True, backend={setup.backend!r}): {setup.frames} frame for "
-        f"{len(steps)} steps (new metadata each step, no recompile)",
+        f"  compiled: torch.compile(fullgraph=True, backend={setup.backend!r}): {setup.frames} frame(s) for "
+        f"{len(steps)} steps (new metadata each step; "
+        f"{'no recompile' if setup.frames == 1 else f'{setup.frames - 1} recompile(s)'})",
         f"  time:     step 1 (compile, forward, backward) {first.seconds:.1f} s; "
         + "; ".join(f"step {i}: {m.seconds * 1e3:.0f} ms" for i, m in enumerate(warm, start=2)),
         f"  ring:     {sum(m.bytes_sent for m in steps) / per_rank / 1e6:.2f} MB sent per rank and step "

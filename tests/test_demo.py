@@ -12,7 +12,7 @@ def test_demo_passes_and_reports(capsys):
     # backend "eager": dynamo's fullgraph capture without AOT compilation, to keep the suite fast.
     assert demo.main(["--world-size", "2", "--seq-len", "64", "--backend", "eager"]) == 0
     report = capsys.readouterr().out
-    for expected in ("2 ranks (gloo, cpu), balanced layout", "1 frame for 2 steps", "MB sent", "ring steps",
+    for expected in ("2 ranks (gloo, cpu), balanced layout", "1 frame(s) for 2 steps (new metadata each step; no recompile)", "MB sent", "ring steps",
                      "parity:", "OK"):
         assert expected in report, report
 
