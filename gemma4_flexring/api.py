@@ -12,25 +12,34 @@ from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
 from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec
+from .simulated import SimulatedGroup
 from .validate import fail_together
 
 
 
-def process_group(group=None) -> dist.ProcessGroup | None:
-    """The ProcessGroup of a ProcessGroup / 1-D DeviceMesh / None (default group; None when
-    torch.distributed is not initialized, a world of one)."""
+def process_group(group=None) -> dist.ProcessGroup | SimulatedGroup | None:
+    """The ProcessGroup of a ProcessGroup / 1-D DeviceMesh / SimulatedGroup / None (default group;
+    None when torch.distributed is not initialized, a world of one)."""
     if group is None:
         if not dist.is_available() or not dist.is_initialized():
             return None
         group = dist.group.WORLD
-    elif not isinstance(group, dist.ProcessGroup):
+    elif not isinstance(group, (dist.ProcessGroup, SimulatedGroup)):
         get_group = getattr(group, "get_group", None)  # DeviceMesh
         if get_group is None:
-            raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+            raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh, a SimulatedGroup or None, "
+                            f"got {type(group).__name__}")
         if group.ndim != 1:
             raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim} dimensions")
         group = get_group()
     return group
+
+
+def group_size(pg: dist.ProcessGroup | SimulatedGroup | None) -> int:
+    """Ranks of the group (1 for None)."""
+    if pg is None:
+        return 1
+    return pg.size() if isinstance(pg, SimulatedGroup) else dist.get_world_size(pg)
 
 
 def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,
@@ -100,7 +109,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     # per group) but not the C++ name lookup ``_resolve_process_group``.
     pg = process_group(group)
     name = "" if pg is None else pg.group_name
-    world_size = 1 if pg is None else dist.get_world_size(pg)
+    world_size = group_size(pg)
     problems = argument_problems(q, k, v, mask, info, layout, scale, world_size, kernel)
     if problems:
         fail_together(problems, pg)

@@ -23,6 +23,8 @@ served for metadata with the same digest.
 from __future__ import annotations
 
 import time
+import functools
+import threading
 from collections import OrderedDict
 from typing import Callable, Hashable, NamedTuple, TypeVar
 
@@ -57,13 +59,24 @@ class MaskCacheInfo(NamedTuple):
     described: int
 
 
+def _locked(method):
+    """Run the method under the cache's lock: the ranks of a simulated ring are threads."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class PlanCache:
     """Plans keyed by metadata digest, least recently used digests evicted first."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._lock = threading.RLock()
         self.capacity = capacity
         self.clear()
 
+    @_locked
     def clear(self) -> None:
         self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
@@ -72,12 +85,14 @@ class PlanCache:
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
+    @_locked
     def set_capacity(self, capacity: int) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"mask cache capacity must be a positive int, got {capacity!r}")
         self.capacity = capacity
         self._trim()
 
+    @_locked
     def metadata(self, generation: int, tensors: tuple[Tensor, Tensor, Tensor]) -> Metadata:
         """The ``Metadata`` of ``tensors`` (the batch of ``generation``), hashed once per stamp."""
         self._generation = generation
@@ -95,6 +110,7 @@ class PlanCache:
         self._trim()
         return meta
 
+    @_locked
     def layout(self, table: Tensor, world_size: int) -> tuple[bytes, Layout]:
         """(digest, ``Layout``) of a rank-major positions ``table`` (int64 [S]) over ``world_size``
         ranks; its segments are found (and the table checked) once per content.
@@ -112,6 +128,7 @@ class PlanCache:
         self._trim()
         return digest, layout
 
+    @_locked
     def plan(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
         """The plan under (``meta``'s digest, ``key``), built on first request."""
         plans = self._plans.get(meta.digest)
@@ -129,6 +146,7 @@ class PlanCache:
         self._trim()
         return value
 
+    @_locked
     def schedule(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
         """A value derived from ``meta``'s plans (an exchange schedule) under (digest, ``key``), built
         on first request and dropped with the digest's plans; not counted in ``info()``."""
@@ -147,6 +165,7 @@ class PlanCache:
         while len(self._layouts) > 4 * self.capacity:
             self._layouts.popitem(last=False)
 
+    @_locked
     def info(self) -> MaskCacheInfo:
         return MaskCacheInfo(self._generation, self._builds, self._hits, len(self._plans), self.capacity,
                              sum(len(p) for p in self._plans.values()), self._described)

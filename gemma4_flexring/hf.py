@@ -41,6 +41,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .api import process_group, ring_attention
+from .ops import resolve_group
 from .info import SequenceInfo
 from .layout import LAYOUTS, Layout
 from .masks import MaskSpec
@@ -88,7 +89,7 @@ def _context_meta(context: RingContext) -> tuple[str, int, str]:
 
 def _context_unflatten(values, meta: tuple[str, int, str]) -> RingContext:
     kind, world_size, group = meta
-    pg = dist.distributed_c10d._resolve_process_group(group) if group else None
+    pg = resolve_group(group)
     layout = Layout(kind, world_size, *values[1:])
     return RingContext(values[0], layout, pg)
 

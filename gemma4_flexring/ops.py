@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import generations, schedule
+from . import generations, schedule, simulated
 from .cache import MASK_CACHE
 from .exchange import Exchange, build_exchange
 from .kernels import ChunkKernel, kernel_for
@@ -33,6 +33,7 @@ from .masks import MaskSpec
 from .merge import accumulator_dtype
 from .metadata import Metadata
 from .ring import RingComm, ring_backward, ring_forward
+from .simulated import SimulatedComm, SimulatedGroup
 from .validate import check_inputs_once, local_problems, signature
 
 
@@ -68,11 +69,15 @@ class RingArgs(NamedTuple):
         return self.q.shape[-1] ** -0.5 if self.scale is None else self.scale
 
 
-def resolve_group(group_name: str) -> dist.ProcessGroup | None:
-    """The process group named ``group_name``; "" is a world of one."""
+def resolve_group(group_name: str) -> dist.ProcessGroup | SimulatedGroup | None:
+    """The process group named ``group_name`` (or a simulated one); "" is a world of one."""
     if not group_name:
         return None
-    return dist.distributed_c10d._resolve_process_group(group_name)
+    return simulated.lookup(group_name) or dist.distributed_c10d._resolve_process_group(group_name)
+
+
+def communicator(group: dist.ProcessGroup | SimulatedGroup | None) -> RingComm | SimulatedComm:
+    return SimulatedComm(group) if isinstance(group, SimulatedGroup) else RingComm(group)
 
 
 def _plans(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout,
@@ -135,7 +140,7 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
     that any failure, planning included, raises on every rank before the first exchange.
     """
-    comm = RingComm(resolve_group(args.group_name))
+    comm = communicator(resolve_group(args.group_name))
     kernel = kernel_for(args.q.device, args.kernel)
     if not check:
         meta = MASK_CACHE.metadata(int(args.generation), args.info)

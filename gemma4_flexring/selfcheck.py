@@ -4,9 +4,10 @@ One command that checks this install on whatever device is present:
 
 - parity: the ring against the dense float64 reference (output and the three gradients) for
   every mask feature, head dims 64, 256 and 512, bfloat16 and float32, at P = 1; then at P = 2
-  (and 3) on gloo ranks spawned on the CPU. Ranks are run by a *ring runner*
-  (``RingRunner``: ``run(job, world_size) -> per-rank results``), so another runner (a
-  single-process simulated ring) can be swapped in (``RUNNERS``).
+  (and 3) through a *ring runner* (``RingRunner``: ``run(jobs, world_size) -> per-rank
+  results``, ``--runner``): by default the simulated ring (``simulated.py``: every rank a
+  thread of this process, on the device itself, so one GPU checks the multi-rank logic), or gloo
+  ranks spawned on the CPU.
 - compile and export: a Gemma 4 attention layer (``model.Gemma4Attention``) compiled with
   ``fullgraph=True`` and exported with a dynamic length, both compared with eager.
 - speed: the chunk kernel (the ring at P = 1) against ``F.scaled_dot_product_attention`` with
@@ -37,6 +38,7 @@ from .kernels import default_kernel
 from .layout import Layout
 from .masks import MaskSpec
 from .reference import reference_attention, reference_mask
+from .simulated import SimulatedGroup
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float64: 1e-10}
 FEATURES = ("causal", "sliding", "bidirectional", "bidirectional_window", "vision", "documents",
@@ -95,14 +97,15 @@ def make_tensors(job: Job) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes)
 
 
-def run_rank(rank: int, world_size: int, job: Job) -> list[torch.Tensor]:
-    """This rank's (out, dq, dk, dv) of ``job`` on the CPU, in float64 for the comparison."""
+def run_rank(rank: int, world_size: int, job: Job, group=None) -> list[torch.Tensor]:
+    """This rank's (out, dq, dk, dv) of ``job`` on the CPU, in float64 for the comparison
+    (``group`` None: the default group, or a world of one)."""
     spec, info = feature(job.feature, job.batch, job.seq_len)
     layout = Layout(job.layout, world_size)
     q, k, v, grad = make_tensors(job)
     local = [layout.shard(t, 2, rank).to(job.device, job.torch_dtype).requires_grad_(True) for t in (q, k, v)]
     out = ring_attention(*local, mask=spec, info=info, layout=layout, kernel=job.kernel,
-                         group=None if world_size == 1 else torch.distributed.group.WORLD)
+                         group=group)
     out.backward(layout.shard(grad, 2, rank).to(job.device, job.torch_dtype))
     return [t.detach().cpu().double() for t in (out, *(x.grad for x in local))]
 
@@ -163,7 +166,14 @@ def gloo_runner(jobs: list[Job], world_size: int, timeout_s: float = 300) -> lis
     return results
 
 
-RUNNERS: dict[str, RingRunner] = {"local": local_runner, "gloo": gloo_runner}
+def simulated_runner(jobs: list[Job], world_size: int) -> list:
+    """``world_size`` ranks as threads of this process on the job's device (``simulated.py``): the
+    multi-rank logic on one GPU, or quickly on the CPU."""
+    group = SimulatedGroup(world_size)
+    return group.run(lambda rank, size: [run_rank(rank, size, job, group) for job in jobs])
+
+
+RUNNERS: dict[str, RingRunner] = {"local": local_runner, "gloo": gloo_runner, "simulated": simulated_runner}
 
 
 def reference(job: Job) -> list[torch.Tensor]:
@@ -262,7 +272,7 @@ def compile_and_export(device: torch.device, dtype: torch.dtype, backend: str) -
     return result
 
 
-def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "gloo") -> dict:
+def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "simulated") -> dict:
     started = time.perf_counter()
     timings: dict = {}
     report: dict = {"device": str(device), "kernel": kernel or default_kernel(device), "quick": quick,
@@ -284,10 +294,12 @@ def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "gl
         features = ("all", "bidirectional_window") if quick else FEATURES
         kernels = (None,) if quick else (None, "flex")
         dtypes = ("float32",) if quick else ("float32", "bfloat16")
-        jobs = [Job(f, 64, dtype, 12 * world_size * 2, "cpu", k, layout)
+        on = str(device) if runner == "simulated" else "cpu"  # gloo moves CPU tensors only
+        jobs = [Job(f, 64, dtype, 12 * world_size * 2, on, k, layout)
                 for f in features for dtype in dtypes for k in kernels for layout in ("contiguous", "zigzag")]
         multi += compare(jobs, RUNNERS[runner](jobs, world_size), world_size)
     report["multi_rank"] = multi
+    report["runner"] = runner
     timings["multi_rank"] = time.perf_counter() - started - sum(timings.values())
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     try:
@@ -325,7 +337,8 @@ def format_report(report: dict) -> str:
         bad = [f"{r['feature']}/{r['dtype']}/{r['layout']}/{r['kernel']}" for r in rows if not r["ok"]]
         worst = max(r["max_rel_error"] for r in rows)
         kernels = sorted({r["kernel"] or "default" for r in rows})
-        lines.append(f"parity, P={world_size} gloo ranks on CPU: {len(rows)} cases (kernels {', '.join(kernels)}, "
+        where = "simulated ranks (threads, one device)" if report["runner"] == "simulated" else "gloo ranks on CPU"
+        lines.append(f"parity, P={world_size} {where}: {len(rows)} cases (kernels {', '.join(kernels)}, "
                      f"both layouts)  worst {worst:.2e}  {'ok' if not bad else 'FAIL: ' + ', '.join(bad)}")
     ce = report["compile_export"]
     if "error" in ce:
@@ -350,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--kernel", default=None, choices=["aten", "flex"], help="default: by device")
-    parser.add_argument("--runner", default="gloo", choices=sorted(RUNNERS), help="multi-rank ring runner")
+    parser.add_argument("--runner", default="simulated", choices=sorted(RUNNERS),
+                        help="multi-rank ring runner (default: simulated, in this process on the device)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")

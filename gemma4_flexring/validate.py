@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections import OrderedDict
 from typing import Callable, Hashable
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from .kernels import kernel_problem
 from .metadata import Metadata, digest_words
+from .simulated import SimulatedGroup
 from .stats import record_agreement
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,17 +113,11 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
         if problems:
             raise ValueError(f"{caller}: " + "; ".join(problems))
         return
-    # NCCL groups only move CUDA tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    mine = torch.tensor([1] + [0] * (len(fields) - 1) if problems else sign(), dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(group.size())]
     record_agreement()
-    dist.all_gather(table, mine, group=group)
-    rows = [t.cpu().tolist() for t in table]
+    rows = _gather_rows(group, [1] + [0] * (len(fields) - 1) if problems else sign())
     if not any(r[0] for r in rows) and all(r == rows[0] for r in rows):
         return
-    messages: list = [None] * group.size()
-    dist.all_gather_object(messages, problems, group=group)
+    messages = _gather_objects(group, problems)
     lines = [f"rank {r}: {'; '.join(m)}" for r, m in enumerate(messages) if m]
     if not lines:
         for i, field in enumerate(fields):
@@ -132,10 +128,32 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
     raise ValueError(f"{caller}: bad input, no exchange was started:\n  " + "\n  ".join(lines))
 
 
+def _gather_rows(group, row: list[int]) -> list[list[int]]:
+    """Every rank's ``row`` of int64s, in rank order."""
+    if isinstance(group, SimulatedGroup):
+        return group.all_gather(list(row))
+    # NCCL groups only move CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(group.size())]
+    dist.all_gather(table, mine, group=group)
+    return [t.cpu().tolist() for t in table]
+
+
+def _gather_objects(group, obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if isinstance(group, SimulatedGroup):
+        return group.all_gather(obj)
+    gathered: list = [None] * group.size()
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 Problem = tuple[type[Exception], str]  # (exception type when alone, sentence)
 
 AGREED_CAPACITY = 256
 _AGREED: OrderedDict[Hashable, None] = OrderedDict()
+_AGREED_LOCK = threading.Lock()
 
 
 def check_inputs_once(key: Hashable, problems: list[str], group: dist.ProcessGroup | None,
@@ -148,13 +166,15 @@ def check_inputs_once(key: Hashable, problems: list[str], group: dist.ProcessGro
     from an agreed one while the others' calls match theirs is caught by the process group's
     timeout, not by this check.
     """
-    if not problems and key in _AGREED:
-        _AGREED.move_to_end(key)
-        return
+    with _AGREED_LOCK:
+        if not problems and key in _AGREED:
+            _AGREED.move_to_end(key)
+            return
     check_inputs(problems, group, sign)
-    _AGREED[key] = None
-    while len(_AGREED) > AGREED_CAPACITY:
-        _AGREED.popitem(last=False)
+    with _AGREED_LOCK:
+        _AGREED[key] = None
+        while len(_AGREED) > AGREED_CAPACITY:
+            _AGREED.popitem(last=False)
 
 
 def agree(problems: list[Problem], group: dist.ProcessGroup | None, sign: Callable[[], list[int]],
