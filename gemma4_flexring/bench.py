@@ -49,7 +49,7 @@ from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask
 from .metadata import informative
-from .schedule import DENSE_CHUNK, _block_indices, evaluate_at
+from .schedule import DENSE_CHUNK, block_indices, evaluate_at
 from .stats import reset_ring_stats, ring_stats
 
 MASKS = ("causal", "sliding", "packed", "vision")
@@ -136,8 +136,8 @@ def mask_figures(spec: MaskSpec, info: SequenceInfo, layout: Layout, seq_len: in
                 qi, ki = partial.any(0).nonzero(as_tuple=True)
                 step = max(1, DENSE_CHUNK // (batch * block * block))
                 for n in range(0, qi.numel(), step):
-                    q_idx, q_real = _block_indices(q_first[qi[n:n + step]], q_last[qi[n:n + step]], block)
-                    k_idx, k_real = _block_indices(k_first[ki[n:n + step]], k_last[ki[n:n + step]], block)
+                    q_idx, q_real = block_indices(q_first[qi[n:n + step]], q_last[qi[n:n + step]], block)
+                    k_idx, k_real = block_indices(k_first[ki[n:n + step]], k_last[ki[n:n + step]], block)
                     allowed = evaluate_at(mask.mask_mod, batch, q_idx[:, :, None], k_idx[:, None, :])
                     allowed = allowed & (q_real[:, :, None] & k_real[:, None, :])
                     allowed = allowed & partial[:, qi[n:n + step], ki[n:n + step], None, None]

@@ -206,8 +206,8 @@ def dense_block_flags(mask_mod: MaskMod, q: Blocks, k: Blocks, qb: Tensor, kb: T
     allowed), bool [batch, n], over the blocks' entries only. At most ``DENSE_CHUNK`` entries are
     evaluated at once."""
     (q_first, q_last), (k_first, k_last) = q.bounds(), k.bounds()
-    q_idx, q_real = _block_indices(q_first[qb], q_last[qb], q.size)
-    k_idx, k_real = _block_indices(k_first[kb], k_last[kb], k.size)
+    q_idx, q_real = block_indices(q_first[qb], q_last[qb], q.size)
+    k_idx, k_real = block_indices(k_first[kb], k_last[kb], k.size)
     step = max(1, DENSE_CHUNK // (batch * q.size * k.size))
     some, every = [], []
     for n in range(0, qb.numel(), step):
@@ -219,7 +219,7 @@ def dense_block_flags(mask_mod: MaskMod, q: Blocks, k: Blocks, qb: Tensor, kb: T
     return torch.cat(some, 1), torch.cat(every, 1)
 
 
-def _block_indices(first: Tensor, last: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def block_indices(first: Tensor, last: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Positions of blocks [first[n], last[n]] padded to ``size`` by repeating the last one, and
     which of them are real: int64 [n, size], bool [n, size]."""
     idx = first[:, None] + torch.arange(size, device=first.device)

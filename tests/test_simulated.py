@@ -55,3 +55,22 @@ def test_ranks_that_disagree_raise_together():
     with pytest.raises(RuntimeError) as failure:
         group.run(step)
     assert failure.value.args[0].count("ranks disagree on sliding_window") == 2  # both ranks raised it
+
+
+def test_flex_kernel_through_the_simulated_ring():
+    """The flex kernel's ranks share one process: its calls are serialized, results exact."""
+    group, layout = SimulatedGroup(2), Layout("zigzag", 2)
+    for case in (Case("sliding_vision", "all"), Case("bidirectional_window", "packed_padded")):
+        q, k, v, grad = make_tensors(case)
+        info = make_info(case.info, case.batch, case.seq_len)
+
+        def step(rank: int, world_size: int):
+            local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+            out = ring_attention(*local, mask=case.mask, info=info, layout=layout, group=group, kernel="flex")
+            out.backward(layout.shard(grad, 2, rank))
+            return (out.detach(), *(t.grad for t in local))
+
+        results = group.run(step)
+        for part, want in enumerate(reference(case)):
+            got = layout.unshard([r[part] for r in results], dim=2)
+            assert (got - want).abs().max().item() <= TOLERANCE[case.dtype], (case, part)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from functools import lru_cache
 
 import torch
@@ -38,6 +39,12 @@ def from_flex_lse(lse_base2: Tensor) -> Tensor:
 def to_flex_lse(lse: Tensor) -> Tensor:
     """The ring's natural-log LSE as flex's backward reads it: base 2."""
     return lse * LOG2_E
+
+
+# One flex call at a time per process: the flex HOPs trace the mask with torch.fx, whose symbolic
+# tracer keeps global state, so the threads of a simulated ring must not call them concurrently
+# (measured: "CURRENT_PATCHER is None"). Uncontended with one rank per process.
+_CALLS = threading.Lock()
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):
@@ -176,7 +183,7 @@ class FlexKernel:
         block_mask, options = self._mask_and_options(q, k, v, pair)
         # An op's body sees its inputs' requires_grad without recording; flex refuses such inputs on CPU.
         q, k, v = q.detach(), k.detach(), v.detach()
-        with scope():
+        with _CALLS, scope():
             # Rows with no allowed key come back as out = 0, lse = -inf: the merge gives them no weight.
             return forward(q, k, v, block_mask, scale, options)
 
@@ -184,5 +191,5 @@ class FlexKernel:
                  pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         _, backward, scope = self._functions(q.device)
         block_mask, options = self._mask_and_options(q, k, v, pair)
-        with scope():
+        with _CALLS, scope():
             return backward(grad_out, q, k, v, out, to_flex_lse(lse), block_mask, scale, options)
