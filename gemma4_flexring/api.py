@@ -24,7 +24,9 @@ def process_group(group=None) -> dist.ProcessGroup | SimulatedGroup | None:
         if not dist.is_available() or not dist.is_initialized():
             return None
         group = dist.group.WORLD
-    elif not isinstance(group, (dist.ProcessGroup, SimulatedGroup)):
+    elif isinstance(group, dist.ProcessGroup):
+        pass  # checked first and alone: dynamo cannot run other isinstance checks on a ProcessGroup
+    elif not isinstance(group, SimulatedGroup):
         get_group = getattr(group, "get_group", None)  # DeviceMesh
         if get_group is None:
             raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh, a SimulatedGroup or None, "
@@ -39,7 +41,7 @@ def group_size(pg: dist.ProcessGroup | SimulatedGroup | None) -> int:
     """Ranks of the group (1 for None)."""
     if pg is None:
         return 1
-    return pg.size() if isinstance(pg, SimulatedGroup) else dist.get_world_size(pg)
+    return dist.get_world_size(pg) if isinstance(pg, dist.ProcessGroup) else pg.size()
 
 
 def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,
