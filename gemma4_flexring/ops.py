@@ -80,20 +80,36 @@ def communicator(group: dist.ProcessGroup | SimulatedGroup | None) -> RingComm |
     return SimulatedComm(group) if isinstance(group, SimulatedGroup) else RingComm(group)
 
 
-def _plans(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout,
-           comm: RingComm) -> list[schedule.PairPlan]:
-    """This rank's plan against every K/V owner, from the cache under ``meta``'s digest and the
-    layout's."""
-    spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
+class Planning(NamedTuple):
+    """What every plan and exchange schedule of one call is derived from (the cache keys too)."""
+
+    spec: MaskSpec
+    meta: Metadata
+    metadata: tuple[Tensor | None, Tensor | None, Tensor | None]  # the fields that matter
+    layout: Layout
+    layout_digest: bytes
+    seq_len: int
+    batch: int  # of the masks: 1 when no metadata matters
+
+    def key(self, *parts, q: Tensor) -> tuple:
+        return (self.spec, self.layout_digest, self.seq_len, *parts, self.batch, q.dtype, q.device,
+                schedule.BLOCK_SIZE)
+
+
+def _planning(args: RingArgs, layout_digest: bytes, layout: Layout, comm) -> Planning:
+    meta = MASK_CACHE.metadata(int(args.generation), args.info)
+    return Planning(MaskSpec(args.causal, args.sliding_window, args.block_bidirectional), meta,
+                    meta.effective(*args.info), layout, layout_digest, args.q.shape[2] * comm.world_size,
+                    args.q.shape[0] if meta.any else 1)
+
+
+def _plans(args: RingArgs, p: Planning, comm) -> list[schedule.PairPlan]:
+    """This rank's plan against every K/V owner, from the cache under the metadata's digest."""
     q = args.q
-    seq_len = q.shape[2] * comm.world_size
-    batch = q.shape[0] if meta.any else 1
-    metadata = meta.effective(*args.info)
 
     def plan(owner: int) -> schedule.PairPlan:
-        key = (spec, layout_digest, seq_len, comm.rank, owner, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-        return MASK_CACHE.plan(meta, key, lambda: schedule.plan_pair(
-            spec, *metadata, layout, seq_len, comm.rank, owner, batch, q.dtype, q.device))
+        return MASK_CACHE.plan(p.meta, p.key(comm.rank, owner, q=q), lambda: schedule.plan_pair(
+            p.spec, *p.metadata, p.layout, p.seq_len, comm.rank, owner, p.batch, q.dtype, q.device))
 
     return [plan(owner) for owner in range(comm.world_size)]
 
@@ -101,37 +117,35 @@ def _plans(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout,
 class Prepared(NamedTuple):
     """What one call of either op needs besides its tensors."""
 
-    comm: RingComm
-    plans: list[schedule.PairPlan]  # one per K/V owner
+    comm: RingComm | SimulatedComm
+    plans: list[schedule.PairPlan]  # one per K/V owner, tiles holding the kernel's calls
     kernel: ChunkKernel
     exchange: Exchange | None  # what this rank sends and receives at each step
     key_padding: Tensor | None  # [B, L] bool: this rank's padding keys, None when there are none
 
 
-def _exchange(args: RingArgs, meta: Metadata, layout_digest: bytes, layout: Layout, comm: RingComm,
-              plans: list[schedule.PairPlan], kernel: ChunkKernel) -> Exchange | None:
-    """This rank's exchange schedule (``exchange.py``), from the cache under ``meta``'s digest: what
-    it receives from its plans, what it sends from every query rank's needs against its chunk.
+def _exchange(args: RingArgs, p: Planning, comm, plans: list[schedule.PairPlan],
+              kernel: ChunkKernel) -> Exchange | None:
+    """This rank's exchange schedule (``exchange.py``), from the cache under the metadata's digest:
+    what it receives from its plans, what it sends from every query rank's needs against its chunk.
     None (whole chunks) for a kernel whose calls read whole key segments, not the tiles' rows."""
     if kernel.reads_whole_segments:
         return None
-    spec = MaskSpec(args.causal, args.sliding_window, args.block_bidirectional)
-    q = args.q
-    seq_len = q.shape[2] * comm.world_size
-    batch = q.shape[0] if meta.any else 1
-    metadata = meta.effective(*args.info)
 
     def build() -> Exchange:
         send_rows = [() if reader == comm.rank else schedule.needed_kv_rows(
-            spec, *metadata, layout, seq_len, reader, comm.rank, batch, q.device) for reader in range(comm.world_size)]
+            p.spec, *p.metadata, p.layout, p.seq_len, reader, comm.rank, p.batch, args.q.device)
+            for reader in range(comm.world_size)]
         return build_exchange(comm.rank, comm.world_size, plans, send_rows)
 
-    key = ("exchange", spec, layout_digest, seq_len, comm.rank, batch, q.dtype, q.device, schedule.BLOCK_SIZE)
-    return MASK_CACHE.schedule(meta, key, build)
+    return MASK_CACHE.schedule(p.meta, ("exchange", *p.key(comm.rank, q=args.q)), build)
 
 
-def _key_padding(args: RingArgs, meta: Metadata, layout: Layout, comm: RingComm) -> Tensor | None:
-    return layout.shard(args.padding, 1, comm.rank) if meta.padding else None
+def _planned(args: RingArgs, p: Planning, comm, kernel: ChunkKernel) -> Prepared:
+    """Plans, exchange schedule and key padding of one call."""
+    plans = _plans(args, p, comm)
+    key_padding = p.layout.shard(args.padding, 1, comm.rank) if p.meta.padding else None
+    return Prepared(comm, _kernel_plans(plans, kernel), kernel, _exchange(args, p, comm, plans, kernel), key_padding)
 
 
 def _prepare(args: RingArgs, check: bool) -> Prepared:
@@ -143,34 +157,26 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     comm = communicator(resolve_group(args.group_name))
     kernel = kernel_for(args.q.device, args.kernel)
     if not check:
-        meta = MASK_CACHE.metadata(int(args.generation), args.info)
-        layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
-        plans = _plans(args, meta, layout_digest, layout, comm)
-        return Prepared(comm, _kernel_plans(plans, kernel), kernel,
-                        _exchange(args, meta, layout_digest, layout, comm, plans, kernel),
-                        _key_padding(args, meta, layout, comm))
+        return _planned(args, _planning(args, *MASK_CACHE.layout(args.layout, comm.world_size), comm), comm, kernel)
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
                               comm.world_size, args.scale, args.kernel)
-    plans: list[schedule.PairPlan] = []
-    meta = layout = exchange = key_padding = None
+    prepared = layout = None
     if not problems:
         try:
-            layout_digest, layout = MASK_CACHE.layout(args.layout, comm.world_size)
+            layout = MASK_CACHE.layout(args.layout, comm.world_size)
         except ValueError as e:
             problems.append(str(e))
     if not problems:
         try:
-            meta = MASK_CACHE.metadata(int(args.generation), args.info)
-            plans = _plans(args, meta, layout_digest, layout, comm)
-            exchange = _exchange(args, meta, layout_digest, layout, comm, plans, kernel)
-            key_padding = _key_padding(args, meta, layout, comm)
+            planning = _planning(args, *layout, comm)
+            prepared = _planned(args, planning, comm, kernel)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
-    mine = None if problems else signature(args.q, args.k, meta, args.causal, args.sliding_window,
-                                           args.block_bidirectional, layout_digest, args.resolved_scale)
+    mine = None if problems else signature(args.q, args.k, planning.meta, args.causal, args.sliding_window,
+                                           args.block_bidirectional, planning.layout_digest, args.resolved_scale)
     key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
     check_inputs_once(key, problems, comm.group, lambda: mine)
-    return Prepared(comm, _kernel_plans(plans, kernel), kernel, exchange, key_padding)
+    return prepared
 
 
 def _kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[schedule.PairPlan]:

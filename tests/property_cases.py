@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention, schedule
+from ring_cases import layout_of
 
 
 @dataclass
@@ -35,10 +36,7 @@ class Example:
 
     def make_layout(self) -> Layout:
         """The example's layout; a balanced one is computed from its metadata."""
-        if self.layout != "balanced":
-            return Layout(self.layout, self.world_size)
-        info = self.info() or SequenceInfo(shape=(self.batch, self.seq_len))
-        return Layout.balanced(info, self.world_size)
+        return layout_of(self.layout, self.world_size, self.info(), self.batch, self.seq_len)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Whole-sequence float64 q, k, v and an output gradient."""

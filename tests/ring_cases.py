@@ -72,13 +72,18 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
-def make_layout(kind: str, world_size: int, case: Case) -> Layout:
-    """``kind`` over ``world_size`` ranks; "balanced" is computed from the case's metadata (whose
-    short sequences give small grains, hence many segments per rank)."""
+def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int, seq_len: int) -> Layout:
+    """``kind`` over ``world_size`` ranks; "balanced" is computed from the metadata ``info``
+    (None: a [batch, seq_len] batch without metadata)."""
     if kind != "balanced":
         return Layout(kind, world_size)
-    info = make_info(case.info, case.batch, case.seq_len) or SequenceInfo(shape=(case.batch, case.seq_len))
-    return Layout.balanced(info, world_size)
+    return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size)
+
+
+def make_layout(kind: str, world_size: int, case: Case) -> Layout:
+    """``layout_of`` the case's metadata (whose short sequences give small grains, hence many
+    segments per rank)."""
+    return layout_of(kind, world_size, make_info(case.info, case.batch, case.seq_len), case.batch, case.seq_len)
 
 
 def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
