@@ -12,13 +12,61 @@ the receiver's plan holds. A step with nothing to send and nothing to receive po
 
 Received rows are packed: the visiting chunk is [B, Hkv, n, D] for the n rows received, and each
 step's tiles have their ``kv_rows`` moved into that packed chunk.
+
+Pieces bound memory. A step's rows are cut into pieces of at most ``piece_rows(L)`` rows, and
+its tiles at the pieces' edges and every ``piece_rows(L)`` query rows (``schedule.split_tile``):
+no kernel call reads more, and the backward computes and sends home each piece's dK/dV on its
+own. Reader and owner cut the same row count the same way (``piece_bounds``), so the owner
+knows which of its rows each piece of dK/dV coming home holds.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
-from .schedule import PairPlan, Rows, Tile, ring_owner
+from . import schedule
+from .schedule import PairPlan, Rows, Tile, ring_owner, split_tile
+
+PIECES_PER_CHUNK = 8  # a whole chunk's rows travel and are computed in this many pieces...
+# ...of at least this many rows. Measured at P=1, S=4096, H=8/2: 512-row calls ran at 1.01x aten
+# SDPA's time, uncut ones at 1.11x (so cutting costs no speed here), with 8x less tile memory.
+MIN_PIECE_ROWS = 512
+
+
+def piece_rows(chunk_len: int) -> int:
+    """The most key rows (and query rows) one kernel call, and one piece of dK/dV, may hold for
+    chunks of ``chunk_len`` rows: an eighth of the chunk in whole blocks, at least ``MIN_PIECE_ROWS``."""
+    block = schedule.BLOCK_SIZE
+    return max(MIN_PIECE_ROWS, -(-chunk_len // (PIECES_PER_CHUNK * block)) * block)
+
+
+def piece_bounds(rows: int, most: int | None) -> tuple[tuple[int, int], ...]:
+    """``rows`` cut into the fewest near-equal [start, stop) pieces of at most ``most`` rows
+    (one piece when ``most`` is None); none when ``rows`` is 0."""
+    count = 1 if most is None else math.ceil(rows / most)
+    cuts = [i * rows // count for i in range(count + 1)] if rows else []
+    return tuple(zip(cuts, cuts[1:]))
+
+
+def sub_rows(rows: Rows, start: int, stop: int) -> Rows:
+    """The runs of ``rows`` that packed rows [start, stop) hold (``rows`` packed one after another)."""
+    out, at = [], 0
+    for a, b in rows:
+        lo, hi = max(start, at), min(stop, at + b - a)
+        if lo < hi:
+            out.append((a + lo - at, a + hi - at))
+        at += b - a
+    return tuple(out)
+
+
+class Piece(NamedTuple):
+    """Rows [start, stop) of a step's visiting chunk (packed) and the calls that read only them;
+    the backward computes and sends home their dK/dV together."""
+
+    start: int
+    stop: int
+    calls: tuple
 
 
 class Step(NamedTuple):
@@ -29,15 +77,22 @@ class Step(NamedTuple):
         send_rows: the rows of this rank's chunk it reads (sent to it).
         recv_from: the owner of the chunk this rank reads at this step.
         recv_rows: the owner's rows this rank reads (received, in this order, packed).
-        tiles: this rank's tiles against that chunk, ``kv_rows`` in the packed received rows
-            (at step 0, the local chunk: tiles as planned).
+        pieces: this rank's calls against that chunk, by piece of the packed received rows
+            (at step 0, the local chunk's rows).
+        home: per piece of ``send_rows`` (cut as ``send_to`` cuts its received rows), this rank's
+            rows whose dK/dV that piece brings home in the backward.
     """
 
     send_to: int
     send_rows: Rows
     recv_from: int
     recv_rows: Rows
-    tiles: tuple[Tile, ...]
+    pieces: tuple[Piece, ...]
+    home: tuple[Rows, ...] = ()
+
+    @property
+    def calls(self) -> tuple:
+        return tuple(c for p in self.pieces for c in p.calls)
 
 
 class Exchange(NamedTuple):
@@ -48,8 +103,11 @@ class Exchange(NamedTuple):
     def max_recv_rows(self) -> int:
         return max((row_count(s.recv_rows) for s in self.steps), default=0)
 
-    def max_send_rows(self) -> int:
-        return max((row_count(s.send_rows) for s in self.steps), default=0)
+    def max_piece_rows(self, home: bool) -> int:
+        """The most rows of one piece of dK/dV sent away (or, ``home``, coming home)."""
+        sizes = [row_count(h) for s in self.steps for h in s.home] if home else \
+            [p.stop - p.start for s in self.steps[1:] for p in s.pieces]
+        return max(sizes, default=0)
 
     def rows_sent(self) -> int:
         """K/V rows this rank sends in one forward (the backward sends them again, and receives
@@ -61,31 +119,49 @@ def row_count(rows: Rows) -> int:
     return sum(stop - start for start, stop in rows)
 
 
-def build_exchange(rank: int, world_size: int, plans: Sequence[PairPlan], send_rows: Sequence[Rows]) -> Exchange:
-    """The exchange of ``rank``.
+def build_exchange(rank: int, world_size: int, plans: Sequence[PairPlan], send_rows: Sequence[Rows],
+                   chunk_len: int, most_rows: int | None = None) -> Exchange:
+    """The exchange of ``rank``, whose chunk holds ``chunk_len`` rows.
 
     Args:
         plans: ``rank``'s plan against every owner (indexed by owner).
         send_rows: per query rank, the rows of ``rank``'s chunk that its plan reads
             (``needed_kv_rows(..., q_rank=d, kv_rank=rank)``; entry ``rank`` is not read).
+        most_rows: the pieces' size (``piece_rows``); None: one piece per step, tiles uncut.
     """
-    steps = [Step(rank, (), rank, (), tuple(plans[rank].tiles))]
+    steps = [Step(rank, (), rank, (), cut_pieces(plans[rank].tiles, chunk_len, most_rows))]
     for step in range(1, world_size):
         owner, reader = ring_owner(rank, step, world_size), (rank + step) % world_size
-        plan = plans[owner]
-        steps.append(Step(reader, tuple(send_rows[reader]), owner, plan.kv_rows, packed_tiles(plan.tiles, plan.kv_rows)))
+        plan, sent = plans[owner], tuple(send_rows[reader])
+        home = tuple(sub_rows(sent, a, b) for a, b in piece_bounds(row_count(sent), most_rows))
+        tiles = packed_tiles(plan.tiles, plan.kv_rows)
+        steps.append(Step(reader, sent, owner, plan.kv_rows, cut_pieces(tiles, row_count(plan.kv_rows), most_rows),
+                          home))
     return Exchange(tuple(steps))
 
 
 def whole_chunks(rank: int, world_size: int, plans: Sequence[PairPlan], chunk_len: int) -> Exchange:
-    """An exchange that sends every chunk whole to every rank: correct for any plans, without
-    knowing what other ranks need (the exchange ``ring_forward`` uses when given none)."""
+    """An exchange that sends every chunk whole to every rank, one piece per step with the plans'
+    calls uncut: correct for any plans and any kernel's calls, without knowing what other ranks
+    need (the exchange of kernels that read whole segments, and of ``ring_forward`` given none)."""
     everything = ((0, chunk_len),)
-    steps = [Step(rank, (), rank, (), tuple(plans[rank].tiles))]
+    steps = [Step(rank, (), rank, (), (Piece(0, chunk_len, tuple(plans[rank].tiles)),))]
     for step in range(1, world_size):
         owner = ring_owner(rank, step, world_size)
-        steps.append(Step((rank + step) % world_size, everything, owner, everything, tuple(plans[owner].tiles)))
+        steps.append(Step((rank + step) % world_size, everything, owner, everything,
+                          (Piece(0, chunk_len, tuple(plans[owner].tiles)),), (everything,)))
     return Exchange(tuple(steps))
+
+
+def cut_pieces(tiles: Sequence[Tile], rows: int, most_rows: int | None) -> tuple[Piece, ...]:
+    """``tiles`` reading rows [0, rows) of a visiting chunk, cut into the pieces of ``piece_bounds``
+    and into at most ``most_rows`` query rows (``schedule.split_tile``); None: one piece, uncut."""
+    bounds = piece_bounds(rows, most_rows)
+    if most_rows is None:
+        return tuple(Piece(a, b, tuple(tiles)) for a, b in bounds)
+    kv_cuts = [a for a, _ in bounds[1:]]
+    parts = [split_tile(t, range(t.q_rows.start + most_rows, t.q_rows.stop, most_rows), kv_cuts) for t in tiles]
+    return tuple(Piece(a, b, tuple(p for ps in parts for p in ps if a <= p.kv_rows.start < b)) for a, b in bounds)
 
 
 def packed_tiles(tiles: Sequence[Tile], rows: Rows) -> tuple[Tile, ...]:

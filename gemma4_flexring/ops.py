@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import generations, schedule, simulated
 from .cache import MASK_CACHE
-from .exchange import Exchange, build_exchange
+from .exchange import Exchange, build_exchange, piece_rows
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
 from .masks import MaskSpec
@@ -136,9 +136,11 @@ def _exchange(args: RingArgs, p: Planning, comm, plans: list[schedule.PairPlan],
         send_rows = [() if reader == comm.rank else schedule.needed_kv_rows(
             p.spec, *p.metadata, p.layout, p.seq_len, reader, comm.rank, p.batch, args.q.device)
             for reader in range(comm.world_size)]
-        return build_exchange(comm.rank, comm.world_size, plans, send_rows)
+        return build_exchange(comm.rank, comm.world_size, plans, send_rows, chunk, most_rows)
 
-    return MASK_CACHE.schedule(p.meta, ("exchange", *p.key(comm.rank, q=args.q)), build)
+    chunk = args.q.shape[2]
+    most_rows = piece_rows(chunk)
+    return MASK_CACHE.schedule(p.meta, ("exchange", most_rows, *p.key(comm.rank, q=args.q)), build)
 
 
 def _planned(args: RingArgs, p: Planning, comm, kernel: ChunkKernel) -> Prepared:

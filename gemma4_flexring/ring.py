@@ -3,14 +3,14 @@
 Forward: at step s rank r attends to the rows of owner (r - s) mod P that its tiles read,
 sent straight from the owner (``exchange.py``), and partial results merge through their LSE in
 place. Step s + 1's exchange is posted before step s computes. Backward: the same rows travel
-again, and the dK/dV of the rows a rank received go back to their owner, who accumulates them;
-the dK/dV of step s travel while step s + 1 computes. Each step's sends and receives (K/V of the
-next step, dK/dV of the previous one) go out in one ``batch_isend_irecv``; a step with nothing
-to send or receive posts nothing.
+again, one step ahead; each step is computed piece by piece (``exchange.Piece``), and the dK/dV
+of a received piece go back to their owner, who adds them up, as soon as the piece is computed,
+while the next piece computes. Each step's K/V (sends and receives) go out in one
+``batch_isend_irecv``; a step with nothing to send or receive posts nothing.
 
-Memory per rank: two preallocated receive buffers as large as the most rows received in one
-step (and in the backward one dK/dV receive buffer and the dK/dV of two steps), never the whole
-K/V.
+Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
+step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
+home, and one kernel call's outputs (at most a piece of queries and keys), never the whole K/V.
 """
 
 from __future__ import annotations
@@ -94,11 +94,11 @@ class _Posted(NamedTuple):
     keep: tuple  # tensors being sent: alive until the exchange completes
 
 
-def _wait(posted: _Posted, backward: bool) -> None:
+def _wait(works: list, backward: bool) -> None:
     """Wait for a posted exchange; a failure names the exchange and what usually causes it."""
     start = time.perf_counter()
     try:
-        for work in posted.works:
+        for work in works:
             work.wait()
     except RuntimeError as e:
         raise RuntimeError(
@@ -172,12 +172,13 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
         if step == 0:
             k_step, v_step = k, v
         else:
-            _wait(posted, backward=False)
+            _wait(posted.works, backward=False)
             k_step, v_step = posted.k, posted.v
         sends, recvs, k_in, v_in = kv.ops(step + 1)  # the next step's rows travel while this one computes
         posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
-        record_step(len(plan.tiles))
-        for tile in plan.tiles:
+        tiles = plan.calls
+        record_step(len(tiles))
+        for tile in tiles:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], k_step[:, :, cols], v_step[:, :, cols], tile, scale)
             merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
@@ -201,6 +202,16 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
 
+    Each step's K/V travel as in the forward, posted one step ahead. A step is computed piece by
+    piece (``Step.pieces``). The dK/dV of the n-th received piece go to their owner as soon as it
+    is computed, in one ``batch_isend_irecv`` with the receive of the n-th piece of dK/dV coming
+    home for the rows this rank sent at that step, while the next piece computes.
+
+    Every rank posts in the same order: step s + 1's K/V, then step s's pieces in order, then step
+    s + 2's K/V. So the messages between two ranks are posted in the same order on both, and on
+    NCCL, which runs a rank's exchanges one after another, every exchange's peers have posted
+    everything before it: nothing waits in a cycle.
+
     Returns:
         dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], in the inputs' dtypes.
     """
@@ -214,77 +225,102 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
-    send_dtype = dkv_send_dtype(k.dtype)
+    grads = _TileGrads(grad_out, q, out, lse, dq, kernel, scale)
     kv = _KVExchange(k, v, exchange)
-    steps = exchange.steps
-    dkv_in = _Buffers(k, exchange.max_send_rows(), 2, send_dtype)  # views 0, 1: dK, dV coming home
-    posted = _Posted([], None, None, ())
-    home: tuple[int, Tensor, Tensor] | None = None     # (step, dK, dV) of rows sent at that step, coming home
-    partial: tuple[int, Tensor, Tensor] | None = None  # (step, dK, dV) of the rows received at that step
-    # Batch ``step`` (posted before step computes, the last one after): K/V of step + 1, dK/dV of step - 1.
-    for step in range(len(steps) + 1):
-        if step > 0:
-            _wait(posted, backward=True)
-            _add_home(dk, dv, steps, home)
-        k_step, v_step = (k, v) if step == 0 else (posted.k, posted.v)
-        sends, recvs, k_in, v_in = kv.ops(step + 1)
-        if partial is not None:
-            sends += [(steps[partial[0]].recv_from, partial[1]), (steps[partial[0]].recv_from, partial[2])]
-        home = None
-        if step >= 2 and steps[step - 1].send_rows:
-            n = row_count(steps[step - 1].send_rows)
-            home = (step - 1, dkv_in.view(0, n), dkv_in.view(1, n))
-            recvs += [(steps[step - 1].send_to, home[1]), (steps[step - 1].send_to, home[2])]
-        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
-        partial = None
-        if step == len(steps):
-            break
-        tiles = steps[step].tiles
-        record_step(len(tiles))
+    pieces = _PieceGrads(comm, dk, dv, exchange, dkv_send_dtype(k.dtype))
+    posted = None
+    for step, s in enumerate(exchange.steps):
         if step == 0:
-            for tile in tiles:
-                tile_dk, tile_dv = _backward_tile(tile, grad_out, q, k_step, v_step, out, lse, kernel, scale, dq)
-                dk[:, :, tile.kv_rows] += tile_dk
-                dv[:, :, tile.kv_rows] += tile_dv
-        elif steps[step].recv_rows:
-            partial = (step, *_received_grads(tiles, row_count(steps[step].recv_rows), grad_out, q, k_step, v_step,
-                                              out, lse, kernel, scale, dq, send_dtype))
-    _wait(posted, backward=True)
-    _add_home(dk, dv, steps, home)
+            k_step, v_step = k, v
+        else:
+            _wait(posted.works, backward=True)
+            k_step, v_step = posted.k, posted.v
+        sends, recvs, k_in, v_in = kv.ops(step + 1)
+        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
+        record_step(len(s.calls))
+        if step == 0:
+            for tile in s.calls:
+                grads.add(tile, k_step, v_step, dk, dv, 0)
+            continue
+        for index in range(max(len(s.pieces), len(s.home))):
+            away = None
+            if index < len(s.pieces):
+                piece = s.pieces[index]
+                away = pieces.away(piece.stop - piece.start)
+                for tile in piece.calls:
+                    grads.add(tile, k_step, v_step, *away, piece.start)
+            pieces.post(s, index, away)
+    _wait(posted.works, backward=True)
+    pieces.finish()
     if key_padding is not None:
         # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
         dk, dv = without_padding(dk, dv, key_padding)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _backward_tile(tile, grad_out, q, k, v, out, lse, kernel, scale, dq) -> tuple[Tensor, Tensor]:
-    """One tile's dK/dV; its dQ is added into ``dq``."""
-    rows, cols = tile.q_rows, tile.kv_rows
-    tile_dq, tile_dk, tile_dv = kernel.backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                                out[:, :, rows], lse[:, :, rows], tile, scale)
-    dq[:, :, rows] += tile_dq
-    return tile_dk, tile_dv
+class _TileGrads:
+    """One tile's gradients: its dQ added into ``dq``, its dK/dV into given buffers."""
+
+    def __init__(self, grad_out, q, out, lse, dq, kernel: ChunkKernel, scale: float) -> None:
+        self.grad_out, self.q, self.out, self.lse, self.dq = grad_out, q, out, lse, dq
+        self.kernel, self.scale = kernel, scale
+
+    def add(self, tile, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int) -> None:
+        """Add ``tile``'s dK/dV into ``dk``/``dv`` [B, Hkv, n, D], whose row 0 is key row ``first_row``."""
+        rows, cols = tile.q_rows, tile.kv_rows
+        tile_dq, tile_dk, tile_dv = self.kernel.backward(
+            self.grad_out[:, :, rows], self.q[:, :, rows], k[:, :, cols], v[:, :, cols], self.out[:, :, rows],
+            self.lse[:, :, rows], tile, self.scale)
+        self.dq[:, :, rows] += tile_dq
+        del tile_dq
+        at = slice(cols.start - first_row, cols.stop - first_row)
+        dk[:, :, at] += tile_dk
+        dv[:, :, at] += tile_dv
 
 
-def _received_grads(tiles, n, grad_out, q, k, v, out, lse, kernel, scale, dq,
-                    send_dtype) -> tuple[Tensor, Tensor]:
-    """dK/dV [B, Hkv, n, D] in ``send_dtype`` of the n received rows, from this step's tiles: the
-    kernel's own outputs when one tile reads every row, else their float32/64 sum."""
-    if len(tiles) == 1 and tiles[0].kv_rows == slice(0, n):
-        tile_dk, tile_dv = _backward_tile(tiles[0], grad_out, q, k, v, out, lse, kernel, scale, dq)
-        return tile_dk.to(send_dtype).contiguous(), tile_dv.to(send_dtype).contiguous()
-    acc = out_accumulator_dtype(k.dtype)
-    sum_dk, sum_dv = (k.new_zeros((*k.shape[:2], n, k.shape[3]), dtype=acc) for _ in range(2))
-    for tile in tiles:
-        tile_dk, tile_dv = _backward_tile(tile, grad_out, q, k, v, out, lse, kernel, scale, dq)
-        sum_dk[:, :, tile.kv_rows] += tile_dk
-        sum_dv[:, :, tile.kv_rows] += tile_dv
-        del tile_dk, tile_dv
-    return sum_dk.to(send_dtype), sum_dv.to(send_dtype)
+class _PieceGrads:
+    """The dK/dV pieces in flight, in two slots used in turn. A slot holds one piece's dK/dV
+    going away to their owner and one coming home; reusing a slot waits for its last exchange
+    and adds what came home into this rank's dK/dV."""
 
+    def __init__(self, comm: RingComm, dk: Tensor, dv: Tensor, exchange: Exchange, dtype: torch.dtype) -> None:
+        self.comm, self.dk, self.dv = comm, dk, dv
+        self._away = _Buffers(dk, exchange.max_piece_rows(home=False), 4, dtype)  # slot n: views 2n, 2n + 1
+        self._home = _Buffers(dk, exchange.max_piece_rows(home=True), 4, dtype)
+        self._busy: list = [None, None]  # per slot: (works, (rows, dK, dV) coming home or None)
+        self._slot = 0
 
-def _add_home(dk: Tensor, dv: Tensor, steps: Sequence[Step], home) -> None:
-    """Add the dK/dV that came home for the rows sent at step ``home[0]``."""
-    if home is not None:
-        add_rows_(dk, steps[home[0]].send_rows, home[1])
-        add_rows_(dv, steps[home[0]].send_rows, home[2])
+    def away(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Zeroed [B, Hkv, rows, D] dK and dV buffers of the next slot, for a received piece."""
+        self._free(self._slot)
+        return self._away.view(2 * self._slot, rows).zero_(), self._away.view(2 * self._slot + 1, rows).zero_()
+
+    def post(self, step: Step, index: int, away: tuple[Tensor, Tensor] | None) -> None:
+        """Post, in the next slot, piece ``index`` of ``step``: its dK/dV ``away`` (from ``away()``)
+        to their owner and the receive of the piece coming home, whichever exist."""
+        slot = self._slot
+        self._free(slot)
+        sends = [(step.recv_from, t) for t in away] if away is not None else []
+        recvs, home = [], None
+        if index < len(step.home):
+            rows = step.home[index]
+            n = row_count(rows)
+            home = (rows, self._home.view(2 * slot, n), self._home.view(2 * slot + 1, n))
+            recvs = [(step.send_to, home[1]), (step.send_to, home[2])]
+        self._busy[slot] = (self.comm.start(sends, recvs), home)
+        self._slot = 1 - slot
+
+    def _free(self, slot: int) -> None:
+        if self._busy[slot] is None:
+            return
+        works, home = self._busy[slot]
+        self._busy[slot] = None
+        _wait(works, backward=True)
+        if home is not None:
+            rows, dk, dv = home
+            add_rows_(self.dk, rows, dk)
+            add_rows_(self.dv, rows, dv)
+
+    def finish(self) -> None:
+        for slot in (self._slot, 1 - self._slot):  # oldest first
+            self._free(slot)

@@ -360,3 +360,50 @@ def _index_span(flags: Tensor) -> tuple[int, int]:
     """[first, last + 1) of the set entries of a 1-D flag vector (which has one)."""
     idx = flags.nonzero().flatten()
     return int(idx[0]), int(idx[-1]) + 1
+
+
+def split_tile(tile: Tile, q_cuts, kv_cuts) -> list[Tile]:
+    """``tile`` cut at query rows ``q_cuts`` and key rows ``kv_cuts`` (in the tile's own row
+    numbers; cuts outside it are ignored) into the same work: sub-tiles with no allowed entry
+    are dropped, masked ones become full when all their entries are allowed.
+
+    A causal square is cut at the union of both cuts on both sides, so every piece is again a
+    causal square (on the diagonal), full (below it) or empty (above it). Masked sub-tiles keep
+    views of the tile's additive mask: cutting adds no mask memory.
+    """
+    q0, q1, k0, k1 = tile.q_rows.start, tile.q_rows.stop, tile.kv_rows.start, tile.kv_rows.stop
+    qc = sorted({c - q0 for c in q_cuts if q0 < c < q1})
+    kc = sorted({c - k0 for c in kv_cuts if k0 < c < k1})
+    if tile.kind == "causal":
+        qc = kc = sorted(set(qc) | set(kc))
+    if not qc and not kc:
+        return [tile]
+    q_bounds, k_bounds = [0, *qc, q1 - q0], [0, *kc, k1 - k0]
+    parts = []
+    for c, d in zip(k_bounds, k_bounds[1:]):
+        for a, b in zip(q_bounds, q_bounds[1:]):
+            part = _sub_tile(tile, a, b, c, d)
+            if part is not None:
+                parts.append(part)
+    return parts
+
+
+def _sub_tile(tile: Tile, a: int, b: int, c: int, d: int) -> Tile | None:
+    """Rows [a, b) x columns [c, d) of ``tile`` (relative to its corner) as a tile; None when no
+    entry there is allowed. For a causal tile the cut is on the diagonal or off it (``split_tile``)."""
+    rows = slice(tile.q_rows.start + a, tile.q_rows.start + b)
+    cols = slice(tile.kv_rows.start + c, tile.kv_rows.start + d)
+    if tile.kind == "full":
+        return Tile(rows, cols, "full")
+    if tile.kind == "causal":
+        if c >= b:
+            return None
+        return Tile(rows, cols, "causal" if (a, b) == (c, d) else "full")
+    bias = tile.bias[..., a:b, c:d]
+    blocked = bias == float("-inf")
+    if blocked.all():
+        return None
+    if not blocked.any():
+        return Tile(rows, cols, "full")
+    dead = blocked.all(-1)
+    return Tile(rows, cols, "masked", bias, dead if dead.any() else None)

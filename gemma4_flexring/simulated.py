@@ -8,18 +8,16 @@ P ranks in one process, on one device::
     outs = group.run(lambda rank, world_size: ring_attention(q[rank], k[rank], v[rank], group=group, ...))
 
 Each rank runs in its own thread (``run``); ``ring_attention(..., group=group)`` finds its rank
-from the thread. Point-to-point messages go through one FIFO queue per (sender, receiver) pair,
-so messages between two ranks match in posting order, as with ``batch_isend_irecv``. A send
-hands over its tensor by reference and completes at once; the receiver copies it out when it
-waits. This is sound because the ring never writes to a tensor after sending it (sends are fresh
-packed rows, fresh dK/dV partial sums, or the rank's untouched input). Collectives (the
+from the thread. Point-to-point messages between two ranks match in posting order, as with
+``batch_isend_irecv``: the n-th receive a rank posts from a peer takes the n-th message that peer
+sent it. Whichever of the two is posted second copies the message, and both complete then, as
+NCCL's rendezvous does: a sender may reuse its buffer once its send completed. Collectives (the
 agreement) meet at a barrier.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import traceback
 from typing import Callable, Sequence
@@ -43,7 +41,7 @@ class SimulatedGroup:
         self._size = world_size
         self.group_name = f"gemma4_flexring.simulated.{next(_NAMES)}"
         self._local = threading.local()
-        self._mail = {(src, dst): queue.Queue() for src in range(world_size) for dst in range(world_size)}
+        self._mail = {(src, dst): _Mailbox() for src in range(world_size) for dst in range(world_size)}
         self._barrier = threading.Barrier(world_size, timeout=TIMEOUT_S)
         self._slots: list = [None] * world_size
         _REGISTRY[self.group_name] = self
@@ -92,28 +90,54 @@ class SimulatedGroup:
         self._barrier.wait()  # nobody overwrites a slot before everybody has read them
         return gathered
 
-    def send(self, src: int, dst: int, tensor: Tensor) -> None:
-        self._mail[(src, dst)].put(tensor)
+    def send(self, src: int, dst: int, tensor: Tensor) -> "_Done":
+        return self._mail[(src, dst)].post(tensor, sending=True)
 
-    def receive_into(self, src: int, dst: int, tensor: Tensor) -> None:
-        try:
-            tensor.copy_(self._mail[(src, dst)].get(timeout=TIMEOUT_S))
-        except queue.Empty:
-            raise RuntimeError(f"{self.group_name}: rank {dst} waited {TIMEOUT_S} s for rank {src}") from None
+    def receive_into(self, src: int, dst: int, tensor: Tensor) -> "_Done":
+        return self._mail[(src, dst)].post(tensor, sending=False)
+
+
+class _Done:
+    """Completes when its message has been copied (``batch_isend_irecv``'s work objects' ``wait``)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> "_Done":
+        self._event.set()
+        return self
+
+    def wait(self) -> None:
+        if not self._event.wait(TIMEOUT_S):
+            raise RuntimeError(f"simulated ring: a message waited {TIMEOUT_S} s for its peer")
+
+
+class _Mailbox:
+    """The messages from one rank to another: the n-th send meets the n-th receive."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: tuple[dict, dict] = ({}, {})  # per side (receives, sends): n -> (tensor, done)
+        self._posted = [0, 0]  # receives, sends
+
+    def post(self, tensor: Tensor, sending: bool) -> _Done:
+        with self._lock:
+            n = self._posted[sending]
+            self._posted[sending] += 1
+            peer = self._waiting[not sending].pop(n, None)
+            if peer is None:
+                done = _Done()
+                self._waiting[sending][n] = (tensor, done)
+                return done
+            other, other_done = peer
+            (other if sending else tensor).copy_(tensor if sending else other)
+            other_done.set()
+            return _Done().set()
 
 
 def lookup(group_name: str) -> SimulatedGroup | None:
     """The simulated group of that name, None for any other name."""
     return _REGISTRY.get(group_name)
-
-
-class _Receive:
-    def __init__(self, group: SimulatedGroup, src: int, dst: int, tensor: Tensor) -> None:
-        self._args = (src, dst, tensor)
-        self._group = group
-
-    def wait(self) -> None:
-        self._group.receive_into(*self._args)
 
 
 class SimulatedComm:
@@ -125,9 +149,9 @@ class SimulatedComm:
         self.world_size = group.size()
 
     def start(self, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]]) -> list:
-        """Hand every (peer, tensor) send over; the receives complete when waited on."""
-        for peer, t in sends:
-            self.group.send(self.rank, peer, t)
+        """Post every (peer, tensor) send and receive; each completes once its message is copied."""
+        works = [self.group.send(self.rank, peer, t) for peer, t in sends]
+        works += [self.group.receive_into(peer, self.rank, t) for peer, t in recvs]
         if sends:
             record_send(sum(t.numel() * t.element_size() for _, t in sends))
-        return [_Receive(self.group, peer, self.rank, t) for peer, t in recvs]
+        return works

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention, schedule
-from ring_cases import layout_of
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+from ring_cases import layout_of, planning_sizes
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Example:
     scale: float | None
     block_size: int
     seed: int
+    piece_rows: int | None = None  # the exchange's pieces (None: the package's)
 
     def info(self) -> SequenceInfo | None:
         if self.document_ids is None and self.block_ids is None and self.padding is None:
@@ -51,12 +52,9 @@ def run_example(rank: int, world_size: int, example: Example) -> tuple[torch.Ten
     q, k, v, grad = example.tensors()
     layout = example.make_layout()
     local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
-    saved, schedule.BLOCK_SIZE = schedule.BLOCK_SIZE, example.block_size
-    try:
+    with planning_sizes(example.block_size, example.piece_rows):
         out = ring_attention(*local, mask=example.mask, info=example.info(), layout=layout, scale=example.scale)
         out.backward(layout.shard(grad, 2, rank))
-    finally:
-        schedule.BLOCK_SIZE = saved
     return (out.detach(), *(t.grad for t in local))
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
-from gemma4_flexring import schedule
+from gemma4_flexring import exchange, schedule
 
 SPECS = {
     "causal": MaskSpec(causal=True),
@@ -33,6 +34,7 @@ class Case:
     scale: float | None = None
     seed: int = 0
     block_size: int | None = None
+    piece_rows: int | None = None  # the exchange's piece size (None: the package's)
     strided: bool = False  # q, k, v with a non-unit stride in the head dim
     kernel: str | None = None  # the chunk kernel (None: by device)
 
@@ -96,16 +98,26 @@ def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
     if case.strided:
         local = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True) for t in local]
         assert all(t.stride(-1) != 1 for t in local)
-    saved = schedule.BLOCK_SIZE
-    if case.block_size is not None:
-        schedule.BLOCK_SIZE = case.block_size
-    try:
+    with planning_sizes(case.block_size, case.piece_rows):
         out = ring_attention(*local, mask=case.mask, info=make_info(case.info, case.batch, case.seq_len),
                              layout=layout, scale=case.scale, kernel=case.kernel)
         out.backward(layout.shard(grad, 2, rank))
-    finally:
-        schedule.BLOCK_SIZE = saved
     return (out.detach(), *(t.grad for t in local))
+
+
+@contextlib.contextmanager
+def planning_sizes(block_size: int | None, piece_rows: int | None):
+    """This block size and piece size in force (in this process) within the block; None keeps
+    the package's."""
+    saved = schedule.BLOCK_SIZE, exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK
+    if block_size is not None:
+        schedule.BLOCK_SIZE = block_size
+    if piece_rows is not None:  # pieces of exactly that many rows (or a block, if larger)
+        exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK = piece_rows, 1 << 30
+    try:
+        yield
+    finally:
+        schedule.BLOCK_SIZE, exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK = saved
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], layout_kind: str) -> list:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemma4_flexring import Layout, MaskSpec
-from gemma4_flexring.exchange import build_exchange, packed_tiles, row_count, whole_chunks
+from gemma4_flexring.exchange import (build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows,
+                                      whole_chunks)
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import Tile, needed_kv_rows, plan_pair
+from gemma4_flexring.schedule import Tile, needed_kv_rows, plan_pair, split_tile
 from ring_cases import EXCHANGE_CASES, exchange_traffic
 from strategies import random_plans
 
@@ -22,7 +24,7 @@ def all_exchanges(spec, tensors, layout, seq_len, batch, block_size):
               for kv in range(world)] for q in range(world)]
     needed = [[needed_kv_rows(spec, *tensors, layout, seq_len, q, kv, batch, CPU, block_size=block_size)
                for q in range(world)] for kv in range(world)]
-    return plans, needed, [build_exchange(r, world, plans[r], needed[r]) for r in range(world)]
+    return plans, needed, [build_exchange(r, world, plans[r], needed[r], seq_len // world) for r in range(world)]
 
 
 @settings(max_examples=100, deadline=None)
@@ -51,7 +53,7 @@ def test_sends_match_receives_and_cover_the_tiles(problem):
             peer = exchanges[step.send_to].steps[s]
             assert peer.recv_from == r and peer.recv_rows == step.send_rows
             n = row_count(step.recv_rows)
-            assert all(0 <= t.kv_rows.start < t.kv_rows.stop <= n for t in step.tiles)
+            assert all(0 <= t.kv_rows.start < t.kv_rows.stop <= n for t in step.calls)
 
 
 def test_sliding_halo_is_independent_of_length():
@@ -99,3 +101,57 @@ def test_bytes_sent_are_the_needed_rows(cluster, layout):
         row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * 8
         total_sent, total_lower = sum(p[0] for p in per_rank), sum(p[2] for p in per_rank)
         assert 3 * total_lower * row_bytes <= total_sent <= 3 * (total_lower + 2 * world * 8) * row_bytes, case
+
+
+def _entries(tiles, shape) -> torch.Tensor:
+    """How many of ``tiles`` compute each (batch row, query row, key row) of ``shape``, counting
+    only allowed entries; also checks each tile's dead rows."""
+    count = torch.zeros(shape, dtype=torch.int64)
+    for t in tiles:
+        n, m = t.q_rows.stop - t.q_rows.start, t.kv_rows.stop - t.kv_rows.start
+        if t.kind == "masked":
+            allowed = (t.bias[:, 0] == 0).expand(shape[0], n, m)
+            dead = ~allowed.any(-1)
+            assert torch.equal(t.dead_rows[:, 0].expand_as(dead), dead) if t.dead_rows is not None else not dead.any()
+        else:
+            assert t.bias is None and (t.kind == "full" or n == m)
+            allowed = torch.ones(shape[0], n, m, dtype=torch.bool)
+            allowed = allowed.tril() if t.kind == "causal" else allowed
+        count[:, t.q_rows, t.kv_rows] += allowed
+    return count
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["full", "causal", "masked"]), st.integers(1, 24), st.integers(1, 24), st.integers(0, 5),
+       st.lists(st.integers(0, 40), max_size=4), st.lists(st.integers(0, 40), max_size=4), st.integers(0, 2**16))
+def test_split_tile_computes_each_allowed_entry_once(kind, n, m, at, q_cuts, kv_cuts, seed):
+    """Cut anywhere, a tile's sub-tiles compute exactly its allowed entries, each once; causal
+    pieces are squares on the diagonal, masked ones hold their own dead rows."""
+    m = n if kind == "causal" else m
+    bias = dead = None
+    if kind == "masked":
+        allowed = torch.rand(2, 1, n, m, generator=torch.Generator().manual_seed(seed)) < 0.5
+        bias = torch.zeros(2, 1, n, m).masked_fill_(~allowed, float("-inf"))
+        dead = ~allowed.any(-1)
+        dead = dead if dead.any() else None
+    tile = Tile(slice(at, at + n), slice(2 * at, 2 * at + m), kind, bias, dead)
+    shape = (2, at + n, 2 * at + m)
+    assert torch.equal(_entries(split_tile(tile, q_cuts, kv_cuts), shape), _entries([tile], shape))
+
+
+def test_pieces_cut_rows_and_tiles_alike_on_both_sides():
+    """Reader and owner cut the same rows into the same pieces; every call lies in one piece and
+    reads at most a piece of queries."""
+    assert piece_bounds(0, 4) == () and piece_bounds(10, None) == ((0, 10),)
+    assert piece_bounds(10, 4) == ((0, 3), (3, 6), (6, 10))
+    rows = ((2, 5), (9, 12), (20, 24))
+    assert [sub_rows(rows, a, b) for a, b in piece_bounds(10, 4)] == [((2, 5),), ((9, 12),), ((20, 24),)]
+    assert sub_rows(rows, 1, 8) == ((3, 5), (9, 12), (20, 22))
+    tiles = [Tile(slice(0, 10), slice(0, 10), "causal"), Tile(slice(10, 20), slice(0, 10), "full")]
+    pieces = cut_pieces(tiles, 10, 4)
+    assert [(p.start, p.stop) for p in pieces] == list(piece_bounds(10, 4))
+    for p in pieces:
+        assert all(p.start <= t.kv_rows.start < t.kv_rows.stop <= p.stop for t in p.calls)
+        assert all(t.q_rows.stop - t.q_rows.start <= 4 for t in p.calls)
+    shape = (1, 20, 10)
+    assert torch.equal(_entries([t for p in pieces for t in p.calls], shape), _entries(tiles, shape))

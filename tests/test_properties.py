@@ -64,7 +64,7 @@ def problems(draw) -> Example:
         kv_heads=kv_heads, head_dim=draw(st.sampled_from([1, 4, 8, 16])), seq_len=seq_len, mask=mask,
         document_ids=documents, block_ids=blocks, padding=padding,
         scale=draw(st.sampled_from([None, 1.0, 0.3])), block_size=draw(st.sampled_from([4, 8, 128])),
-        seed=draw(st.integers(0, 2**16)))
+        seed=draw(st.integers(0, 2**16)), piece_rows=draw(st.sampled_from([None, 3, 7, 16])))
 
 
 def reference(example: Example) -> list[torch.Tensor]:

@@ -30,7 +30,16 @@ SHAPE_CASES = [
     Case("bidirectional_window", "padding", seq_len=96, block_size=8),
     Case("sliding_vision", "all", strided=True),
 ]
-ALL_CASES = [Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES + EXCHANGE_CASES
+# Pieces (``exchange.Piece``) of 12 or 10 rows on 8-row blocks: tiles cut inside blocks, causal
+# squares cut on the diagonal, dK/dV sent home in several pieces per step.
+PIECE_CASES = [
+    Case("causal", "none", seq_len=96, block_size=8, piece_rows=12),
+    Case("sliding_vision", "all", seq_len=96, block_size=8, piece_rows=12),
+    Case("bidirectional_window", "packed_padded", torch.float32, seq_len=96, block_size=8, piece_rows=10),
+    Case("causal", "documents", seq_len=192, block_size=8, piece_rows=16),
+]
+ALL_CASES = ([Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES + EXCHANGE_CASES
+             + PIECE_CASES)
 
 
 def reference(case: Case) -> list[torch.Tensor]:
