@@ -17,7 +17,8 @@ part of the step. Per figure:
   what the call returns (out and lse; dq, dk and dv), against the whole sequence's K+V bytes. Measured
   from the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) with
   ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the resident set;
-- pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too;
+- pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too,
+  planning left out (it is reported on its own, and a batch's plans serve every layer);
 - Gpairs/s: allowed pairs (x batch x query heads) per second, forward + backward;
 - balance: max / mean over ranks of the time not spent waiting (compare ``--layout zigzag
   contiguous balanced`` on uneven ``--packing`` rows: the balanced layout is built from the batch);
@@ -339,7 +340,7 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
         "memory_ratio_backward": max(r["workspace_b"] for r in per_rank) / whole_kv,
         "allowed_pairs": pairs,
         "pairs_per_s": pairs * args.heads / slowest,
-        "seconds_per_pair": slowest / pairs if pairs else None,
+        "seconds_per_pair": max(r["step"] - r["plan"] for r in per_rank) / pairs if pairs else None,
         "balance": max(busy) / statistics.mean(busy),
     }
     bases = [r["base"] for r in per_rank]
