@@ -20,11 +20,18 @@ The blocks decide the kernel calls (tiles):
                                       blocks only: O(L x block), not L^2, for a sliding window,
                                       causal with padding, or packed documents.
 
+The key rows a pair exchanges are exact, row by row: a key block full for some query block is
+seen whole, one partial for some is seen where the dense evaluation of its partial blocks (done
+for the flags anyway) allows. Tiles are then cropped to the keys their own queries see, and a
+masked tile that crosses rows no query sees is cut there (``fit_tiles``), so every tile reads
+only exchanged rows.
+
 Every rank derives every plan from the same global metadata, so all ranks agree on them.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple
 
 import torch
@@ -82,9 +89,10 @@ class PairPlan(NamedTuple):
     """The work of one (query rank, key rank) pair.
 
     ``tiles``: every dense kernel call; ``block_masks``: every segment pair's BlockMask (skipped
-    pairs included, none when no mask applies); ``kv_rows``: the key rank's local rows that some
-    tile reads, which is what the exchange sends (``needed_kv_rows`` derives the same runs on the
-    key rank without building tiles); ``pairs``: the segment pairs with work to do.
+    pairs included, none when no mask applies); ``kv_rows``: exactly the key rank's local rows that
+    some query may see, row by row, which is what the exchange sends (``needed_kv_rows`` derives
+    the same runs on the key rank without building tiles); every tile reads within one of these
+    runs; ``pairs``: the segment pairs with work to do.
     """
 
     tiles: tuple[Tile, ...]
@@ -111,17 +119,17 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
     metadata = informative(document_ids, block_ids, padding)
     batch = batch if any(t is not None for t in metadata) else 1
     mask = gemma4_mask(spec, *metadata)
-    masks, pairs, read_rows = [], [], []
+    masks, pairs, read_rows, pair_tiles = [], [], [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
             q_rows, kv_rows = _rows(qs, 0, qs.length), _rows(ks, 0, ks.length)
             if mask is None:
-                pairs.append(SegmentPair(q_rows, kv_rows, None, (Tile(q_rows, kv_rows, "full"),)))
+                pair_tiles.append((q_rows, kv_rows, None, [Tile(q_rows, kv_rows, "full")]))
                 read_rows.append((ks.local_start, ks.local_start + ks.length))
                 continue
             q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
-            any_allowed, all_allowed = segment_flags(mask, q_blocks, k_blocks, batch)
-            read_rows.extend(used_key_rows(any_allowed, ks, block_size))
+            any_allowed, all_allowed, seen_keys = segment_flags(mask, q_blocks, k_blocks, batch)
+            read_rows.extend(seen_key_rows(seen_keys, ks))
             tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
             # Tensor offsets: a compiled flex guards on closure ints' values, not on tensors'.
             flex_mod = offset_mask_mod(mask.mask_mod, *(torch.tensor(s.global_start, device=device) for s in (qs, ks)))
@@ -130,16 +138,20 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
                                                block_size, flex_mod, (qs.length, ks.length))
             masks.append(block_mask)
             tiles = plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
-            if tiles:
-                pairs.append(SegmentPair(q_rows, kv_rows, block_mask, tuple(tiles)))
-    return PairPlan(tuple(t for p in pairs for t in p.tiles), tuple(masks), merge_rows(read_rows), tuple(pairs))
+            pair_tiles.append((q_rows, kv_rows, block_mask, tiles))
+    read = merge_rows(read_rows)
+    for q_rows, kv_rows, block_mask, tiles in pair_tiles:
+        tiles = fit_tiles(tiles, read)
+        if tiles:
+            pairs.append(SegmentPair(q_rows, kv_rows, block_mask, tuple(tiles)))
+    return PairPlan(tuple(t for p in pairs for t in p.tiles), tuple(masks), read, tuple(pairs))
 
 
 def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None,
                    padding: Tensor | None, layout: Layout, seq_len: int, q_rank: int, kv_rank: int, batch: int,
                    device: torch.device, block_size: int | None = None) -> Rows:
-    """``plan_pair(...).kv_rows`` from the block flags alone (no tiles, no additive masks): the
-    rows of ``kv_rank``'s chunk that ``q_rank``'s tiles read. The key rank calls it for every
+    """``plan_pair(...).kv_rows`` from the flags alone (no tiles, no additive masks): the rows of
+    ``kv_rank``'s chunk that some query of ``q_rank`` may see. The key rank calls it for every
     query rank to know what to send; both sides take the runs from the same flags, so they agree.
     """
     block_size = BLOCK_SIZE if block_size is None else block_size
@@ -154,19 +166,42 @@ def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tenso
         k_blocks = Blocks(ks.global_start, ks.length, block_size, device)
         for qs in layout.segments(seq_len, q_rank):
             q_blocks = Blocks(qs.global_start, qs.length, block_size, device)
-            any_allowed, _ = segment_flags(mask, q_blocks, k_blocks, batch)
-            kv_rows.extend(used_key_rows(any_allowed, ks, block_size))
+            kv_rows.extend(seen_key_rows(segment_flags(mask, q_blocks, k_blocks, batch).seen_keys, ks))
     return merge_rows(kv_rows)
 
 
-def used_key_rows(any_allowed: Tensor, ks: Segment, block_size: int) -> list[tuple[int, int]]:
-    """Local rows of the key blocks of segment ``ks`` that some query block uses, as runs;
-    ``any_allowed`` [B, Qb, KVb] are ``segment_flags``' first flags."""
-    used = any_allowed.flatten(0, 1).any(0)
-    if not used.any():
-        return []
-    return [(ks.local_start + b0 * block_size, ks.local_start + min(b1 * block_size, ks.length))
-            for _, b0, b1, _ in _runs(used.view(1, -1).to(torch.int8)).tolist()]
+def seen_key_rows(seen_keys: Tensor, ks: Segment) -> list[tuple[int, int]]:
+    """Local rows of segment ``ks`` that some query may see, as runs; ``seen_keys`` [ks.length]
+    are ``segment_flags``' seen keys."""
+    if seen_keys.all():
+        return [(ks.local_start, ks.local_start + ks.length)]
+    return [(ks.local_start + a, ks.local_start + b) for _, a, b, _ in _runs(seen_keys.view(1, -1).to(torch.int8)).tolist()]
+
+
+def fit_tiles(tiles: list[Tile], rows: Rows) -> list[Tile]:
+    """``tiles`` reading only the key rows ``rows`` (sorted, disjoint runs that hold every key some
+    tile's query may see). A tile within one run stays as it is; a masked tile that crosses rows
+    outside ``rows`` is cut into its pieces within runs, each cropped to the keys its queries see.
+
+    Raises:
+        AssertionError: an unmasked or causal tile reads a row outside ``rows``.
+    """
+    starts = [a for a, _ in rows]
+    fitted = []
+    for tile in tiles:
+        cols = tile.kv_rows
+        run = bisect.bisect_right(starts, cols.start) - 1
+        if run >= 0 and cols.stop <= rows[run][1]:
+            fitted.append(tile)
+            continue
+        assert tile.kind == "masked", f"{tile.kind} tile reads rows {cols} outside {rows}"
+        for a, b in rows:
+            a, b = max(a, cols.start), min(b, cols.stop)
+            if a < b:
+                piece = _cropped_tile(tile.q_rows, slice(a, b), tile.bias[..., a - cols.start:b - cols.start] == 0,
+                                      tile.bias.dtype)
+                fitted.extend(piece)
+    return fitted
 
 
 def merge_rows(rows) -> Rows:
@@ -180,43 +215,61 @@ def merge_rows(rows) -> Rows:
     return tuple((a, b) for a, b in merged)
 
 
-def segment_flags(mask: Mask, q: Blocks, k: Blocks, batch: int) -> tuple[Tensor, Tensor]:
-    """Exact flags of every (query block, key block) of one segment pair: (any allowed, all
-    allowed), bool [batch, Qb, KVb]. "All" looks at the segments' entries only: a short last block
-    whose entries are all allowed counts as all allowed.
+class Flags(NamedTuple):
+    """Exact flags of one segment pair: ``any_allowed``/``all_allowed`` bool [B, Qb, KVb] per
+    (query block, key block), and ``seen_keys`` bool [key segment length]: the keys that some
+    query of the segment may see (in some batch row)."""
+
+    any_allowed: Tensor
+    all_allowed: Tensor
+    seen_keys: Tensor
+
+
+def segment_flags(mask: Mask, q: Blocks, k: Blocks, batch: int) -> Flags:
+    """Exact flags of every (query block, key block) of one segment pair (see ``Flags``). "All"
+    looks at the segments' entries only: a short last block whose entries are all allowed counts
+    as all allowed.
 
     The segment pair is classified as one block first, then block by block; only blocks classed
-    partial are evaluated densely (and may turn out empty or full).
+    partial are evaluated densely (and may turn out empty or full). The seen keys come from the
+    same evaluation: a key block full for some query block is seen whole, one partial for some
+    is seen where its dense evaluation allows.
     """
     shape = (batch, q.count, k.count)
     if (mask.classify(q.as_one(), k.as_one()) == EMPTY).all():
         nothing = torch.zeros(shape, dtype=torch.bool, device=q.device)
-        return nothing, nothing
+        return Flags(nothing, nothing, torch.zeros(k.length, dtype=torch.bool, device=q.device))
     cls = mask.classify(q, k).expand(shape)
     any_allowed, all_allowed = cls != EMPTY, cls == FULL
+    seen = all_allowed.flatten(0, 1).any(0).repeat_interleave(k.size)
     qb, kb = (cls == PARTIAL).any(0).nonzero(as_tuple=True)
     if qb.numel():
-        any_allowed[:, qb, kb], all_allowed[:, qb, kb] = dense_block_flags(mask.mask_mod, q, k, qb, kb, batch)
-    return any_allowed, all_allowed
+        any_allowed[:, qb, kb], all_allowed[:, qb, kb], key_rows = dense_block_flags(mask.mask_mod, q, k, qb, kb,
+                                                                                      batch)
+        seen.view(k.count, k.size).index_put_((kb,), key_rows, accumulate=True)
+    return Flags(any_allowed, all_allowed, seen[:k.length])
 
 
 def dense_block_flags(mask_mod: MaskMod, q: Blocks, k: Blocks, qb: Tensor, kb: Tensor,
-                      batch: int) -> tuple[Tensor, Tensor]:
+                      batch: int) -> tuple[Tensor, Tensor, Tensor]:
     """``mask_mod`` evaluated entry by entry on the blocks (qb[n], kb[n]): (any allowed, all
-    allowed), bool [batch, n], over the blocks' entries only. At most ``DENSE_CHUNK`` entries are
+    allowed), bool [batch, n], over the blocks' entries only, and which keys of each block some
+    query of it sees in some batch row, bool [n, k.size]. At most ``DENSE_CHUNK`` entries are
     evaluated at once."""
     (q_first, q_last), (k_first, k_last) = q.bounds(), k.bounds()
     q_idx, q_real = block_indices(q_first[qb], q_last[qb], q.size)
     k_idx, k_real = block_indices(k_first[kb], k_last[kb], k.size)
     step = max(1, DENSE_CHUNK // (batch * q.size * k.size))
-    some, every = [], []
+    some, every, keys = [], [], []
     for n in range(0, qb.numel(), step):
         part = slice(n, n + step)
         allowed = evaluate_at(mask_mod, batch, q_idx[part, :, None], k_idx[part, None, :])
         real = q_real[part, :, None] & k_real[part, None, :]
-        some.append((allowed & real).flatten(2).any(-1))
+        hit = allowed & real
+        some.append(hit.flatten(2).any(-1))
         every.append((allowed | ~real).flatten(2).all(-1))
-    return torch.cat(some, 1), torch.cat(every, 1)
+        keys.append(hit.any(0).any(1))
+    return torch.cat(some, 1), torch.cat(every, 1), torch.cat(keys, 0)
 
 
 def block_indices(first: Tensor, last: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -246,8 +299,8 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1,
                                                                  Blocks(0, qs.length, block_size, used.device), batch):
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "causal")]
-    return [_band_tile(tile_mod, batch, qs, ks, rows, cols, is_full, dtype, used.device)
-            for rows, runs in _bands(used, full, block_size, qs, ks) for cols, is_full in runs]
+    return [tile for rows, runs in _bands(used, full, block_size, qs, ks) for cols, is_full in runs
+            for tile in _band_tiles(tile_mod, batch, qs, ks, rows, cols, is_full, dtype, used.device)]
 
 
 def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1: int, blocks: Blocks,
@@ -263,7 +316,7 @@ def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1
         return tile_mod(b, h, i, j) != (j <= i)
 
     diagonal = torch.arange(b0, b1, device=used.device)
-    differs, _ = dense_block_flags(differs_from_causal, blocks, blocks, diagonal, diagonal, batch)
+    differs, _, _ = dense_block_flags(differs_from_causal, blocks, blocks, diagonal, diagonal, batch)
     return not differs.any()
 
 
@@ -295,20 +348,32 @@ def _runs(kind: Tensor) -> Tensor:
     return torch.stack([rows[keep], edges[keep], stops[keep], values[keep]], 1)
 
 
-def _band_tile(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tuple[int, int],
-               cols: tuple[int, int], is_full: bool, dtype: torch.dtype, device: torch.device) -> Tile:
+def _band_tiles(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tuple[int, int],
+               cols: tuple[int, int], is_full: bool, dtype: torch.dtype, device: torch.device) -> list[Tile]:
     """One call: unmasked over full blocks (or partial ones that turn out all allowed), else with
-    an additive mask of just this region."""
+    an additive mask of just this region, cropped to the keys its queries see."""
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
     if is_full:
-        return Tile(q_rows, kv_rows, "full")
+        return [Tile(q_rows, kv_rows, "full")]
     region = evaluate_mask(offset_mask_mod(tile_mod, rows[0], cols[0]), batch, rows[1] - rows[0],
                            cols[1] - cols[0], device)
-    if region.all():
-        return Tile(q_rows, kv_rows, "full")
-    bias = torch.zeros(region.shape, dtype=dtype, device=region.device).masked_fill_(~region, float("-inf"))
-    dead = ~region.any(-1)
-    return Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
+    return _cropped_tile(q_rows, kv_rows, region, dtype)
+
+
+def _cropped_tile(q_rows: slice, kv_rows: slice, allowed: Tensor, dtype: torch.dtype) -> list[Tile]:
+    """The call over ``q_rows`` and the keys of ``kv_rows`` that ``allowed`` [B or 1, 1, q, kv]
+    lets through for some query (none when it allows nothing): unmasked when it allows every
+    entry there, else with an additive mask and its dead rows."""
+    seen = allowed.flatten(0, -2).any(0).nonzero().flatten()
+    if not seen.numel():
+        return []
+    first, last = int(seen[0]), int(seen[-1]) + 1
+    allowed, kv_rows = allowed[..., first:last], slice(kv_rows.start + first, kv_rows.start + last)
+    if allowed.all():
+        return [Tile(q_rows, kv_rows, "full")]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    dead = ~allowed.any(-1)
+    return [Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)]
 
 
 def _rows(segment: Segment, start: int, stop: int) -> slice:

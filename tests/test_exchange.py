@@ -64,8 +64,8 @@ def test_sliding_halo_is_independent_of_length():
             received = 0
             for ex in exchanges:
                 halos = [row_count(s.recv_rows) for s in ex.steps[1:] if s.recv_rows]
-                # Keys j > i - 512 of the piece right before each own piece, in whole blocks.
-                assert all(h == 512 for h in halos) and len(halos) <= 2, (kind, world, seq_len, halos)
+                # Keys j > i - 512 of the piece right before each own piece: its last 511 rows.
+                assert all(h == 511 for h in halos) and len(halos) <= 2, (kind, world, seq_len, halos)
                 received += len(halos)
             assert received == world - 1 if kind == "contiguous" else received >= world
 

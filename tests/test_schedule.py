@@ -9,7 +9,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import plan_pair, ring_owner
+from gemma4_flexring.exchange import packed_tiles
+from gemma4_flexring.schedule import needed_kv_rows, plan_pair, ring_owner
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -92,6 +93,30 @@ def test_random_plans_cover_exactly_the_allowed_pairs(problem):
             assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
 
 
+def row_runs(seen: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """[start, stop) runs of the set entries of a 1-D bool tensor."""
+    edges = torch.nn.functional.pad(seen.int(), (1, 1)).diff().nonzero().flatten().tolist()
+    return tuple(zip(edges[::2], edges[1::2]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_plans())
+def test_exchanged_rows_are_exactly_the_keys_some_query_sees(problem):
+    """Both sides' rows (the plan's, the key rank's ``needed_kv_rows``) are the key rows that some
+    query of the query rank may see in some batch row, row by row, and every tile reads only them."""
+    spec, info, batch, seq_len, layout, block_size = problem
+    dense = reference_mask(spec, info, batch, seq_len)
+    for q_rank in range(layout.world_size):
+        for kv_rank in range(layout.world_size):
+            args = (layout, seq_len, q_rank, kv_rank, batch)
+            plan = plan_pair(spec, *info.tensors(), *args, torch.float32, CPU, block_size=block_size)
+            qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
+            want = row_runs(dense[:, qp][:, :, kp].any(0).any(0))
+            assert plan.kv_rows == want, (q_rank, kv_rank)
+            assert needed_kv_rows(spec, *info.tensors(), *args, CPU, block_size=block_size) == want
+            packed_tiles(plan.tiles, plan.kv_rows)  # raises if a tile reads another row
+
+
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     layout = Layout("contiguous", 2)
     plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
@@ -107,8 +132,9 @@ def test_sliding_window_crops_to_the_band():
     (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
                         block_size=16).tiles
     assert tile.kind == "masked"
-    assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(112, 128)
-    assert tile.bias.shape == (1, 1, 16, 16)
+    # Query 128 sees keys 113 .. 128: key 112 is seen by no query of rank 1, so no tile reads it.
+    assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(113, 128)
+    assert tile.bias.shape == (1, 1, 16, 15)
 
 
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
@@ -149,7 +175,8 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     plan = plan_pair(spec, None, None, padding, Layout("contiguous", 1), seq_len, 0, 0, 1,
                      torch.float32, CPU, block_size=block)
     masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
-    assert 0 < masked <= 3 * seq_len * block
+    # Non-causal with a padded tail needs no mask at all: no tile reads the padding keys.
+    assert (masked > 0) == spec.causal and masked <= 3 * seq_len * block
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
 
 
