@@ -10,12 +10,12 @@ one small integer operation per block (Qb x KVb), and the partial blocks' area; 
 nothing to do is decided from its bounds and summaries alone, before any block is classified.
 The blocks decide the kernel calls (tiles):
 
-Packed documents are planned one by one: the segments are cut at document starts into stretches
-(``stretches``), and the tiles of each pair of stretches with an allowed entry are decided as
-above on blocks that start at the stretches' own starts. A document that a segment pair holds
-whole is then exactly a causal square (one call on the causal path, no mask), and the part of a
-document that continues from an earlier segment is one full rectangle. Cutting changes only
-which calls cover the allowed pairs, never which pairs are covered.
+Packed causal documents are planned one by one: the segments are cut at document starts into
+stretches (``stretches``). When every pair of stretches with an allowed entry is all allowed or
+exactly a causal square (a document the segment pair holds whole, with no padding or image in
+it), each becomes unmasked and causal calls (no additive mask), and the part of a document that
+continues from an earlier segment is one full rectangle; otherwise the segment pair is planned
+on its blocks as below. Cutting changes only which calls cover the allowed pairs.
 
 - no allowed block                 -> skipped, no kernel call;
 - every entry allowed              -> one unmasked call over the allowed blocks' span;
@@ -147,11 +147,12 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
                                                block_size, flex_mod, (qs.length, ks.length))
             masks.append(block_mask)
             q_parts, k_parts = stretches(qs, cuts, block_size), stretches(ks, cuts, block_size)
-            if len(q_parts) == len(k_parts) == 1:
+            tiles = None
+            if len(q_parts) > 1 or len(k_parts) > 1:
+                tiles = plan_stretches(mask, q_parts, k_parts, batch, block_size, device)
+            if tiles is None:
                 tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
                 tiles = plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
-            else:
-                tiles = plan_stretches(mask, q_parts, k_parts, batch, block_size, dtype, device)
             pair_tiles.append((q_rows, kv_rows, block_mask, tiles))
     read = merge_rows(read_rows)
     for q_rows, kv_rows, block_mask, tiles in pair_tiles:
@@ -318,29 +319,35 @@ def stretches(segment: Segment, cuts: list[int], min_length: int) -> list[Segmen
 
 
 def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], batch: int, block_size: int,
-                   dtype: torch.dtype, device: torch.device) -> list[Tile]:
-    """The kernel calls of one segment pair cut into stretches (``stretches``): each pair of
-    stretches that holds an allowed entry is planned as a segment pair of its own, on blocks
-    starting at the stretches' starts. The pairs are first classified all at once, as runs."""
+                   device: torch.device) -> list[Tile] | None:
+    """The kernel calls of one segment pair cut into stretches (``stretches``), when each pair of
+    stretches with an allowed entry is all allowed (one unmasked call) or, on the diagonal, exactly
+    a causal square (``causal_square_tiles``); None otherwise, and the segment pair is planned on
+    its blocks as a whole. So no call holds a masked entry outside a causal square, and masked
+    keys reach only what they reached before (the README's caveat on non-finite keys). The pairs
+    are classified all at once, as runs.
+    """
     def spans(parts: list[Segment]) -> Spans:
         first = torch.tensor([p.global_start for p in parts], device=device)
         return Spans(first, first + torch.tensor([p.length for p in parts], device=device) - 1)
 
-    live = (mask.classify(spans(q_parts), spans(k_parts)) != EMPTY).any(0).nonzero().tolist()
+    cls = mask.classify(spans(q_parts), spans(k_parts)).expand(batch, len(q_parts), len(k_parts))
+    full = (cls == FULL).all(0).tolist()
     tiles = []
-    for a, b in live:
+    for a, b in (cls != EMPTY).any(0).nonzero().tolist():
         qs, ks = q_parts[a], k_parts[b]
-        q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
-        tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
-        if qs == ks:  # a whole document: first try the causal square on the blocks' classes alone
-            cls = mask.classify(q_blocks, q_blocks)
-            square = Blocks(0, qs.length, block_size, device)
-            if _is_causal_square(tile_mod, (cls != EMPTY).any(0), (cls == FULL).all(0), 0, q_blocks.count, square,
-                                 batch):
-                tiles += causal_square_tiles(qs, 0, qs.length, block_size)
-                continue
-        any_allowed, all_allowed, _ = segment_flags(mask, q_blocks, k_blocks, batch)
-        tiles += plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
+        if full[a][b]:
+            tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
+            continue
+        if qs != ks:
+            return None
+        blocks = Blocks(qs.global_start, qs.length, block_size, device)
+        square = mask.classify(blocks, blocks)
+        tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, qs.global_start)
+        if not _is_causal_square(tile_mod, (square != EMPTY).any(0), (square == FULL).all(0), 0, blocks.count,
+                                 Blocks(0, qs.length, block_size, device), batch):
+            return None
+        tiles += causal_square_tiles(qs, 0, qs.length, block_size)
     return tiles
 
 
