@@ -333,14 +333,15 @@ def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], b
 
     cls = mask.classify(spans(q_parts), spans(k_parts)).expand(batch, len(q_parts), len(k_parts))
     full = (cls == FULL).all(0).tolist()
+    live = (cls != EMPTY).any(0).nonzero().tolist()
+    if any(not full[a][b] and q_parts[a] != k_parts[b] for a, b in live):
+        return None  # decided from the classes alone, before any dense evaluation
     tiles = []
-    for a, b in (cls != EMPTY).any(0).nonzero().tolist():
+    for a, b in live:
         qs, ks = q_parts[a], k_parts[b]
         if full[a][b]:
             tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
             continue
-        if qs != ks:
-            return None
         blocks = Blocks(qs.global_start, qs.length, block_size, device)
         square = mask.classify(blocks, blocks)
         tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, qs.global_start)
