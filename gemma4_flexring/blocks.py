@@ -3,7 +3,8 @@
 A class is decided from per-block summaries (position bounds, min/max of the metadata), never by
 evaluating the mask entry by entry, so classifying costs O(S + Qb x KVb) instead of O(S^2).
 Shape legend: B batch rows of metadata (1 when a class does not depend on the row), N blocks,
-Qb query blocks, KVb key blocks.
+Qb query blocks, KVb key blocks. Classifiers read only ``bounds()`` and ``summary()``, so they take
+``Spans`` (runs of any lengths) as well as ``Blocks``.
 
 Classes are ordered ``EMPTY < PARTIAL < FULL``: the class of an AND of masks is the minimum of
 theirs (empty if any is empty, full if all are full), the class of an OR the maximum. Every
@@ -59,6 +60,33 @@ class Blocks:
         # Repeating the last element leaves every block's min and max unchanged.
         part = torch.cat([part, part[:, -1:].expand(-1, overhang)], dim=1).view(x.shape[0], self.count, self.size)
         return part.amin(-1), part.amax(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class Spans:
+    """Consecutive runs of positions of any lengths, classified like ``Blocks``: run n holds the
+    global positions [first[n], last[n]], and run n + 1 starts at last[n] + 1 (int64 [N] each)."""
+
+    first: Tensor
+    last: Tensor
+
+    @property
+    def count(self) -> int:
+        return self.first.numel()
+
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last global position of every run: int64 [N], [N]."""
+        return self.first, self.last
+
+    def summary(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Min and max of whole-sequence ``x`` [B, S] over every run: int64 [B, N], [B, N]."""
+        start, stop = int(self.first[0]), int(self.last[-1]) + 1
+        part = x[:, start:stop].to(self.first.device, torch.int64)
+        run = torch.repeat_interleave(torch.arange(self.count, device=self.first.device), self.last - self.first + 1)
+        index = run.expand_as(part)
+        out = part.new_empty(part.shape[0], self.count)
+        return (out.scatter_reduce(1, index, part, "amin", include_self=False),
+                out.scatter_reduce(1, index, part, "amax", include_self=False))
 
 
 def classes(full: Tensor, empty: Tensor) -> Tensor:

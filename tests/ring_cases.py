@@ -13,6 +13,7 @@ from gemma4_flexring import exchange, schedule
 SPECS = {
     "causal": MaskSpec(causal=True),
     "sliding": MaskSpec(causal=True, sliding_window=7),
+    "sliding_wide": MaskSpec(causal=True, sliding_window=40),
     "sliding_vision": MaskSpec(causal=True, sliding_window=7, block_bidirectional=True),
     "causal_vision": MaskSpec(causal=True, block_bidirectional=True),
     "bidirectional": MaskSpec(causal=False),

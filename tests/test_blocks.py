@@ -18,11 +18,16 @@ from strategies import runs
 CPU = torch.device("cpu")
 
 
-def dense_flags(mask_mod, q: Blocks, k: Blocks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block, from the mask evaluated on every entry: (any, all allowed), bool [B, Qb, KVb]."""
+def dense_some(mask_mod, q: Blocks, k: Blocks, batch: int) -> torch.Tensor:
+    """The mask on every entry of the two runs: bool [B, q.length, k.length]."""
     q_idx = torch.arange(q.start, q.start + q.length).view(1, -1, 1)
     k_idx = torch.arange(k.start, k.start + k.length).view(1, 1, -1)
-    allowed = evaluate_at(mask_mod, batch, q_idx, k_idx)[:, 0]
+    return evaluate_at(mask_mod, batch, q_idx, k_idx)[:, 0]
+
+
+def dense_flags(mask_mod, q: Blocks, k: Blocks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, from the mask evaluated on every entry: (any, all allowed), bool [B, Qb, KVb]."""
+    allowed = dense_some(mask_mod, q, k, batch)
     shape = (batch, q.count * q.size, k.count * k.size)
     some = allowed.new_zeros(shape)
     every = allowed.new_ones(shape)
@@ -63,7 +68,10 @@ def test_classes_are_sound_and_flags_exact(problem):
         one_some, one_every = dense_flags(mask.mask_mod, *blocks, batch)
         assert not one_some[cls == EMPTY].any()
         assert one_every[cls == FULL].all()
-    assert [torch.equal(a, b) for a, b in zip(segment_flags(mask, q, k, batch), (some, every))] == [True, True]
+    flags = segment_flags(mask, q, k, batch)
+    assert [torch.equal(a, b) for a, b in zip(flags[:2], (some, every))] == [True, True]
+    seen = dense_some(mask.mask_mod, q, k, batch).any(0).any(0)
+    assert torch.equal(flags.seen_keys, seen)
 
 
 @settings(max_examples=200, deadline=None)
@@ -84,5 +92,5 @@ def test_unsorted_documents_that_never_meet_are_refined_to_empty():
     mask = gemma4_mask(MaskSpec(causal=False), document_ids=docs)
     q, k = Blocks(0, 4, 4, CPU), Blocks(4, 4, 4, CPU)
     assert mask.classify(q, k).item() == PARTIAL
-    some, every = segment_flags(mask, q, k, 1)
-    assert not some.any() and not every.any()
+    some, every, seen = segment_flags(mask, q, k, 1)
+    assert not some.any() and not every.any() and not seen.any()

@@ -37,9 +37,20 @@ PIECE_CASES = [
     Case("sliding_vision", "all", seq_len=96, block_size=8, piece_rows=12),
     Case("bidirectional_window", "packed_padded", torch.float32, seq_len=96, block_size=8, piece_rows=10),
     Case("causal", "documents", seq_len=192, block_size=8, piece_rows=16),
+    Case("causal", "packed_padded", seq_len=96, block_size=4, piece_rows=10),  # document bands, cut
+]
+# Blocks of 4: documents are cut into stretches, planned one by one (causal squares in bands of
+# rows, full rectangles across segments), with rows packed differently, padding and images.
+DOCUMENT_CASES = [
+    Case("causal", "documents", seq_len=96, block_size=4),
+    Case("causal", "packed_padded", seq_len=96, block_size=4),
+    Case("sliding", "documents", seq_len=96, block_size=4),       # window narrower than the documents
+    Case("sliding_wide", "documents", seq_len=96, block_size=4),  # window wider than some of them
+    Case("causal_vision", "all", seq_len=96, block_size=4),
+    Case("bidirectional", "packed_padded", seq_len=96, block_size=4),
 ]
 ALL_CASES = ([Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES + EXCHANGE_CASES
-             + PIECE_CASES)
+             + PIECE_CASES + DOCUMENT_CASES)
 
 
 def reference(case: Case) -> list[torch.Tensor]:

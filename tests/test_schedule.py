@@ -9,7 +9,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import plan_pair, ring_owner
+from gemma4_flexring.exchange import packed_tiles
+from gemma4_flexring.schedule import needed_kv_rows, plan_pair, ring_owner
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -40,20 +41,24 @@ def test_block_masks_equal_create_block_mask(seq_len, world_size, kind, block):
 
 
 def covered(plan, batch: int, local_len: int) -> torch.Tensor:
-    """The (query row, key row) pairs the plan's tiles let through, bool [B, L, L]."""
-    allowed = torch.zeros(batch, local_len, local_len, dtype=torch.bool)
+    """The (query row, key row) pairs the plan's tiles let through, bool [B, L, L]; no pair may be
+    let through twice (its share would count twice in the merge)."""
+    count = torch.zeros(batch, local_len, local_len, dtype=torch.int32)
     for tile in plan.tiles:
-        region = allowed[:, tile.q_rows, tile.kv_rows]
+        region = count[:, tile.q_rows, tile.kv_rows]
         n_q, n_kv = region.shape[-2:]
         if tile.kind == "full":
-            region |= True
+            region += 1
         elif tile.kind == "causal":
-            region |= torch.ones(n_q, n_kv, dtype=torch.bool).tril()
+            assert n_q == n_kv and tile.q_rows == tile.kv_rows, tile
+            region += torch.ones(n_q, n_kv, dtype=torch.int32).tril()
         else:
-            region |= (tile.bias[:, 0] == 0)
-            if tile.dead_rows is not None:
-                assert not (tile.bias[:, 0] == 0)[tile.dead_rows[:, 0]].any()
-    return allowed
+            allowed = tile.bias[:, 0] == 0
+            region += allowed.int()
+            dead = ~allowed.any(-1)  # rows with no allowed key: exactly the tile's dead rows
+            assert torch.equal(dead, torch.zeros_like(dead) if tile.dead_rows is None else tile.dead_rows[:, 0])
+    assert count.max() <= 1, "a pair is covered twice"
+    return count.bool()
 
 
 @pytest.mark.parametrize("block_size", [4, 128])
@@ -92,6 +97,98 @@ def test_random_plans_cover_exactly_the_allowed_pairs(problem):
             assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
 
 
+def row_runs(seen: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """[start, stop) runs of the set entries of a 1-D bool tensor."""
+    edges = torch.nn.functional.pad(seen.int(), (1, 1)).diff().nonzero().flatten().tolist()
+    return tuple(zip(edges[::2], edges[1::2]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_plans())
+def test_exchanged_rows_are_exactly_the_keys_some_query_sees(problem):
+    """Both sides' rows (the plan's, the key rank's ``needed_kv_rows``) are the key rows that some
+    query of the query rank may see in some batch row, row by row, and every tile of another rank's
+    chunk reads only them."""
+    spec, info, batch, seq_len, layout, block_size = problem
+    dense = reference_mask(spec, info, batch, seq_len)
+    for q_rank in range(layout.world_size):
+        for kv_rank in range(layout.world_size):
+            args = (layout, seq_len, q_rank, kv_rank, batch)
+            plan = plan_pair(spec, *info.tensors(), *args, torch.float32, CPU, block_size=block_size)
+            qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
+            want = row_runs(dense[:, qp][:, :, kp].any(0).any(0))
+            assert plan.kv_rows == want, (q_rank, kv_rank)
+            assert needed_kv_rows(spec, *info.tensors(), *args, CPU, block_size=block_size) == want
+            if q_rank != kv_rank:  # the local chunk is read in place
+                packed_tiles(plan.tiles, plan.kv_rows)  # raises if a tile reads another row
+
+
+def packed(kind: str, batch: int = 2, seq_len: int = 96) -> SequenceInfo:
+    """Packed documents of uneven lengths (ends at 20, 44, 70 in every row) and, by ``kind``:
+    "same" nothing more, "rows" the second row packed differently (ends at 30, 56), "padded"
+    padding inside a document and a padded tail, "images" an image inside a document and one
+    across a document end."""
+    ends = [[20, 44, 70]] * batch
+    if kind == "rows":
+        ends = [[20, 44, 70], [30, 56]][:batch]
+    docs = torch.stack([torch.bucketize(torch.arange(seq_len), torch.tensor(e), right=True) for e in ends])
+    padding = blocks = None
+    if kind == "padded":
+        padding = torch.zeros(batch, seq_len, dtype=torch.bool)
+        padding[0, 30:33] = True
+        padding[:, 90:] = True
+    if kind == "images":
+        blocks = torch.full((batch, seq_len), -1)
+        blocks[:, 24:36] = 0
+        blocks[:, 66:76] = 1
+    return SequenceInfo(docs, blocks, padding)
+
+
+DOCUMENT_SPECS = {"causal": MaskSpec(), "narrow": MaskSpec(sliding_window=7), "wide": MaskSpec(sliding_window=40),
+                  "vision": MaskSpec(block_bidirectional=True), "bidirectional": MaskSpec(causal=False)}
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+@pytest.mark.parametrize("kind", ["same", "rows", "padded", "images"])
+@pytest.mark.parametrize("spec_name", list(DOCUMENT_SPECS))
+def test_document_tiles_cover_exactly_the_allowed_pairs(spec_name, kind, block_size):
+    """Documents inside segments, across segments, padded, in rows packed differently, with images,
+    under windows narrower and wider than them: every allowed pair once, at 1-4 ranks, both layouts."""
+    spec, info, batch, seq_len = DOCUMENT_SPECS[spec_name], packed(kind), 2, 96
+    dense = reference_mask(spec, info, batch, seq_len)
+    for world_size in range(1, 5):
+        for layout in (Layout("contiguous", world_size), Layout("zigzag", world_size)):
+            for q_rank in range(world_size):
+                for kv_rank in range(world_size):
+                    plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, batch, torch.float32,
+                                     CPU, block_size=block_size)
+                    qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
+                    got = covered(plan, batch, seq_len // world_size)
+                    assert torch.equal(got, dense[:, qp][:, :, kp]), (layout, q_rank, kv_rank)
+
+
+def test_documents_are_causal_squares_and_full_rectangles():
+    """Causal packed documents need no additive mask: a document a segment holds whole is a causal
+    square (cut into bands of rows when short), and the part of one continuing from an earlier
+    segment is one full rectangle."""
+    info, layout, block = packed("same", batch=1, seq_len=128), Layout("contiguous", 2), 4
+    for q_rank, kv_rank in [(0, 0), (1, 0), (1, 1)]:
+        plan = plan_pair(MaskSpec(), *info.tensors(), layout, 128, q_rank, kv_rank, 1, torch.float32, CPU,
+                         block_size=block)
+        assert {t.kind for t in plan.tiles} <= {"full", "causal"}
+        if (q_rank, kv_rank) == (1, 0):  # the document [44, 70) continues at 64: rows 64..70 see keys 44..64
+            assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [("full", slice(0, 6), slice(44, 64))]
+    # Documents [0, 600) and [600, 4096) at blocks of 128: the short one in bands of 256 rows, the
+    # one of at least 16 blocks in one call.
+    docs = (torch.arange(4096) >= 600).long().view(1, -1)
+    plan = plan_pair(MaskSpec(), docs, None, None, Layout("contiguous", 1), 4096, 0, 0, 1, torch.float32, CPU)
+    assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [
+        ("causal", slice(0, 256), slice(0, 256)),
+        ("full", slice(256, 512), slice(0, 256)), ("causal", slice(256, 512), slice(256, 512)),
+        ("full", slice(512, 600), slice(0, 512)), ("causal", slice(512, 600), slice(512, 600)),
+        ("causal", slice(600, 4096), slice(600, 4096))]
+
+
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     layout = Layout("contiguous", 2)
     plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
@@ -107,8 +204,9 @@ def test_sliding_window_crops_to_the_band():
     (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
                         block_size=16).tiles
     assert tile.kind == "masked"
-    assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(112, 128)
-    assert tile.bias.shape == (1, 1, 16, 16)
+    # Query 128 sees keys 113 .. 128: key 112 is seen by no query of rank 1, so no tile reads it.
+    assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(113, 128)
+    assert tile.bias.shape == (1, 1, 16, 15)
 
 
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
