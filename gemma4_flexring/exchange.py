@@ -13,8 +13,8 @@ the receiver's plan holds. A step with nothing to send and nothing to receive po
 Received rows are packed: the visiting chunk is [B, Hkv, n, D] for the n rows received, and each
 step's tiles have their ``kv_rows`` moved into that packed chunk.
 
-Pieces bound memory. A step's rows are cut into pieces of at most ``piece_rows(L)`` rows, and
-its tiles at the pieces' edges and every ``piece_rows(L)`` query rows (``schedule.split_tile``):
+Pieces bound memory. A step's rows are cut into pieces of at most ``piece_rows`` rows, and
+its tiles at the pieces' edges and every ``piece_rows`` query rows (``schedule.split_tile``):
 no kernel call reads more, and the backward computes and sends home each piece's dK/dV on its
 own. Reader and owner cut the same row count the same way (``piece_bounds``), so the owner
 knows which of its rows each piece of dK/dV coming home holds.
@@ -25,20 +25,26 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import torch
+
 from . import schedule
 from .schedule import PairPlan, Rows, Tile, ring_owner, split_tile
 
 PIECES_PER_CHUNK = 8  # a whole chunk's rows travel and are computed in this many pieces...
-# ...of at least this many rows. Measured at P=1, S=4096, H=8/2: 512-row calls ran at 1.01x aten
-# SDPA's time, uncut ones at 1.11x (so cutting costs no speed here), with 8x less tile memory.
+# ...of at least this many rows. Measured with the aten CPU kernel at P=1 (S=4096 and 16384):
+# float32 calls of 512 rows run as fast as uncut ones; bfloat16 ones below 2048 rows do not (the
+# kernel repacks K/V for each call: 512-row pieces took 1.6x the uncut step, 2048-row ones 0.97x).
 MIN_PIECE_ROWS = 512
+MIN_HALF_PIECE_ROWS = 2048  # float16, bfloat16
 
 
-def piece_rows(chunk_len: int) -> int:
+def piece_rows(chunk_len: int, dtype: torch.dtype) -> int:
     """The most key rows (and query rows) one kernel call, and one piece of dK/dV, may hold for
-    chunks of ``chunk_len`` rows: an eighth of the chunk in whole blocks, at least ``MIN_PIECE_ROWS``."""
+    chunks of ``chunk_len`` rows of ``dtype``: an eighth of the chunk in whole blocks, at least
+    ``MIN_PIECE_ROWS`` (``MIN_HALF_PIECE_ROWS`` in half precision)."""
     block = schedule.BLOCK_SIZE
-    return max(MIN_PIECE_ROWS, -(-chunk_len // (PIECES_PER_CHUNK * block)) * block)
+    fewest = MIN_HALF_PIECE_ROWS if dtype in (torch.float16, torch.bfloat16) else MIN_PIECE_ROWS
+    return max(fewest, -(-chunk_len // (PIECES_PER_CHUNK * block)) * block)
 
 
 def piece_bounds(rows: int, most: int | None) -> tuple[tuple[int, int], ...]:

@@ -139,7 +139,7 @@ def _exchange(args: RingArgs, p: Planning, comm, plans: list[schedule.PairPlan],
         return build_exchange(comm.rank, comm.world_size, plans, send_rows, chunk, most_rows)
 
     chunk = args.q.shape[2]
-    most_rows = piece_rows(chunk)
+    most_rows = piece_rows(chunk, args.q.dtype)
     return MASK_CACHE.schedule(p.meta, ("exchange", most_rows, *p.key(comm.rank, q=args.q)), build)
 
 

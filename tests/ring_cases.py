@@ -110,15 +110,19 @@ def run_case(rank: int, world_size: int, case: Case, layout_kind: str,
 def planning_sizes(block_size: int | None, piece_rows: int | None):
     """This block size and piece size in force (in this process) within the block; None keeps
     the package's."""
-    saved = schedule.BLOCK_SIZE, exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK
+    sizes = "BLOCK_SIZE", "MIN_PIECE_ROWS", "MIN_HALF_PIECE_ROWS", "PIECES_PER_CHUNK"
+    modules = schedule, exchange, exchange, exchange
+    saved = [getattr(m, n) for m, n in zip(modules, sizes)]
     if block_size is not None:
         schedule.BLOCK_SIZE = block_size
     if piece_rows is not None:  # pieces of exactly that many rows (or a block, if larger)
-        exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK = piece_rows, 1 << 30
+        exchange.MIN_PIECE_ROWS = exchange.MIN_HALF_PIECE_ROWS = piece_rows
+        exchange.PIECES_PER_CHUNK = 1 << 30
     try:
         yield
     finally:
-        schedule.BLOCK_SIZE, exchange.MIN_PIECE_ROWS, exchange.PIECES_PER_CHUNK = saved
+        for module, name, value in zip(modules, sizes, saved):
+            setattr(module, name, value)
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], layout_kind: str) -> list:
