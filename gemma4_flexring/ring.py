@@ -116,6 +116,21 @@ class _KVExchange:
         rows = exchange.max_recv_rows()
         self._kbuf, self._vbuf = (_Buffers(t, rows, 2, t.dtype) for t in (k, v))
 
+    def visits(self, comm: RingComm, backward: bool):
+        """Yield (index, step, k, v) for every step with the K/V it reads (step 0: the local
+        chunk). The next step's K/V exchange is posted before a step is yielded, so it travels
+        while the step computes, and waited for when the next step comes."""
+        posted = None
+        for index, step in enumerate(self.exchange.steps):
+            k_step, v_step = self.k, self.v
+            if posted is not None:
+                _wait(posted.works, backward)
+                k_step, v_step = posted.k, posted.v
+            sends, recvs, k_in, v_in = self.ops(index + 1)
+            posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
+            record_step(len(step.calls))
+            yield index, step, k_step, v_step
+
     def ops(self, step: int):
         """(sends, receives, received k, received v) of ``step``'s K/V; nothing past the last step."""
         if step >= len(self.exchange.steps):
@@ -166,19 +181,8 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
     exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
-    kv = _KVExchange(k, v, exchange)
-    posted = None
-    for step, plan in enumerate(exchange.steps):
-        if step == 0:
-            k_step, v_step = k, v
-        else:
-            _wait(posted.works, backward=False)
-            k_step, v_step = posted.k, posted.v
-        sends, recvs, k_in, v_in = kv.ops(step + 1)  # the next step's rows travel while this one computes
-        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
-        tiles = plan.calls
-        record_step(len(tiles))
-        for tile in tiles:
+    for _, plan, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
+        for tile in plan.calls:
             rows, cols = tile.q_rows, tile.kv_rows
             tile_out, tile_lse = kernel.forward(q[:, :, rows], k_step[:, :, cols], v_step[:, :, cols], tile, scale)
             merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
@@ -226,18 +230,8 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
     grads = _TileGrads(grad_out, q, out, lse, dq, kernel, scale)
-    kv = _KVExchange(k, v, exchange)
     pieces = _PieceGrads(comm, dk, dv, exchange, dkv_send_dtype(k.dtype))
-    posted = None
-    for step, s in enumerate(exchange.steps):
-        if step == 0:
-            k_step, v_step = k, v
-        else:
-            _wait(posted.works, backward=True)
-            k_step, v_step = posted.k, posted.v
-        sends, recvs, k_in, v_in = kv.ops(step + 1)
-        posted = _Posted(comm.start(sends, recvs), k_in, v_in, tuple(t for _, t in sends))
-        record_step(len(s.calls))
+    for step, s, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=True):
         if step == 0:
             for tile in s.calls:
                 grads.add(tile, k_step, v_step, dk, dv, 0)
@@ -250,7 +244,6 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                 for tile in piece.calls:
                     grads.add(tile, k_step, v_step, *away, piece.start)
             pieces.post(s, index, away)
-    _wait(posted.works, backward=True)
     pieces.finish()
     if key_padding is not None:
         # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
