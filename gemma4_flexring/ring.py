@@ -190,14 +190,30 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
     return out.to(q.dtype), lse
 
 
-def dkv_send_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dK/dV partial sums travel in the accumulator dtype (float32; float64 for float64 inputs).
+def scaled_half_shares(dtype: torch.dtype) -> bool:
+    """Whether dK/dV shares of inputs of ``dtype`` travel as row-scaled float16 (``encode_rows``):
+    for float16 and bfloat16 inputs; others travel in their accumulator dtype (float32, float64).
 
-    Not in bfloat16/float16: a partial sum rounded to half precision before it is added at home
-    is one more rounding per step, and one rounding per share was measured to put dv at 2x one
-    device's error (tests/test_numerics.py); the CPU kernel returns float32 shares for that reason.
+    Not in the inputs' own half precision: a share rounded to bfloat16 before it is added at home
+    is one more rounding of bfloat16's size per step, measured to put dv at 2x one device's error
+    (tests/test_numerics.py). Row-scaled float16 costs the same two bytes an element and rounds
+    at 2^-11 of the row's largest element, 8x finer; only the sum at home is rounded to the inputs'
+    dtype, as one device rounds once.
     """
-    return out_accumulator_dtype(dtype)
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def encode_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t`` [B, H, n, D] (float32) as float16 values [B, H, n, D] and float32 scales [B, H, n, 1]:
+    each row divided by its largest magnitude (rows of zeros by 1)."""
+    scale = t.abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (t / scale).to(torch.float16), scale
+
+
+def decode_rows(values: Tensor, scale: Tensor) -> Tensor:
+    """The float32 rows ``encode_rows`` encoded."""
+    return values.to(torch.float32) * scale
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -230,7 +246,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
     grads = _TileGrads(grad_out, q, out, lse, dq, kernel, scale)
-    pieces = _PieceGrads(comm, dk, dv, exchange, dkv_send_dtype(k.dtype))
+    pieces = _PieceGrads(comm, dk, dv, exchange, scaled_half_shares(k.dtype))
     for step, s, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=True):
         if step == 0:
             for tile in s.calls:
@@ -274,13 +290,16 @@ class _TileGrads:
 class _PieceGrads:
     """The dK/dV pieces in flight, in two slots used in turn. A slot holds one piece's dK/dV
     going away to their owner and one coming home; reusing a slot waits for its last exchange
-    and adds what came home into this rank's dK/dV."""
+    and adds what came home into this rank's dK/dV. Shares are summed in ``dk``'s dtype and
+    travel in it, or as row-scaled float16 (``scaled``: see ``scaled_half_shares``)."""
 
-    def __init__(self, comm: RingComm, dk: Tensor, dv: Tensor, exchange: Exchange, dtype: torch.dtype) -> None:
-        self.comm, self.dk, self.dv = comm, dk, dv
-        self._away = _Buffers(dk, exchange.max_piece_rows(home=False), 4, dtype)  # slot n: views 2n, 2n + 1
-        self._home = _Buffers(dk, exchange.max_piece_rows(home=True), 4, dtype)
-        self._busy: list = [None, None]  # per slot: (works, (rows, dK, dV) coming home or None)
+    def __init__(self, comm: RingComm, dk: Tensor, dv: Tensor, exchange: Exchange, scaled: bool) -> None:
+        self.comm, self.dk, self.dv, self.scaled = comm, dk, dv, scaled
+        away_rows, home_rows = exchange.max_piece_rows(home=False), exchange.max_piece_rows(home=True)
+        self._away = _Buffers(dk, away_rows, 4, dk.dtype)  # slot n: views 2n, 2n + 1 (dK, dV)
+        self._home = _Buffers(dk, home_rows, 4, torch.float16 if scaled else dk.dtype)
+        self._home_scales = _Buffers(dk[..., :1], home_rows if scaled else 0, 4, torch.float32)
+        self._busy: list = [None, None]  # per slot: (works, tensors sent, (rows, dK, dV) coming home or None)
         self._slot = 0
 
     def away(self, rows: int) -> tuple[Tensor, Tensor]:
@@ -293,26 +312,31 @@ class _PieceGrads:
         to their owner and the receive of the piece coming home, whichever exist."""
         slot = self._slot
         self._free(slot)
-        sends = [(step.recv_from, t) for t in away] if away is not None else []
+        sent = () if away is None else tuple(x for t in away for x in (encode_rows(t) if self.scaled else (t,)))
         recvs, home = [], None
         if index < len(step.home):
             rows = step.home[index]
-            n = row_count(rows)
-            home = (rows, self._home.view(2 * slot, n), self._home.view(2 * slot + 1, n))
-            recvs = [(step.send_to, home[1]), (step.send_to, home[2])]
-        self._busy[slot] = (self.comm.start(sends, recvs), home)
+            home = (rows, *(self._home_parts(slot, part, row_count(rows)) for part in (0, 1)))
+            recvs = [(step.send_to, t) for part in home[1:] for t in part]
+        works = self.comm.start([(step.recv_from, t) for t in sent], recvs)
+        self._busy[slot] = (works, sent, home)
         self._slot = 1 - slot
+
+    def _home_parts(self, slot: int, part: int, n: int) -> tuple[Tensor, ...]:
+        """The receive buffers of dK (``part`` 0) or dV (1) coming home: values, and scales if scaled."""
+        values = self._home.view(2 * slot + part, n)
+        return (values, self._home_scales.view(2 * slot + part, n)) if self.scaled else (values,)
 
     def _free(self, slot: int) -> None:
         if self._busy[slot] is None:
             return
-        works, home = self._busy[slot]
+        works, _, home = self._busy[slot]
         self._busy[slot] = None
         _wait(works, backward=True)
         if home is not None:
             rows, dk, dv = home
-            add_rows_(self.dk, rows, dk)
-            add_rows_(self.dv, rows, dv)
+            add_rows_(self.dk, rows, decode_rows(*dk) if self.scaled else dk[0])
+            add_rows_(self.dv, rows, decode_rows(*dv) if self.scaled else dv[0])
 
     def finish(self) -> None:
         for slot in (self._slot, 1 - self._slot):  # oldest first

@@ -100,3 +100,18 @@ def test_bitwise_deterministic(cluster, world_size):
             for case, a, b in zip(DETERMINISM_CASES, first[rank], second[rank]):
                 for name, x, y in zip(NAMES, a, b):
                     assert torch.equal(x, y), f"{layout} rank {rank} {case} {name} differs between runs"
+
+
+def test_scaled_float16_shares_round_within_a_row_scale():
+    """bfloat16 dK/dV shares travel as float16 scaled per row: decoded, each element is within
+    2^-11 of its row's largest magnitude, rows of zeros stay zero, and tiny rows keep their digits."""
+    from gemma4_flexring.ring import decode_rows, encode_rows
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 5, 8, generator=g) * torch.logspace(-30, 30, 5).view(1, 1, 5, 1)
+    t[0, 0, 2] = 0
+    values, scale = encode_rows(t)
+    assert values.dtype == torch.float16 and scale.shape == (2, 3, 5, 1)
+    back = decode_rows(values, scale)
+    assert torch.equal(back[0, 0, 2], torch.zeros(8))
+    assert ((back - t).abs() <= 2.0 ** -11 * t.abs().amax(-1, keepdim=True)).all()
