@@ -115,11 +115,6 @@ class Exchange(NamedTuple):
             [p.stop - p.start for s in self.steps[1:] for p in s.pieces]
         return max(sizes, default=0)
 
-    def rows_sent(self) -> int:
-        """K/V rows this rank sends in one forward (the backward sends them again, and receives
-        as many dK/dV rows as it sent K/V rows)."""
-        return sum(row_count(s.send_rows) for s in self.steps)
-
 
 def row_count(rows: Rows) -> int:
     return sum(stop - start for start, stop in rows)
