@@ -15,8 +15,11 @@ part of the step. Per figure:
 - wait fwd/bwd: share of forward and backward time spent waiting on exchanges;
 - mem f/b: the largest peak resident-memory growth of a rank during forward and backward, minus
   what the call returns (out and lse; dq, dk and dv), against the whole sequence's K+V bytes. Measured
-  from the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) with
-  ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the resident set;
+  from the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) in ranks
+  of their own, started with ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed buffers leave the
+  resident set. Times come from other ranks, under the default allocator: with the threshold
+  fixed, every buffer above it maps fresh pages, which measured 2x the time of a sliding layer
+  (hundreds of small calls) and 1.04x that of a causal one;
 - pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too,
   planning left out (it is reported on its own, and a batch's plans serve every layer);
 - Gpairs/s: allowed pairs (x batch x query heads) per second, forward + backward;
@@ -39,6 +42,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -53,6 +57,9 @@ from .metadata import informative
 from .schedule import DENSE_CHUNK, block_indices, evaluate_at
 from .stats import reset_ring_stats, ring_stats
 
+# The memory phase's processes: buffers of 64 KiB or more are mapped on their own and returned
+# when freed, so the resident high-water mark follows live memory.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MASKS = ("causal", "sliding", "packed", "vision")
 TARGETS = {"sdpa": 1.10, "allgather": 1.1, "bytes": 1.25, "memory_p8": 0.4, "balance": 1.10}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -159,7 +166,8 @@ def _rss(key: str) -> int:
 
 
 class PeakRss:
-    """Peak resident-memory growth of this process within a ``with`` block (bytes)."""
+    """Peak resident-memory growth of this process within a ``with`` block (bytes): the peak of
+    live memory in a process started with ``MALLOC_MMAP_THRESHOLD_`` fixed (``MEMORY_ENV``)."""
 
     def __enter__(self):
         with open("/proc/self/clear_refs", "w") as f:
@@ -175,97 +183,141 @@ def nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def run_rank(rank: int, args, port: int, results) -> None:
-    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
-    import torch.distributed.nn.functional as dist_fn
-    import torch.nn.functional as F
+@dataclass
+class Figure:
+    """One figure: a mask kind on a layout, its layers' masks, their q, k and v ([layer][q, k, v];
+    the memory phase makes the first layer's only), and its timed steps."""
 
-    from .api import ring_attention
-    from .reference import reference_mask
+    name: str
+    kind: str
+    layout: Layout
+    layers: list[tuple[str, MaskSpec]]
+    tensors: list[list[torch.Tensor]] = field(default_factory=list)
+    steps: list[tuple] = field(default_factory=list)
 
+    def info(self, args) -> SequenceInfo:
+        """The figure's batch metadata, fresh: a new generation, so its plans are built again."""
+        return make_info(self.name, args.batch, args.seq_len, args.documents, args.packing)
+
+    def zero_grads(self) -> None:
+        for t in (t for layer in self.tensors for t in layer):
+            t.grad = None
+
+
+def run_rank(rank: int, args, port: int, results, phase: str) -> None:
+    """One rank of the "time" or the "memory" phase; rank 0 puts one row per figure and rank in
+    ``results[phase]``.
+
+    Time: figures are timed in rounds, one step of each figure (and of its baseline) per round,
+    so that the machine's drifts in speed, measured here at up to 1.5x over a minute, fall on
+    every figure alike and ratios between figures hold. Memory: the first layer of each figure,
+    after a warm-up step, in processes started with ``MEMORY_ENV``.
+    """
     torch.set_num_threads(args.threads)
     world = args.world_size
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    gather = (lambda x: [x]) if world == 1 else (lambda x: _all_gather(x, world))
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(rank)
     local = args.seq_len // world
-    shape_q = (args.batch, args.heads, local, args.head_dim)
-    shape_kv = (args.batch, args.kv_heads, local, args.head_dim)
-    whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * dtype.itemsize
-    figures = []
-    for name, kind in itertools.product(args.mask, args.layout):
-        # A balanced layout comes from the batch's packing, as ``hf.shard_inputs(layout="balanced")`` builds it.
-        layout = figure_layout(kind, make_info(name, args.batch, args.seq_len, args.documents, args.packing), world)
-        layers = layer_masks(name, args.window, args.stack)
-        tensors = [[torch.randn(s, generator=g).to(dtype).requires_grad_(True) for s in (shape_q, shape_kv, shape_kv)]
-                   for _ in layers]
+    shapes = [(args.batch, heads, local, args.head_dim) for heads in (args.heads, args.kv_heads, args.kv_heads)]
 
-        def log(msg: str) -> None:
-            if rank == 0:
-                print(f"[bench] {name} {kind}: {msg}", file=sys.stderr, flush=True)
-
-        def forward():
-            info = make_info(name, args.batch, args.seq_len, args.documents, args.packing)  # fresh: a new generation
-            clear_mask_cache()  # plans are built again: planning is part of every step
-            return [ring_attention(q, k, v, mask=spec, info=info, layout=layout)
-                    for (_, spec), (q, k, v) in zip(layers, tensors)]
-
-        def backward(outs):
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
-        times = []
-        def zero_grads():
-            for t in (t for layer in tensors for t in layer):
-                t.grad = None
-
-        for repeat in range(args.repeats + 1):
-            zero_grads()
-            log(f"step {repeat + 1}/{args.repeats + 1} (the first warms up)")
-            reset_ring_stats()
-            start = time.perf_counter()
-            outs = forward()
-            mid = time.perf_counter()
-            backward(outs)
-            end = time.perf_counter()
-            stats = ring_stats()
-            if repeat:
-                times.append((end - start, mid - start, end - mid, stats.planning_s, stats.wait_forward_s,
-                              stats.wait_backward_s, stats.bytes_sent))
-        step, fwd, bwd, plan, wait_f, wait_b, sent = (statistics.median(t[i] for t in times) for i in range(7))
-        del outs
-        log("memory")
-        zero_grads()
-        q0, k0, v0 = tensors[0]
-        with PeakRss() as mem_f:
-            out = ring_attention(q0, k0, v0, mask=layers[0][1], info=make_info(name, args.batch, args.seq_len,
-                                                                                args.documents, args.packing), layout=layout)
-        grad = torch.ones_like(out)
-        with PeakRss() as mem_b:
-            out.backward(grad)
-        workspace_f = mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4
-        workspace_b = mem_b.growth - nbytes(q0, k0, v0)
-        del out
-        log("lower bound")
-        info = make_info(name, args.batch, args.seq_len, args.documents, args.packing)
-        per_layer = [mask_figures(spec, info, layout, args.seq_len, rank) for _, spec in layers]
-        pairs = sum(p for p, _ in per_layer)
-        row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * dtype.itemsize
-        bound = 3 * sum(r for _, r in per_layer) * row_bytes
-        base = base_mem = None
-        if len(layers) == 1 and args.baseline:
-            base, base_mem = _baseline(rank, world, layers[0][1], info, layout, args, tensors[0], F, dist_fn,
-                                       reference_mask, log)
-        row = dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent, bound=bound,
-                   workspace_f=workspace_f, workspace_b=workspace_b, pairs=pairs, base=base, base_mem=base_mem)
-        per_rank = gather(row)
+    def log(msg: str) -> None:
         if rank == 0:
-            figures.append(summarize(name, kind, layers, per_rank, args, whole_kv))
+            print(f"[bench] {phase}: {msg}", file=sys.stderr, flush=True)
+
+    figures = [Figure(name, kind, figure_layout(kind, make_info(name, args.batch, args.seq_len, args.documents,
+                                                                 args.packing), world),
+                      layer_masks(name, args.window, args.stack))
+               for name, kind in itertools.product(args.mask, args.layout)]
+    for figure in figures:
+        layers = len(figure.layers) if phase == "time" else 1
+        figure.tensors = [[torch.randn(s, generator=g).to(dtype).requires_grad_(True) for s in shapes]
+                          for _ in range(layers)]
+    if phase == "time":
+        for repeat in range(args.repeats + 1):
+            log(f"round {repeat + 1}/{args.repeats + 1} (the first warms up)")
+            for figure in figures:
+                ring = _ring_step(figure, args)
+                baseline = _baseline_step(rank, figure, args)
+                base = None if baseline is None else _timed(baseline)
+                if repeat:
+                    figure.steps.append((*ring, base))
+                del baseline
+    rows = []
+    for figure in figures:
+        log(f"{figure.name} {figure.kind}")
+        rows.append(_figure_row(rank, figure, args) if phase == "time" else _measure_memory(rank, figure, args))
+        figure.tensors.clear()
+    per_rank = _all_gather(rows, world) if world > 1 else [rows]
     if rank == 0:
-        results["figures"] = figures
+        results[phase] = per_rank
     if world > 1:
         dist.destroy_process_group()
+
+
+def _ring_step(figure: Figure, args) -> tuple:
+    """One forward + backward of every layer with fresh metadata: (step, forward, backward,
+    planning, forward wait, backward wait) seconds and bytes sent."""
+    from .api import ring_attention
+
+    figure.zero_grads()
+    info = figure.info(args)
+    clear_mask_cache()  # plans are built again: planning is part of every step
+    reset_ring_stats()
+    start = time.perf_counter()
+    outs = [ring_attention(q, k, v, mask=spec, info=info, layout=figure.layout)
+            for (_, spec), (q, k, v) in zip(figure.layers, figure.tensors)]
+    mid = time.perf_counter()
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    end = time.perf_counter()
+    stats = ring_stats()
+    figure.zero_grads()
+    return (end - start, mid - start, end - mid, stats.planning_s, stats.wait_forward_s, stats.wait_backward_s,
+            stats.bytes_sent)
+
+
+def _figure_row(rank: int, figure: Figure, args) -> dict:
+    """The medians of the figure's timed steps, its allowed pairs and its lower bound on bytes."""
+    step, fwd, bwd, plan, wait_f, wait_b, sent = (statistics.median(t[i] for t in figure.steps) for i in range(7))
+    bases = [t[7] for t in figure.steps if t[7] is not None]
+    info = figure.info(args)
+    per_layer = [mask_figures(spec, info, figure.layout, args.seq_len, rank) for _, spec in figure.layers]
+    row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize
+    return dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent,
+                bound=3 * sum(r for _, r in per_layer) * row_bytes, pairs=sum(p for p, _ in per_layer),
+                base=statistics.median(bases) if bases else None)
+
+
+def _measure_memory(rank: int, figure: Figure, args) -> dict:
+    """Peak workspace of the ring's forward and backward on the first layer, and of the baseline,
+    each after a warm-up step."""
+    from .api import ring_attention
+
+    _ring_step(figure, args)
+    clear_mask_cache()  # the measured call plans afresh; no plan of the warm-up is freed during it
+    q, k, v = figure.tensors[0]
+    with PeakRss() as mem_f:
+        out = ring_attention(q, k, v, mask=figure.layers[0][1], info=figure.info(args), layout=figure.layout)
+    grad = torch.ones_like(out)
+    with PeakRss() as mem_b:
+        out.backward(grad)
+    row = dict(workspace_f=mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4,
+               workspace_b=mem_b.growth - nbytes(q, k, v), base_mem=None)
+    del out
+    baseline = _baseline_step(rank, figure, args)
+    if baseline is not None:
+        baseline()
+        with PeakRss() as mem:
+            baseline()
+        row["base_mem"] = mem.growth - nbytes(q, k, v)
+    return row
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _all_gather(obj, world: int) -> list:
@@ -274,39 +326,38 @@ def _all_gather(obj, world: int) -> list:
     return out
 
 
-def _baseline(rank, world, spec, info, layout, args, qkv, F, dist_fn, reference_mask, log):
-    """(median step time, peak workspace) of aten SDPA (P=1) or all-gather CP (P>1); (None, None)
-    when its dense mask [B, L, S] would be too large."""
-    local = args.seq_len // world
-    if args.batch * local * args.seq_len > BASELINE_MASK_LIMIT:
-        return None, None
-    log("baseline")
-    q, k, v = qkv
-    for t in qkv:
-        t.grad = None
-    positions = layout.positions(args.seq_len, rank)
+def _baseline_step(rank: int, figure: Figure, args):
+    """One forward + backward of aten SDPA (P=1) or all-gather CP (P>1) on the figure's first
+    layer, as a callable holding its dense mask [B, L, S]; None without ``--baseline``, for a
+    stack, or when that mask would be too large."""
+    world = args.world_size
+    if not args.baseline or len(figure.layers) > 1 or args.batch * (args.seq_len // world) * args.seq_len > BASELINE_MASK_LIMIT:
+        return None
+    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
+    import torch.distributed.nn.functional as dist_fn
+    import torch.nn.functional as F
+
+    from .reference import reference_mask
+
+    qkv = q, k, v = figure.tensors[0]
+    spec, info = figure.layers[0][1], figure.info(args)
+    positions = figure.layout.positions(args.seq_len, rank)
     allowed = reference_mask(spec, info, args.batch, args.seq_len)[:, None, positions]
     causal_only = world == 1 and spec == MaskSpec(causal=True) and not any(
         t is not None for t in informative(*info.tensors()))
 
     def step():
+        for t in qkv:
+            t.grad = None
         if world == 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal_only else allowed,
                                                  is_causal=causal_only, enable_gqa=True)
         else:
-            k_all, v_all = (layout.unshard(list(dist_fn.all_gather(t)), dim=2) for t in (k, v))
+            k_all, v_all = (figure.layout.unshard(list(dist_fn.all_gather(t)), dim=2) for t in (k, v))
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, enable_gqa=True)
         out.backward(torch.ones_like(out))
 
-    step()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    with PeakRss() as mem:
-        step()
-    return statistics.median(times), mem.growth - nbytes(q, k, v)
+    return step
 
 
 def figure_layout(kind: str, info: SequenceInfo, world: int) -> Layout:
@@ -406,14 +457,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.packing != "equal":
         args.batch = len(PACKINGS[args.packing])
-    # Large buffers are mmapped and returned on free, so the resident high-water mark is the peak.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
-        mp.start_processes(run_rank, args=(args, port, results), nprocs=args.world_size, start_method="spawn")
-        figures = results["figures"]
+        for phase, env in (("time", {}), ("memory", MEMORY_ENV)):
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)  # spawned ranks start with it
+            try:
+                mp.start_processes(run_rank, args=(args, _free_port(), results, phase), nprocs=args.world_size,
+                                   start_method="spawn")
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key)
+                    else:
+                        os.environ[key] = value
+        whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * DTYPES[args.dtype].itemsize
+        figures = [summarize(name, kind, layer_masks(name, args.window, args.stack),
+                             [{**timed[i], **measured[i]} for timed, measured in zip(results["time"], results["memory"])],
+                             args, whole_kv)
+                   for i, (name, kind) in enumerate(itertools.product(args.mask, args.layout))]
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
           f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads}"
           + (f" stack={args.stack}" if args.stack else ""))
