@@ -38,7 +38,7 @@ Every rank derives every plan from the same global metadata, so all ranks agree 
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ from .metadata import informative
 BLOCK_SIZE = 128
 DENSE_CHUNK = 1 << 22  # mask entries planning evaluates at once, bounding its memory
 # In blocks: a causal square this long is one call; a shorter one is cut into bands of rows this high.
-CAUSAL_WHOLE_BLOCKS, CAUSAL_BAND_BLOCKS = 16, 2
+CAUSAL_WHOLE_BLOCKS, BAND_BLOCKS = 16, 2
 
 
 def ring_owner(rank: int, step: int, world_size: int) -> int:
@@ -372,14 +372,26 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1,
                                                                  Blocks(0, qs.length, block_size, used.device), batch):
         return causal_square_tiles(qs, q0, q1, block_size)
-    return [_band_tile(tile_mod, batch, qs, ks, rows, cols, is_full, dtype, used.device)
-            for rows, runs in _bands(used, full, block_size, qs, ks) for cols, is_full in runs]
+    square_blocks = Blocks(0, qs.length, block_size, used.device)
+
+    def causal(b0: int, b1: int) -> bool:
+        return _is_causal_square(tile_mod, used, full, b0, b1, square_blocks, batch)
+
+    tiles = []
+    for rows, cols, kind in _band_calls(used, full, causal if qs == ks else None):
+        q_span = (rows[0] * block_size, min(rows[1] * block_size, qs.length))
+        k_span = (cols[0] * block_size, min(cols[1] * block_size, ks.length))
+        if kind == "causal":
+            tiles.append(Tile(_rows(qs, *q_span), _rows(ks, *k_span), "causal"))
+        else:
+            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind == "full", dtype, used.device))
+    return tiles
 
 
 def causal_square_tiles(segment: Segment, start: int, stop: int, block_size: int) -> list[Tile]:
     """The calls of a causal square on the diagonal, elements [start, stop) of ``segment``: one call
     on the kernel's causal path when the square is at least ``CAUSAL_WHOLE_BLOCKS`` blocks long,
-    else bands of ``CAUSAL_BAND_BLOCKS`` blocks of rows, each an unmasked call over the square's
+    else bands of ``BAND_BLOCKS`` blocks of rows, each an unmasked call over the square's
     keys before the band and a causal call over the band's own square (no additive mask).
 
     The CPU kernel's causal path skips only key blocks of 512 past a query block's last row, so
@@ -389,7 +401,7 @@ def causal_square_tiles(segment: Segment, start: int, stop: int, block_size: int
     """
     if stop - start >= CAUSAL_WHOLE_BLOCKS * block_size:
         return [Tile(_rows(segment, start, stop), _rows(segment, start, stop), "causal")]
-    band = CAUSAL_BAND_BLOCKS * block_size
+    band = BAND_BLOCKS * block_size
     tiles = []
     for r0 in range(start, stop, band):
         r1 = min(r0 + band, stop)
@@ -417,21 +429,66 @@ def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1
     return not differs.any()
 
 
-def _bands(used: Tensor, full: Tensor, block_size: int, qs: Segment, ks: Segment):
-    """(row span, runs) per run of consecutive q-block rows with the same runs, where a row's runs
-    are its maximal stretches of used key blocks that are all full or all partial:
-    [((kv start, kv stop), all full), ...]. Python work is per band and run, not per block."""
+def _band_calls(used: Tensor, full: Tensor, causal: Callable[[int, int], bool] | None) -> list[tuple[tuple[int, int], tuple[int, int], str]]:
+    """The calls of a segment pair's blocks, as (q-block span, key-block span, "full" | "masked" |
+    "causal"), from its block flags [Qb, KVb]; ``causal(b0, b1)``: whether blocks [b0, b1) of
+    both segments form a causal square, None for a pair of two segments (no diagonal).
+
+    Rows of q-blocks are planned in bands (``_row_bands``). In a band, a key block used by every
+    row is covered by one call over the whole band: unmasked where every row sees all of it,
+    masked otherwise; runs of such blocks of one kind share a call. A key block used by some rows
+    only is covered row by row, each row's runs of full or of partial blocks in one call. So no call
+    holds a block pair without an allowed entry (the README's caveat on non-finite keys). A band of
+    two or more rows whose own square is exactly ``j <= i`` takes it first, as one call on the
+    kernel's causal path. Python work is per band and run.
+    """
     kind = used.to(torch.int8) + full.to(torch.int8)  # 0 unused, 1 partial, 2 full: [Qb, KVb]
+    bands = _row_bands(kind)
+    if not bands:
+        return []
+    spans = torch.tensor(bands, dtype=torch.long, device=kind.device)  # [bands, 2]
+    band_of_row = torch.repeat_interleave(torch.arange(len(bands), device=kind.device), spans[:, 1] - spans[:, 0])
+    rows = torch.cat([torch.arange(r0, r1, device=kind.device) for r0, r1 in bands])  # the bands' rows
+    index = band_of_row[:, None].expand(-1, kind.shape[1])
+    sub = kind[rows]
+    least = sub.new_full((len(bands), kind.shape[1]), 2).scatter_reduce(0, index, sub, "amin")
+    most = sub.new_zeros((len(bands), kind.shape[1])).scatter_reduce(0, index, sub, "amax")
+    # Per band and key block: 2 every row full, 1 every row uses it, 3 some rows only, 0 none.
+    shared = torch.where(least > 0, least, torch.where(most > 0, 3, 0)).to(torch.int8)
+    calls = []
+    for n, (r0, r1) in enumerate(bands if causal is not None else ()):
+        if r1 - r0 > 1 and bool((shared[n, r0:r1] > 0).all()) and causal(r0, r1):
+            calls.append(((r0, r1), (r0, r1), "causal"))
+            shared[n, r0:r1] = 0
+    whole = shared.masked_fill(shared == 3, 0)
+    for band, c0, c1, value in _runs(whole).tolist():
+        calls.append((bands[band], (c0, c1), "full" if value == 2 else "masked"))
+    alone = sub * (shared[band_of_row] == 3)
+    for row, c0, c1, value in _runs(alone).tolist():
+        r = int(rows[row])
+        calls.append(((r, r + 1), (c0, c1), "full" if value == 2 else "masked"))
+    return calls
+
+
+def _row_bands(kind: Tensor) -> list[tuple[int, int]]:
+    """Bands [r0, r1) of used q-block rows: each run of equal rows of ``kind`` [Qb, KVb] is one
+    band, and consecutive single rows that differ are paired into bands of ``BAND_BLOCKS`` rows
+    (a sliding window's rows all differ: paired, each pair's calls serve twice the queries)."""
     new_band = torch.ones(kind.shape[0] + 1, dtype=torch.bool, device=kind.device)
     new_band[1:-1] = (kind[1:] != kind[:-1]).any(1)
-    edges, live = new_band.nonzero().flatten().tolist(), used.any(1).tolist()
-    bands = [(r0, r1) for r0, r1 in zip(edges, edges[1:]) if live[r0]]
-    runs: list[list] = [[] for _ in bands]
-    first_rows = torch.tensor([r0 for r0, _ in bands], dtype=torch.long, device=kind.device)
-    for band, b0, b1, value in _runs(kind[first_rows]).tolist():
-        runs[band].append(((b0 * block_size, min(b1 * block_size, ks.length)), value == 2))
-    return [((r0 * block_size, min(r1 * block_size, qs.length)), band_runs)
-            for (r0, r1), band_runs in zip(bands, runs)]
+    edges, live = new_band.nonzero().flatten().tolist(), (kind > 0).any(1).tolist()
+    bands: list[list[int]] = []
+    growing = False  # the last band is of single rows and can take another
+    for r0, r1 in zip(edges, edges[1:]):
+        if not live[r0]:
+            continue
+        if r1 - r0 == 1 and growing and bands[-1][1] == r0:
+            bands[-1][1] = r1
+            growing = r1 - bands[-1][0] < BAND_BLOCKS
+            continue
+        bands.append([r0, r1])
+        growing = r1 - r0 == 1
+    return [(r0, r1) for r0, r1 in bands]
 
 
 def _runs(kind: Tensor) -> Tensor:
