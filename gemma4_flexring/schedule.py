@@ -372,11 +372,13 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1,
                                                                  Blocks(0, qs.length, block_size, used.device), batch):
         return causal_square_tiles(qs, q0, q1, block_size)
+    def causal(b: Tensor) -> Tensor:
+        """Which diagonal blocks ``b`` hold exactly ``j <= i`` (checked densely)."""
+        differs, _, _ = dense_block_flags(lambda *idx: tile_mod(*idx) != (idx[3] <= idx[2]), square_blocks,
+                                          square_blocks, b, b, batch)
+        return ~differs.any(0)
+
     square_blocks = Blocks(0, qs.length, block_size, used.device)
-
-    def causal(b0: int, b1: int) -> bool:
-        return _is_causal_square(tile_mod, used, full, b0, b1, square_blocks, batch)
-
     tiles = []
     for rows, cols, kind in _band_calls(used, full, causal if qs == ks else None):
         q_span = (rows[0] * block_size, min(rows[1] * block_size, qs.length))
@@ -429,10 +431,11 @@ def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1
     return not differs.any()
 
 
-def _band_calls(used: Tensor, full: Tensor, causal: Callable[[int, int], bool] | None) -> list[tuple[tuple[int, int], tuple[int, int], str]]:
+def _band_calls(used: Tensor, full: Tensor,
+                causal: Callable[[Tensor], Tensor] | None) -> list[tuple[tuple[int, int], tuple[int, int], str]]:
     """The calls of a segment pair's blocks, as (q-block span, key-block span, "full" | "masked" |
-    "causal"), from its block flags [Qb, KVb]; ``causal(b0, b1)``: whether blocks [b0, b1) of
-    both segments form a causal square, None for a pair of two segments (no diagonal).
+    "causal"), from its block flags [Qb, KVb]; ``causal(b)``: which of the diagonal blocks ``b``
+    (int64 [n]) hold exactly ``j <= i``, None for a pair of two segments (no diagonal).
 
     Rows of q-blocks are planned in bands (``_row_bands``). In a band, a key block used by every
     row is covered by one call over the whole band: unmasked where every row sees all of it,
@@ -456,8 +459,9 @@ def _band_calls(used: Tensor, full: Tensor, causal: Callable[[int, int], bool] |
     # Per band and key block: 2 every row full, 1 every row uses it, 3 some rows only, 0 none.
     shared = torch.where(least > 0, least, torch.where(most > 0, 3, 0)).to(torch.int8)
     calls = []
-    for n, (r0, r1) in enumerate(bands if causal is not None else ()):
-        if r1 - r0 > 1 and bool((shared[n, r0:r1] > 0).all()) and causal(r0, r1):
+    if causal is not None:
+        for n in _causal_bands(kind, spans, causal).tolist():
+            (r0, r1) = bands[n]
             calls.append(((r0, r1), (r0, r1), "causal"))
             shared[n, r0:r1] = 0
     whole = shared.masked_fill(shared == 3, 0)
@@ -468,6 +472,23 @@ def _band_calls(used: Tensor, full: Tensor, causal: Callable[[int, int], bool] |
         r = int(rows[row])
         calls.append(((r, r + 1), (c0, c1), "full" if value == 2 else "masked"))
     return calls
+
+
+def _causal_bands(kind: Tensor, spans: Tensor, causal: Callable[[Tensor], Tensor]) -> Tensor:
+    """Indices of the bands [r0, r0 + 2) (``spans`` [bands, 2]) whose own square of ``kind``
+    [Qb, Qb] is causal: full below the diagonal, unused above it, and both diagonal blocks exactly
+    ``j <= i`` (``causal``, asked only for the bands that pass the first two). Only bands of two
+    rows are looked at: longer ones are of equal rows, which no causal square has, when
+    ``BAND_BLOCKS`` is 2."""
+    r = spans[:, 0]
+    candidate = (spans[:, 1] - r == 2).nonzero().flatten()
+    r = r[candidate]
+    candidate = candidate[(kind[r + 1, r] == 2) & (kind[r, r + 1] == 0)]
+    r = spans[candidate, 0]
+    if not r.numel():
+        return candidate
+    both = causal(torch.cat([r, r + 1])).view(2, -1).all(0)
+    return candidate[both]
 
 
 def _row_bands(kind: Tensor) -> list[tuple[int, int]]:

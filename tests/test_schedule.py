@@ -263,3 +263,37 @@ def test_trivial_metadata_plans_as_absent_metadata():
             want = plan_pair(spec, None, None, None, *args, 1, torch.float32, CPU, block_size=8)
             assert [t[:3] for t in got.tiles] == [t[:3] for t in want.tiles]
             assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind == "masked")
+
+
+def test_sliding_rows_pair_into_bands_on_the_causal_path():
+    """A sliding window's rows of q-blocks all differ: they pair into bands of two blocks, each
+    band's own square on the kernel's causal path, four calls a band instead of three a row."""
+    block, seq_len = 8, 128
+    spec = MaskSpec(sliding_window=32)
+    plan = plan_pair(spec, None, None, None, Layout("contiguous", 1), seq_len, 0, 0, 1, torch.float32, CPU,
+                     block_size=block)
+    bands = seq_len // (2 * block)
+    squares = [(t.q_rows, t.kv_rows) for t in plan.tiles if t.kind == "causal"]
+    assert squares == [(slice(r, r + 2 * block),) * 2 for r in range(0, seq_len, 2 * block)]
+    assert len(plan.tiles) <= 4 * bands
+    assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, None, 1, seq_len)[0])
+
+
+@pytest.mark.parametrize("spec_name, info_kind", [
+    ("sliding", "documents"), ("sliding_vision", "all"), ("causal", "packed_padded"), ("bidirectional_window", "all"),
+])
+def test_no_call_holds_a_block_pair_without_an_allowed_entry(spec_name, info_kind):
+    """The README's caveat on non-finite keys: outside causal squares, every (query block, key
+    block) a call holds has an allowed entry in some batch row."""
+    block, seq_len, batch = 8, 96, 2
+    info = make_info(info_kind, batch, seq_len)
+    plan = plan_pair(SPECS[spec_name], *info.tensors(), Layout("contiguous", 1), seq_len, 0, 0, batch,
+                     torch.float32, CPU, block_size=block)
+    n = seq_len // block
+    blocks = reference_mask(SPECS[spec_name], info, batch, seq_len).view(batch, n, block, n, block).any(4).any(2).any(0)
+    calls = [t for t in plan.tiles if t.kind != "causal"]
+    assert calls
+    for tile in calls:
+        qb = slice(tile.q_rows.start // block, -(-tile.q_rows.stop // block))
+        kb = slice(tile.kv_rows.start // block, -(-tile.kv_rows.stop // block))
+        assert blocks[qb, kb].all(), tile[:3]
