@@ -20,12 +20,15 @@ on its blocks as below. Cutting changes only which calls cover the allowed pairs
 - no allowed block                 -> skipped, no kernel call;
 - every entry allowed              -> one unmasked call over the allowed blocks' span;
 - the causal square                -> one call on the kernel's own causal path;
-- otherwise, per row of q-blocks   -> one call per run of that row's blocks of one kind: an
-                                      unmasked call over consecutive full blocks, a call with an
-                                      additive mask over consecutive partial ones (consecutive rows
-                                      with the same runs share calls). Masks thus cover partial
-                                      blocks only: O(L x block), not L^2, for a sliding window,
-                                      causal with padding, or packed documents.
+- otherwise, per band of q-blocks  -> a band is a run of equal rows of blocks, or two rows that
+                                      differ (``_band_calls``): one call per run of key blocks of
+                                      one kind, unmasked over blocks all its rows see whole, with
+                                      an additive mask over blocks every row uses in part; a block
+                                      only some rows use is a call of those rows; a band's own
+                                      causal square runs on the kernel's causal path. Masks thus
+                                      cover partial blocks (and a band's edge blocks) only:
+                                      O(L x block), not L^2, for a sliding window, causal with
+                                      padding, or packed documents.
 
 The key rows a pair exchanges are exact, row by row: a key block full for some query block is
 seen whole, one partial for some is seen where the dense evaluation of its partial blocks (done

@@ -1,0 +1,27 @@
+"""``python -m gemma4_flexring bench`` end to end on a small problem: its counts against the dense
+reference, and both of its phases (timing and memory) report every figure."""
+
+from __future__ import annotations
+
+import json
+
+
+from gemma4_flexring.bench import layer_masks, main, make_info
+from gemma4_flexring.reference import reference_mask
+
+
+def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsys):
+    seq_len, out = 512, tmp_path / "figures.json"
+    assert main(["--world-size", "1", "--seq-len", str(seq_len), "--heads", "2", "--kv-heads", "1",
+                 "--mask", "causal", "sliding", "packed", "--window", "64", "--repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["figures"]
+    assert [f["figure"] for f in figures] == ["causal", "sliding", "packed"]
+    for f in figures:
+        spec = layer_masks(f["figure"], 64, 0)[0][1]
+        info = make_info(f["figure"], 1, seq_len, 5)
+        assert f["allowed_pairs"] == int(reference_mask(spec, info, 1, seq_len).sum())
+        assert f["bytes_sent_per_rank_layer"] == 0 and f["bytes_ratio"] == 1.0  # one rank sends nothing
+        assert f["step_s"] > 0 and f["baseline"] == "sdpa" and f["baseline_s"] > 0
+        assert f["workspace_forward_bytes"] != 0 and f["workspace_backward_bytes"] != 0
+    table = capsys.readouterr().out
+    assert "pair cost" in table and all(name in table for name in ("causal", "sliding", "packed"))
