@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-
 from gemma4_flexring.bench import layer_masks, main, make_info
 from gemma4_flexring.reference import reference_mask
 
