@@ -70,7 +70,7 @@ def add_rows_(acc: Tensor, rows: Rows, packed: Tensor) -> None:
     """``acc[:, :, rows] += packed``, where ``packed`` [B, H, n, D] holds ``rows`` one after another."""
     at = 0
     for a, b in rows:
-        acc[:, :, a:b] += packed[:, :, at:at + b - a]
+        acc[:, :, a:b].add_(packed[:, :, at:at + b - a])
         at += b - a
 
 
@@ -280,11 +280,12 @@ class _TileGrads:
         tile_dq, tile_dk, tile_dv = self.kernel.backward(
             self.grad_out[:, :, rows], self.q[:, :, rows], k[:, :, cols], v[:, :, cols], self.out[:, :, rows],
             self.lse[:, :, rows], tile, self.scale)
-        self.dq[:, :, rows] += tile_dq
+        # add_ on the views: ``x[idx] += y`` would also copy the sum onto itself through __setitem__.
+        self.dq[:, :, rows].add_(tile_dq)
         del tile_dq
         at = slice(cols.start - first_row, cols.stop - first_row)
-        dk[:, :, at] += tile_dk
-        dv[:, :, at] += tile_dv
+        dk[:, :, at].add_(tile_dk)
+        dv[:, :, at].add_(tile_dv)
 
 
 class _PieceGrads:
