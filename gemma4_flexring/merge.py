@@ -12,6 +12,8 @@ independent per element, as on one device.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -29,18 +31,19 @@ def out_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """Fold one chunk's result into the running one, in place.
+def merge_(acc_out: Tensor, acc_lse: Tensor, parts: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Fold partial results of the same rows into the running one, in place, all at once.
 
-    Shapes: ``acc_out``/``out`` [B, H, S, D], ``acc_lse``/``lse`` [B, H, S] (natural log,
-    -inf for a row with no key). ``acc_lse`` is float64 (``LSE_DTYPE``); ``lse`` may be any
-    float dtype. ``acc_*`` may be views into larger accumulators.
+    Shapes: ``acc_out`` [B, H, S, D], ``acc_lse`` [B, H, S] (natural log, -inf for a row with no
+    key); ``parts`` [(out [B, H, S, D], lse [B, H, S]), ...]. ``acc_lse`` is float64
+    (``LSE_DTYPE``); a part's lse may be any float dtype. ``acc_*`` may be views into larger
+    accumulators.
     """
-    lse = lse.to(acc_lse.dtype)
-    new_lse = torch.logaddexp(acc_lse, lse)
-    alive = new_lse > float("-inf")
-    zero = acc_lse.new_zeros(())
-    old_weight = torch.where(alive, torch.exp(acc_lse - new_lse), zero).to(acc_out.dtype)
-    new_weight = torch.where(alive, torch.exp(lse - new_lse), zero).to(acc_out.dtype)
-    acc_out.mul_(old_weight.unsqueeze(-1)).addcmul_(out, new_weight.unsqueeze(-1))  # no tile-sized temporary
+    lses = torch.stack([acc_lse, *(lse.to(acc_lse.dtype) for _, lse in parts)])  # [1 + parts, B, H, S]
+    new_lse = torch.logsumexp(lses, 0)
+    # A row with no key anywhere yet has new_lse = -inf: every weight 0 (not exp(nan)).
+    weights = torch.where(new_lse > float("-inf"), (lses - new_lse).exp_(), 0.0).to(acc_out.dtype)
+    acc_out.mul_(weights[0].unsqueeze(-1))
+    for (out, _), weight in zip(parts, weights[1:]):
+        acc_out.addcmul_(out, weight.unsqueeze(-1))  # no part-sized temporary
     acc_lse.copy_(new_lse)

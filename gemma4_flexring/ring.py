@@ -8,15 +8,19 @@ of a received piece go back to their owner, who adds them up, as soon as the pie
 while the next piece computes. Each step's K/V (sends and receives) go out in one
 ``batch_isend_irecv``; a step with nothing to send or receive posts nothing.
 
+Calls run in row groups (``row_groups``): consecutive calls on the same few query rows, whose
+forward results merge at once and whose query rows the backward prepares once.
+
 Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
 step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
-home, and one kernel call's outputs (at most a piece of queries and keys), never the whole K/V.
+home, and one row group's outputs (one call's, at most a piece of queries and keys, or up to
+``GROUP_CALLS`` of at most ``GROUP_ROWS`` query rows), never the whole K/V.
 """
 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,8 @@ from .schedule import PairPlan, Rows
 from .stats import record_send, record_step, record_wait
 
 Plans = Sequence[PairPlan]  # indexed by the K/V owner rank
+# A row group (``row_groups``): at most this many calls, each on at most this many query rows.
+GROUP_CALLS, GROUP_ROWS = 4, 512
 
 
 class RingComm:
@@ -182,12 +188,32 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
     out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     for _, plan, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
-        for tile in plan.calls:
-            rows, cols = tile.q_rows, tile.kv_rows
-            tile_out, tile_lse = kernel.forward(q[:, :, rows], k_step[:, :, cols], v_step[:, :, cols], tile, scale)
-            merge_(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
-            del tile_out, tile_lse  # freed before the next tile's are made
+        for group in row_groups(plan.calls):
+            rows = group[0].q_rows
+            q_rows = q[:, :, rows]
+            parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale) for c in group]
+            merge_(out[:, :, rows], lse[:, :, rows], parts)
+            del parts  # freed before the next group's are made
     return out.to(q.dtype), lse
+
+
+def row_groups(calls: Sequence) -> Iterator[list]:
+    """``calls`` in order, as groups of consecutive calls on the same query rows: at most
+    ``GROUP_CALLS`` calls of at most ``GROUP_ROWS`` rows (a longer call is a group of its own). The
+    forward merges a group's results at once, the backward prepares its query rows once: a
+    sliding band's calls share both."""
+    group: list = []
+    for call in calls:
+        if group and not (call.q_rows == group[0].q_rows and len(group) < GROUP_CALLS and _short(call)):
+            yield group
+            group = []
+        group.append(call)
+    if group:
+        yield group
+
+
+def _short(call) -> bool:
+    return call.q_rows.stop - call.q_rows.start <= GROUP_ROWS
 
 
 def scaled_half_shares(dtype: torch.dtype) -> bool:
@@ -249,16 +275,16 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     pieces = _PieceGrads(comm, dk, dv, exchange, scaled_half_shares(k.dtype))
     for step, s, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=True):
         if step == 0:
-            for tile in s.calls:
-                grads.add(tile, k_step, v_step, dk, dv, 0)
+            for group in row_groups(s.calls):
+                grads.add(group, k_step, v_step, dk, dv, 0)
             continue
         for index in range(max(len(s.pieces), len(s.home))):
             away = None
             if index < len(s.pieces):
                 piece = s.pieces[index]
                 away = pieces.away(piece.stop - piece.start)
-                for tile in piece.calls:
-                    grads.add(tile, k_step, v_step, *away, piece.start)
+                for group in row_groups(piece.calls):
+                    grads.add(group, k_step, v_step, *away, piece.start)
             pieces.post(s, index, away)
     pieces.finish()
     if key_padding is not None:
@@ -268,24 +294,29 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 
 class _TileGrads:
-    """One tile's gradients: its dQ added into ``dq``, its dK/dV into given buffers."""
+    """The gradients of a row group's calls: their dQ added into ``dq``, their dK/dV into given buffers."""
 
     def __init__(self, grad_out, q, out, lse, dq, kernel: ChunkKernel, scale: float) -> None:
         self.grad_out, self.q, self.out, self.lse, self.dq = grad_out, q, out, lse, dq
         self.kernel, self.scale = kernel, scale
 
-    def add(self, tile, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int) -> None:
-        """Add ``tile``'s dK/dV into ``dk``/``dv`` [B, Hkv, n, D], whose row 0 is key row ``first_row``."""
-        rows, cols = tile.q_rows, tile.kv_rows
-        tile_dq, tile_dk, tile_dv = self.kernel.backward(
-            self.grad_out[:, :, rows], self.q[:, :, rows], k[:, :, cols], v[:, :, cols], self.out[:, :, rows],
-            self.lse[:, :, rows], tile, self.scale)
-        # add_ on the views: ``x[idx] += y`` would also copy the sum onto itself through __setitem__.
-        self.dq[:, :, rows].add_(tile_dq)
-        del tile_dq
-        at = slice(cols.start - first_row, cols.stop - first_row)
-        dk[:, :, at].add_(tile_dk)
-        dv[:, :, at].add_(tile_dv)
+    def add(self, group: list, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int) -> None:
+        """Add the dK/dV of ``group`` (``row_groups``) into ``dk``/``dv`` [B, Hkv, n, D], whose row 0
+        is key row ``first_row``. Its query rows are prepared for the kernel once."""
+        rows = group[0].q_rows
+        grad_out, q, out = self.kernel.backward_rows(self.grad_out[:, :, rows], self.q[:, :, rows],
+                                                     self.out[:, :, rows])
+        lse, dq = self.lse[:, :, rows], self.dq[:, :, rows]
+        for call in group:
+            cols = call.kv_rows
+            call_dq, call_dk, call_dv = self.kernel.backward(grad_out, q, k[:, :, cols], v[:, :, cols], out, lse,
+                                                             call, self.scale)
+            # add_ on the views: ``x[idx] += y`` would also copy the sum onto itself through __setitem__.
+            dq.add_(call_dq)
+            del call_dq
+            at = slice(cols.start - first_row, cols.stop - first_row)
+            dk[:, :, at].add_(call_dk)
+            dv[:, :, at].add_(call_dv)
 
 
 class _PieceGrads:

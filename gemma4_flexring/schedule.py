@@ -474,7 +474,7 @@ def _band_calls(used: Tensor, full: Tensor,
     for row, c0, c1, value in _runs(alone).tolist():
         r = int(rows[row])
         calls.append(((r, r + 1), (c0, c1), "full" if value == 2 else "masked"))
-    return calls
+    return sorted(calls)  # by rows, then keys: a band's calls run one after another (``ring.row_groups``)
 
 
 def _causal_bands(kind: Tensor, spans: Tensor, causal: Callable[[Tensor], Tensor]) -> Tensor:

@@ -43,6 +43,11 @@ class ChunkKernel(Protocol):
         lse [B, Hq, Sq] natural log, float32 or float64, -inf for rows with no allowed key); out
         may be wider than q's dtype (the ring accumulates in float32 or float64)."""
 
+    def backward_rows(self, grad_out: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query rows' grad_out, q and out [B, Hq, Sq, D] as ``backward`` computes with them (a
+        dtype conversion, or the tensors themselves): the ring prepares them once for every call
+        on the same rows."""
+
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  call, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """This call's share of (dq, dk, dv), given the *merged* out and natural lse of the full row

@@ -44,9 +44,13 @@ class CpuFlashKernel:
             lse = lse.masked_fill(tile.dead_rows, float("-inf"))
         return out, lse
 
+    def backward_rows(self, grad_out: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = backward_dtype(q.dtype)
+        return grad_out.to(dtype), q.to(dtype), out.to(dtype)
+
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = backward_dtype(q.dtype)
+        dtype = backward_dtype(q.dtype)  # inputs already in it (``backward_rows``) convert for free
         grad_out, q, k, v, out = (t.to(dtype) for t in (grad_out, q, k, v, out))
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind == "causal",
                                attn_mask=_bias(tile, dtype), scale=scale)
