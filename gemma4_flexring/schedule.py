@@ -372,16 +372,13 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     k0, k1 = kb0 * block_size, min(kb1 * block_size, ks.length)
     if full[qb0:qb1, kb0:kb1].all():
         return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
-    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1,
-                                                                 Blocks(0, qs.length, block_size, used.device), batch):
-        return causal_square_tiles(qs, q0, q1, block_size)
-    def causal(b: Tensor) -> Tensor:
-        """Which diagonal blocks ``b`` hold exactly ``j <= i`` (checked densely)."""
-        differs, _, _ = dense_block_flags(lambda *idx: tile_mod(*idx) != (idx[3] <= idx[2]), square_blocks,
-                                          square_blocks, b, b, batch)
-        return ~differs.any(0)
-
     square_blocks = Blocks(0, qs.length, block_size, used.device)
+    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1, square_blocks, batch):
+        return causal_square_tiles(qs, q0, q1, block_size)
+
+    def causal(diagonal: Tensor) -> Tensor:
+        return _causal_diagonal(tile_mod, square_blocks, diagonal, batch)
+
     tiles = []
     for rows, cols, kind in _band_calls(used, full, causal if qs == ks else None):
         q_span = (rows[0] * block_size, min(rows[1] * block_size, qs.length))
@@ -425,13 +422,18 @@ def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1
     below = torch.ones(n, n, dtype=torch.bool, device=used.device).tril(-1)
     if not (full[b0:b1, b0:b1][below].all() and not used[b0:b1, b0:b1][below.T].any()):
         return False
+    return bool(_causal_diagonal(tile_mod, blocks, torch.arange(b0, b1, device=used.device), batch).all())
+
+
+def _causal_diagonal(tile_mod: MaskMod, blocks: Blocks, diagonal: Tensor, batch: int) -> Tensor:
+    """Which diagonal blocks (``diagonal`` int64 [n], blocks of a square of ``blocks`` with
+    itself) hold exactly ``j <= i`` in every batch row, checked densely: bool [n]."""
 
     def differs_from_causal(b, h, i, j):
         return tile_mod(b, h, i, j) != (j <= i)
 
-    diagonal = torch.arange(b0, b1, device=used.device)
     differs, _, _ = dense_block_flags(differs_from_causal, blocks, blocks, diagonal, diagonal, batch)
-    return not differs.any()
+    return ~differs.any(0)
 
 
 def _band_calls(used: Tensor, full: Tensor,
@@ -464,7 +466,7 @@ def _band_calls(used: Tensor, full: Tensor,
     calls = []
     if causal is not None:
         for n in _causal_bands(kind, spans, causal).tolist():
-            (r0, r1) = bands[n]
+            r0, r1 = bands[n]
             calls.append(((r0, r1), (r0, r1), "causal"))
             shared[n, r0:r1] = 0
     whole = shared.masked_fill(shared == 3, 0)
