@@ -239,6 +239,7 @@ def run_rank(rank: int, args, port: int, results, phase: str) -> None:
             log(f"round {repeat + 1}/{args.repeats + 1} (the first warms up)")
             for figure in figures:
                 ring = _ring_step(figure, args)
+                # Built anew each round, outside the timing: every figure's dense mask at once may not fit.
                 baseline = _baseline_step(rank, figure, args)
                 base = None if baseline is None else _timed(baseline)
                 if repeat:
