@@ -40,11 +40,12 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, parts: Sequence[tuple[Tensor, Tenso
     (``LSE_DTYPE``); a part's lse may be any float dtype. ``acc_*`` may be views into larger
     accumulators.
     """
-    lses = [acc_lse, *(lse.to(acc_lse.dtype) for _, lse in parts)]
-    new_lse = reduce(torch.logaddexp, lses)  # measured cheaper than logsumexp over the stack
-    # A row with no key anywhere yet has new_lse = -inf: every weight 0 (not exp(nan)).
-    weights = torch.where(new_lse > float("-inf"), (torch.stack(lses) - new_lse).exp_(), 0.0).to(acc_out.dtype)
-    acc_out.mul_(weights[0].unsqueeze(-1))
+    lses = torch.stack([acc_lse, *(lse for _, lse in parts)])  # promoted to acc_lse's dtype: [n + 1, B, H, S]
+    new_lse = reduce(torch.logaddexp, lses.unbind(0))  # measured cheaper than logsumexp over the stack
+    # A row with no key anywhere yet has new_lse = -inf: its weights are 0, not exp(-inf - -inf) = NaN
+    # (a NaN or +inf lse from non-finite inputs keeps its NaN weights).
+    weights = lses.sub_(new_lse).exp_().masked_fill_(new_lse == float("-inf"), 0.0).to(acc_out.dtype).unsqueeze_(-1)
+    acc_out.mul_(weights[0])
     for (out, _), weight in zip(parts, weights[1:]):
-        acc_out.addcmul_(out, weight.unsqueeze(-1))  # no part-sized temporary
+        acc_out.addcmul_(out, weight)  # no part-sized temporary
     acc_lse.copy_(new_lse)

@@ -304,13 +304,13 @@ class _TileGrads:
         """Add the dK/dV of ``group`` (``row_groups``) into ``dk``/``dv`` [B, Hkv, n, D], whose row 0
         is key row ``first_row``. Its query rows are prepared for the kernel once."""
         rows = group[0].q_rows
-        grad_out, q, out = self.kernel.backward_rows(self.grad_out[:, :, rows], self.q[:, :, rows],
-                                                     self.out[:, :, rows])
+        grad_out, q, out = self.kernel.backward_operands(self.grad_out[:, :, rows], self.q[:, :, rows],
+                                                         self.out[:, :, rows])
         lse, dq = self.lse[:, :, rows], self.dq[:, :, rows]
         for call in group:
             cols = call.kv_rows
-            call_dq, call_dk, call_dv = self.kernel.backward(grad_out, q, k[:, :, cols], v[:, :, cols], out, lse,
-                                                             call, self.scale)
+            call_k, call_v = self.kernel.backward_operands(k[:, :, cols], v[:, :, cols])
+            call_dq, call_dk, call_dv = self.kernel.backward(grad_out, q, call_k, call_v, out, lse, call, self.scale)
             # add_ on the views: ``x[idx] += y`` would also copy the sum onto itself through __setitem__.
             dq.add_(call_dq)
             del call_dq

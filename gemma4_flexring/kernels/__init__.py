@@ -43,16 +43,17 @@ class ChunkKernel(Protocol):
         lse [B, Hq, Sq] natural log, float32 or float64, -inf for rows with no allowed key); out
         may be wider than q's dtype (the ring accumulates in float32 or float64)."""
 
-    def backward_rows(self, grad_out: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Query rows' grad_out, q and out [B, Hq, Sq, D] as ``backward`` computes with them (a
-        dtype conversion, or the tensors themselves): the ring prepares them once for every call
-        on the same rows."""
+    def backward_operands(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """``tensors`` as ``backward`` computes with them (a dtype conversion, or the tensors
+        themselves): the ring prepares a row group's grad_out, q and out once for its calls, and
+        each call's K/V rows (a step's K/V converted whole would hold a copy of up to a chunk)."""
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  call, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """This call's share of (dq, dk, dv), given the *merged* out and natural lse of the full row
-        (+inf for rows with no key anywhere; float32, float64 for float64 inputs). The shares may
-        be wider than the inputs."""
+        (+inf for rows with no key anywhere; float32, float64 for float64 inputs). grad_out, q, k,
+        v and out come as ``backward_operands`` prepared them. The shares may be wider than the
+        inputs."""
 
 
 KERNELS: dict[str, ChunkKernel] = {"aten": CpuFlashKernel(), "flex": FlexKernel()}

@@ -18,8 +18,9 @@ def backward_dtype(dtype: torch.dtype) -> torch.dtype:
     2x one device's max error). In float32 the ring rounds once, at the end, and on this CPU
     the float32 backward is as fast as the bfloat16 one. The forward keeps the inputs' dtype: in
     float32 it was 2.7x slower (bfloat16 runs on AMX), and its one extra rounding per tile leaves
-    ``out`` within 1.15x of one device's mean error (1.5x max) in tests/test_numerics.py. Only
-    the tiles' slices are converted; K/V travel in their own dtype.
+    ``out`` within 1.15x of one device's mean error (1.5x max) in tests/test_numerics.py. K/V
+    travel in their own dtype; the ring converts (``backward_operands``) a row group's query rows
+    once for the group's calls, and each call's K/V rows.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -44,19 +45,17 @@ class CpuFlashKernel:
             lse = lse.masked_fill(tile.dead_rows, float("-inf"))
         return out, lse
 
-    def backward_rows(self, grad_out: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = backward_dtype(q.dtype)
-        return grad_out.to(dtype), q.to(dtype), out.to(dtype)
+    def backward_operands(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.to(backward_dtype(t.dtype)) for t in tensors)
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = backward_dtype(q.dtype)  # inputs already in it (``backward_rows``) convert for free
-        grad_out, q, k, v, out = (t.to(dtype) for t in (grad_out, q, k, v, out))
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind == "causal",
-                               attn_mask=_bias(tile, dtype), scale=scale)
-        return dq, dk, dv
+        # The operands come from ``backward_operands``; the tile's mask is in the queries' dtype.
+        return _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind == "causal", attn_mask=_bias(tile, q.dtype),
+                         scale=scale)
 
 
 def _bias(tile, dtype: torch.dtype) -> Tensor | None:
-    """The tile's additive mask in ``dtype`` (the kernel wants the query's dtype; 0/-inf convert exactly)."""
+    """The tile's additive mask in ``dtype`` (0/-inf convert exactly). Kept in the queries' dtype
+    in the plans, whose masks are O(L x block) and may outweigh the K/V of few small heads."""
     return None if tile.bias is None else tile.bias.to(dtype)

@@ -187,8 +187,8 @@ class FlexKernel:
             # Rows with no allowed key come back as out = 0, lse = -inf: the merge gives them no weight.
             return forward(q, k, v, block_mask, scale, options)
 
-    def backward_rows(self, grad_out: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return grad_out, q, out
+    def backward_operands(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tensors
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
