@@ -115,7 +115,8 @@ def planning_sizes(block_size: int | None, piece_rows: int | None):
     saved = [getattr(m, n) for m, n in zip(modules, sizes)]
     if block_size is not None:
         schedule.BLOCK_SIZE = block_size
-    if piece_rows is not None:  # pieces of exactly that many rows (or a block, if larger)
+    if piece_rows is not None:  # pieces of that many rows (a block, if larger; rows that travel may be
+        # cut down to half as many, to keep pace: ``exchange.piece_bounds``)
         exchange.MIN_PIECE_ROWS = exchange.MIN_HALF_PIECE_ROWS = piece_rows
         exchange.PIECES_PER_CHUNK = 1 << 30
     try:

@@ -155,3 +155,25 @@ def test_pieces_cut_rows_and_tiles_alike_on_both_sides():
         assert all(t.q_rows.stop - t.q_rows.start <= 4 for t in p.calls)
     shape = (1, 20, 10)
     assert torch.equal(_entries([t for p in pieces for t in p.calls], shape), _entries(tiles, shape))
+
+
+def test_travelling_rows_are_paced_to_a_whole_chunks_piece_count():
+    """Rows that travel are cut into at least a whole chunk's piece count while pieces keep half of
+    the most rows, so both sides of a P=2 causal zigzag ring (one reads twice what the other reads)
+    send and receive the same number of dK/dV pieces at every step."""
+    assert piece_bounds(10, 4, pace=3) == ((0, 3), (3, 6), (6, 10))  # the size already asks for 3
+    assert piece_bounds(6, 4, pace=3) == ((0, 2), (2, 4), (4, 6))  # 3 pieces of at least 2 rows
+    assert piece_bounds(3, 4, pace=3) == ((0, 1), (1, 3))  # as many as half of 4 allows
+    assert piece_bounds(6, None, pace=3) == ((0, 6),)
+    seq_len, world, most = 4096, 2, 512
+    layout = Layout("zigzag", world)
+    plans = [[plan_pair(MaskSpec(), None, None, None, layout, seq_len, q, kv, 1, torch.float32, CPU)
+              for kv in range(world)] for q in range(world)]
+    needed = [[needed_kv_rows(MaskSpec(), None, None, None, layout, seq_len, q, kv, 1, CPU) for q in range(world)]
+              for kv in range(world)]
+    exchanges = [build_exchange(r, world, plans[r], needed[r], seq_len // world, most) for r in range(world)]
+    assert sorted(row_count(ex.steps[1].recv_rows) for ex in exchanges) == [1024, 2048]
+    for ex in exchanges:
+        step = ex.steps[1]
+        assert len(step.pieces) == len(step.home) == 4
+        assert max(p.stop - p.start for p in step.pieces) <= most
