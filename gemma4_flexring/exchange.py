@@ -59,7 +59,7 @@ def piece_bounds(rows: int, most: int | None, pace: int = 0) -> tuple[tuple[int,
     than the peer reads of its own gets fewer, heavier pieces, and both wait on each other: at
     P=2, S=32768, causal zigzag (one rank reads 16384 rows of the other, which reads 8192 back:
     8 pieces against 4), the backward waited 15-18% of its time on both ranks. Paced, both cut 8
-    pieces of equal work and the wait fell to 0-3%. Any exchange of at least half a chunk gets a
+    pieces of equal work and the wait fell to 0-4%. Any exchange of at least half a chunk gets a
     whole chunk's count.
     """
     if most is None:
