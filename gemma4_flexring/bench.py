@@ -43,6 +43,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -197,11 +198,16 @@ class Figure:
 
     def info(self, args) -> SequenceInfo:
         """The figure's batch metadata, fresh: a new generation, so its plans are built again."""
-        return make_info(self.name, args.batch, args.seq_len, args.documents, args.packing)
+        return _info(self.name, args)
 
     def zero_grads(self) -> None:
         for t in (t for layer in self.tensors for t in layer):
             t.grad = None
+
+
+def _info(name: str, args) -> SequenceInfo:
+    """The batch metadata of mask ``name`` under the command's options (``make_info``)."""
+    return make_info(name, args.batch, args.seq_len, args.documents, args.packing)
 
 
 def run_rank(rank: int, args, port: int, results, phase: str) -> None:
@@ -226,9 +232,7 @@ def run_rank(rank: int, args, port: int, results, phase: str) -> None:
         if rank == 0:
             print(f"[bench] {phase}: {msg}", file=sys.stderr, flush=True)
 
-    figures = [Figure(name, kind, figure_layout(kind, make_info(name, args.batch, args.seq_len, args.documents,
-                                                                 args.packing), world),
-                      layer_masks(name, args.window, args.stack))
+    figures = [Figure(name, kind, figure_layout(kind, _info(name, args), world), layer_masks(name, args.window, args.stack))
                for name, kind in itertools.product(args.mask, args.layout)]
     for figure in figures:
         layers = len(figure.layers) if phase == "time" else 1
@@ -462,17 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     with ctx.Manager() as manager:
         results = manager.dict()
         for phase, env in (("time", {}), ("memory", MEMORY_ENV)):
-            saved = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)  # spawned ranks start with it
-            try:
+            with mock.patch.dict(os.environ, env):  # spawned ranks start with it; restored after
                 mp.start_processes(run_rank, args=(args, _free_port(), results, phase), nprocs=args.world_size,
                                    start_method="spawn")
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key)
-                    else:
-                        os.environ[key] = value
         whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * DTYPES[args.dtype].itemsize
         figures = [summarize(name, kind, layer_masks(name, args.window, args.stack),
                              [{**timed[i], **measured[i]} for timed, measured in zip(results["time"], results["memory"])],
