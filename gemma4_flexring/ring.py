@@ -9,12 +9,14 @@ while the next piece computes. Each step's K/V (sends and receives) go out in on
 ``batch_isend_irecv``; a step with nothing to send or receive posts nothing.
 
 Calls run in row groups (``row_groups``): consecutive calls on the same few query rows, whose
-forward results merge at once and whose query rows the backward prepares once.
+forward results merge at once and whose query rows the backward prepares once; the backward
+prepares a piece's K/V rows once for all its calls.
 
 Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
 step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
-home, and one row group's outputs (one call's, at most a piece of queries and keys, or up to
-``GROUP_CALLS`` of at most ``GROUP_ROWS`` query rows), never the whole K/V.
+home, the piece being computed's K/V rows in the kernel's backward dtype, and one row group's
+outputs (one call's, at most a piece of queries and keys, or up to ``GROUP_CALLS`` of at most
+``GROUP_ROWS`` query rows), never the whole K/V.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .exchange import Exchange, Step, row_count, whole_chunks
+from .exchange import Exchange, Piece, Step, row_count, whole_chunks
 from .kernels import ChunkKernel
 from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
 from .schedule import PairPlan, Rows
@@ -275,16 +277,15 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     pieces = _PieceGrads(comm, dk, dv, exchange, scaled_half_shares(k.dtype))
     for step, s, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=True):
         if step == 0:
-            for group in row_groups(s.calls):
-                grads.add(group, k_step, v_step, dk, dv, 0)
+            for piece in s.pieces:
+                grads.add(piece, k_step, v_step, dk, dv, 0)
             continue
         for index in range(max(len(s.pieces), len(s.home))):
             away = None
             if index < len(s.pieces):
                 piece = s.pieces[index]
                 away = pieces.away(piece.stop - piece.start)
-                for group in row_groups(piece.calls):
-                    grads.add(group, k_step, v_step, *away, piece.start)
+                grads.add(piece, k_step, v_step, *away, piece.start)
             pieces.post(s, index, away)
     pieces.finish()
     if key_padding is not None:
@@ -294,22 +295,31 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 
 class _TileGrads:
-    """The gradients of a row group's calls: their dQ added into ``dq``, their dK/dV into given buffers."""
+    """The gradients of a piece's calls: their dQ added into ``dq``, their dK/dV into given buffers."""
 
     def __init__(self, grad_out, q, out, lse, dq, kernel: ChunkKernel, scale: float) -> None:
         self.grad_out, self.q, self.out, self.lse, self.dq = grad_out, q, out, lse, dq
         self.kernel, self.scale = kernel, scale
 
-    def add(self, group: list, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int) -> None:
-        """Add the dK/dV of ``group`` (``row_groups``) into ``dk``/``dv`` [B, Hkv, n, D], whose row 0
-        is key row ``first_row``. Its query rows are prepared for the kernel once."""
+    def add(self, piece: Piece, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int) -> None:
+        """Add the dK/dV of ``piece``'s calls into ``dk``/``dv`` [B, Hkv, n, D], whose row 0 is key row
+        ``first_row`` of ``k``/``v``. The piece's K/V rows are prepared for the kernel once (a key
+        row is read by several calls: a sliding window's by about W / 256 bands), and each row
+        group's (``row_groups``) query rows once for its calls."""
+        k, v = self.kernel.backward_operands(k[:, :, piece.start:piece.stop], v[:, :, piece.start:piece.stop])
+        for group in row_groups(piece.calls):
+            self._add_group(group, k, v, dk, dv, first_row, piece.start)
+
+    def _add_group(self, group: list, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int,
+                   k_row: int) -> None:
+        """``add`` for one row group, given its piece's prepared K/V rows (row 0 is key row ``k_row``)."""
         rows = group[0].q_rows
         grad_out, q, out = self.kernel.backward_operands(self.grad_out[:, :, rows], self.q[:, :, rows],
                                                          self.out[:, :, rows])
         lse, dq = self.lse[:, :, rows], self.dq[:, :, rows]
         for call in group:
             cols = call.kv_rows
-            call_k, call_v = self.kernel.backward_operands(k[:, :, cols], v[:, :, cols])
+            call_k, call_v = k[:, :, cols.start - k_row:cols.stop - k_row], v[:, :, cols.start - k_row:cols.stop - k_row]
             call_dq, call_dk, call_dv = self.kernel.backward(grad_out, q, call_k, call_v, out, lse, call, self.scale)
             # add_ on the views: ``x[idx] += y`` would also copy the sum onto itself through __setitem__.
             dq.add_(call_dq)

@@ -46,7 +46,8 @@ class ChunkKernel(Protocol):
     def backward_operands(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """``tensors`` as ``backward`` computes with them (a dtype conversion, or the tensors
         themselves): the ring prepares a row group's grad_out, q and out once for its calls, and
-        each call's K/V rows (a step's K/V converted whole would hold a copy of up to a chunk)."""
+        a piece's K/V rows once for its calls (a step's K/V converted whole would hold a copy of
+        up to a chunk; a piece is at most ``exchange.piece_rows``)."""
 
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  call, scale: float) -> tuple[Tensor, Tensor, Tensor]:
