@@ -32,20 +32,28 @@ def out_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def merge_(acc_out: Tensor, acc_lse: Tensor, parts: Sequence[tuple[Tensor, Tensor]]) -> None:
+def merge_(acc_out: Tensor, acc_lse: Tensor, parts: Sequence[tuple[Tensor, Tensor]], fresh: bool = False) -> None:
     """Fold partial results of the same rows into the running one, in place, all at once.
 
     Shapes: ``acc_out`` [B, H, S, D], ``acc_lse`` [B, H, S] (natural log, -inf for a row with no
     key); ``parts`` [(out [B, H, S, D], lse [B, H, S]), ...]. ``acc_lse`` is float64
     (``LSE_DTYPE``); a part's lse may be any float dtype. ``acc_*`` may be views into larger
-    accumulators.
+    accumulators. ``fresh``: no part was merged into these rows yet (``acc_lse`` -inf, ``acc_out``
+    0); they are written without being read, as the same sums without the running result's
+    zero term.
     """
-    lses = torch.stack([acc_lse, *(lse for _, lse in parts)])  # promoted to acc_lse's dtype: [n + 1, B, H, S]
-    new_lse = reduce(torch.logaddexp, lses.unbind(0))  # measured cheaper than logsumexp over the stack
+    running = () if fresh else (acc_lse,)
+    lses = torch.stack([*running, *(lse for _, lse in parts)]).to(acc_lse.dtype)  # [n (+ 1), B, H, S]
+    each = lses.unbind(0)
+    new_lse = reduce(torch.logaddexp, each) if len(each) > 1 else each[0].clone()  # cheaper than logsumexp
     # A row with no key anywhere yet has new_lse = -inf: its weights are 0, not exp(-inf - -inf) = NaN
     # (a NaN or +inf lse from non-finite inputs keeps its NaN weights).
     weights = lses.sub_(new_lse).exp_().masked_fill_(new_lse == float("-inf"), 0.0).to(acc_out.dtype).unsqueeze_(-1)
-    acc_out.mul_(weights[0])
-    for (out, _), weight in zip(parts, weights[1:]):
+    outs = [out for out, _ in parts]
+    if fresh:  # weights and outs both start with the first part's
+        torch.mul(outs.pop(0), weights[0], out=acc_out)
+    else:  # weights start with the running result's
+        acc_out.mul_(weights[0])
+    for out, weight in zip(outs, weights[1:]):
         acc_out.addcmul_(out, weight)  # no part-sized temporary
     acc_lse.copy_(new_lse)

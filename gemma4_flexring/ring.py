@@ -189,12 +189,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
     exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
+    untouched = 0  # rows from here on hold no merged part yet (calls mostly come in row order)
     for _, plan, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
         for group in row_groups(plan.calls):
             rows = group[0].q_rows
             q_rows = q[:, :, rows]
             parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale) for c in group]
-            merge_(out[:, :, rows], lse[:, :, rows], parts)
+            merge_(out[:, :, rows], lse[:, :, rows], parts, fresh=rows.start >= untouched)
+            untouched = max(untouched, rows.stop)
             del parts  # freed before the next group's are made
     return out.to(q.dtype), lse
 

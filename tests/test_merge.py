@@ -31,12 +31,31 @@ def test_merging_parts_at_once_equals_attention_over_all_keys():
     acc_out, acc_lse = torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     chunks = [slice(0, 8), slice(8, 16), slice(16, 24)]
     parts = [_attend(q, k[:, :, c], v[:, :, c], allowed[..., c]) for c in chunks]
-    merge_(acc_out, acc_lse, parts[:1])
+    merge_(acc_out, acc_lse, parts[:1], fresh=True)
     merge_(acc_out, acc_lse, parts[1:])
     torch.testing.assert_close(acc_out, want_out, rtol=1e-12, atol=1e-12)
     assert torch.equal(acc_lse.isinf(), want_lse.isinf())
     torch.testing.assert_close(acc_lse[~want_lse.isinf()], want_lse[~want_lse.isinf()], rtol=1e-12, atol=0)
     assert (acc_out[:, :, 0] == 0).all()
+
+
+def test_a_fresh_merge_writes_what_merging_into_empty_rows_computes():
+    """``fresh=True`` skips the empty running result's zero term: bitwise the same rows, from one
+    part or several, bfloat16 parts with float32 LSEs included (promoted as the running LSE's)."""
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(1, 2, 8, 4, generator=g).bfloat16(), torch.randn(1, 2, 8, generator=g)) for _ in range(3)]
+    parts[1][1][0, 0, 3] = float("-inf")  # a row one part lets through nothing
+    for _, lse in parts:
+        lse[0, 1, 2] = float("-inf")  # a row no part lets through
+    for n in (1, 2, 3):
+        merged = []
+        for fresh in (False, True):
+            acc_out, acc_lse = torch.zeros(1, 2, 8, 4), torch.full((1, 2, 8), float("-inf"), dtype=LSE_DTYPE)
+            merge_(acc_out, acc_lse, parts[:n], fresh=fresh)
+            merged.append((acc_out, acc_lse))
+        (out, lse), (fresh_out, fresh_lse) = merged
+        assert torch.equal(fresh_out, out) and torch.equal(fresh_lse, lse)
+        assert (fresh_out[0, 1, 2] == 0).all() and fresh_lse[0, 1, 2] == float("-inf")
 
 
 def test_row_groups_keep_order_and_group_short_calls_on_the_same_rows():
