@@ -53,7 +53,7 @@ class RingArgs(NamedTuple):
     block_bidirectional: bool
     group_name: str
     scale: float | None
-    kernel: str = ""
+    kernel_name: str = ""
 
     @property
     def info(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,11 +157,11 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     that any failure, planning included, raises on every rank before the first exchange.
     """
     comm = communicator(resolve_group(args.group_name))
-    kernel = kernel_for(args.q.device, args.kernel)
+    kernel = kernel_for(args.q.device, args.kernel_name)
     if not check:
         return _planned(args, _planning(args, *MASK_CACHE.layout(args.layout, comm.world_size), comm), comm, kernel)
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
-                              comm.world_size, args.scale, args.kernel)
+                              comm.world_size, args.scale, args.kernel_name)
     prepared = layout = None
     if not problems:
         try:
@@ -191,22 +191,23 @@ def _kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[s
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, document_ids: Tensor,
                       block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
                       sliding_window: int | None, block_bidirectional: bool, group_name: str,
-                      scale: float | None, kernel: str = "") -> tuple[Tensor, Tensor]:
+                      scale: float | None, kernel_name: str = "") -> tuple[Tensor, Tensor]:
     """Ring attention over the group: (out [B, Hq, L, D], lse [B, Hq, L] float64).
 
     Metadata tensors are the whole sequence's, [B, S]; ``layout`` is int64 [S], every rank's
     global positions in local order, rank-major (``Layout.table``); ``scale`` None means
-    ``D ** -0.5``; ``kernel`` names the chunk kernel ("" = the device's default, see ``kernels``).
+    ``D ** -0.5``; ``kernel_name`` names the chunk kernel ("" = the device's default, see
+    ``kernels``; not ``kernel``, which inductor's fallback lowering takes as its own argument).
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-                    block_bidirectional, group_name, scale, kernel)
+                    block_bidirectional, group_name, scale, kernel_name)
     comm, plans, kernel, exchange, key_padding = _prepare(args, check=True)
     return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, exchange, key_padding)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-      block_bidirectional, group_name, scale, kernel=""):
+      block_bidirectional, group_name, scale, kernel_name=""):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("ring_attention: q, k, v must be 4-D [B, H, S_local, D]")
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulator_dtype(q.dtype))
@@ -218,10 +219,10 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                block_ids: Tensor, padding: Tensor, layout: Tensor, causal: bool,
                                sliding_window: int | None, block_bidirectional: bool,
                                group_name: str, scale: float | None,
-                               kernel: str = "") -> tuple[Tensor, Tensor, Tensor]:
+                               kernel_name: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
-                    block_bidirectional, group_name, scale, kernel)
+                    block_bidirectional, group_name, scale, kernel_name)
     comm, plans, kernel, exchange, key_padding = _prepare(args, check=False)
     return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, exchange,
                          key_padding)
@@ -229,7 +230,7 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, generation, document_ids, block_ids, padding, layout, causal,
-      sliding_window, block_bidirectional, group_name, scale, kernel=""):
+      sliding_window, block_bidirectional, group_name, scale, kernel_name=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
