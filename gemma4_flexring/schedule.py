@@ -41,6 +41,7 @@ Every rank derives every plan from the same global metadata, so all ranks agree 
 from __future__ import annotations
 
 import bisect
+from enum import Enum
 from typing import Callable, NamedTuple
 
 import torch
@@ -63,16 +64,25 @@ def ring_owner(rank: int, step: int, world_size: int) -> int:
     return (rank - step) % world_size
 
 
+class TileKind(Enum):
+    """How a kernel call treats its entries: all allowed, exactly ``j <= i`` on a square on the
+    diagonal (the kernel's causal path), or as the tile's additive mask allows."""
+
+    FULL = "full"
+    CAUSAL = "causal"
+    MASKED = "masked"
+
+
 class Tile(NamedTuple):
     """One kernel call: local query rows against rows of the visiting chunk.
 
-    ``bias`` is the additive 0/-inf mask [B or 1, 1, q_rows, kv_rows] for kind "masked";
+    ``bias`` is the additive 0/-inf mask [B or 1, 1, q_rows, kv_rows] for ``TileKind.MASKED``;
     ``dead_rows`` [B or 1, 1, q_rows] marks queries with no allowed key in this tile.
     """
 
     q_rows: slice
     kv_rows: slice
-    kind: str  # "full" | "causal" | "masked"
+    kind: TileKind
     bias: Tensor | None = None
     dead_rows: Tensor | None = None
 
@@ -137,7 +147,7 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
         for ks in layout.segments(seq_len, kv_rank):
             q_rows, kv_rows = _rows(qs, 0, qs.length), _rows(ks, 0, ks.length)
             if mask is None:
-                pair_tiles.append((q_rows, kv_rows, None, [Tile(q_rows, kv_rows, "full")]))
+                pair_tiles.append((q_rows, kv_rows, None, [Tile(q_rows, kv_rows, TileKind.FULL)]))
                 read_rows.append((ks.local_start, ks.local_start + ks.length))
                 continue
             q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
@@ -216,7 +226,7 @@ def fit_tiles(tiles: list[Tile], rows: Rows) -> list[Tile]:
         if run >= 0 and cols.stop <= rows[run][1]:
             fitted.append(tile)
             continue
-        assert tile.kind == "masked", f"{tile.kind} tile reads rows {cols} outside {rows}"
+        assert tile.kind is TileKind.MASKED, f"{tile.kind} tile reads rows {cols} outside {rows}"
         for a, b in rows:
             a, b = max(a, cols.start), min(b, cols.stop)
             allowed = tile.bias[..., a - cols.start:b - cols.start] == 0
@@ -343,7 +353,7 @@ def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], b
     for a, b in live:
         qs, ks = q_parts[a], k_parts[b]
         if full[a][b]:
-            tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), "full"))
+            tiles.append(Tile(_rows(qs, 0, qs.length), _rows(ks, 0, ks.length), TileKind.FULL))
             continue
         blocks = Blocks(qs.global_start, qs.length, block_size, device)
         square = mask.classify(blocks, blocks)
@@ -371,7 +381,7 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     q0, q1 = qb0 * block_size, min(qb1 * block_size, qs.length)
     k0, k1 = kb0 * block_size, min(kb1 * block_size, ks.length)
     if full[qb0:qb1, kb0:kb1].all():
-        return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), "full")]
+        return [Tile(_rows(qs, q0, q1), _rows(ks, k0, k1), TileKind.FULL)]
     square_blocks = Blocks(0, qs.length, block_size, used.device)
     if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1, square_blocks, batch):
         return causal_square_tiles(qs, q0, q1, block_size)
@@ -383,10 +393,10 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
     for rows, cols, kind in _band_calls(used, full, causal if qs == ks else None):
         q_span = (rows[0] * block_size, min(rows[1] * block_size, qs.length))
         k_span = (cols[0] * block_size, min(cols[1] * block_size, ks.length))
-        if kind == "causal":
-            tiles.append(Tile(_rows(qs, *q_span), _rows(ks, *k_span), "causal"))
+        if kind is TileKind.CAUSAL:
+            tiles.append(Tile(_rows(qs, *q_span), _rows(ks, *k_span), TileKind.CAUSAL))
         else:
-            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind == "full", dtype, used.device))
+            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind is TileKind.FULL, dtype, used.device))
     return tiles
 
 
@@ -402,14 +412,14 @@ def causal_square_tiles(segment: Segment, start: int, stop: int, block_size: int
     squares of 1024 and 2048 about 1.1x, and a square of 4096 no more.
     """
     if stop - start >= CAUSAL_WHOLE_BLOCKS * block_size:
-        return [Tile(_rows(segment, start, stop), _rows(segment, start, stop), "causal")]
+        return [Tile(_rows(segment, start, stop), _rows(segment, start, stop), TileKind.CAUSAL)]
     band = BAND_BLOCKS * block_size
     tiles = []
     for r0 in range(start, stop, band):
         r1 = min(r0 + band, stop)
         if r0 > start:
-            tiles.append(Tile(_rows(segment, r0, r1), _rows(segment, start, r0), "full"))
-        tiles.append(Tile(_rows(segment, r0, r1), _rows(segment, r0, r1), "causal"))
+            tiles.append(Tile(_rows(segment, r0, r1), _rows(segment, start, r0), TileKind.FULL))
+        tiles.append(Tile(_rows(segment, r0, r1), _rows(segment, r0, r1), TileKind.CAUSAL))
     return tiles
 
 
@@ -437,10 +447,10 @@ def _causal_diagonal(tile_mod: MaskMod, blocks: Blocks, diagonal: Tensor, batch:
 
 
 def _band_calls(used: Tensor, full: Tensor,
-                causal: Callable[[Tensor], Tensor] | None) -> list[tuple[tuple[int, int], tuple[int, int], str]]:
-    """The calls of a segment pair's blocks, as (q-block span, key-block span, "full" | "masked" |
-    "causal"), from its block flags [Qb, KVb]; ``causal(b)``: which of the diagonal blocks ``b``
-    (int64 [n]) hold exactly ``j <= i``, None for a pair of two segments (no diagonal).
+                causal: Callable[[Tensor], Tensor] | None) -> list[tuple[tuple[int, int], tuple[int, int], TileKind]]:
+    """The calls of a segment pair's blocks, as (q-block span, key-block span, ``TileKind``), from
+    its block flags [Qb, KVb]; ``causal(b)``: which of the diagonal blocks ``b`` (int64 [n]) hold
+    exactly ``j <= i``, None for a pair of two segments (no diagonal).
 
     Rows of q-blocks are planned in bands (``_row_bands``). In a band, a key block used by every
     row is covered by one call over the whole band: unmasked where every row sees all of it,
@@ -467,16 +477,17 @@ def _band_calls(used: Tensor, full: Tensor,
     if causal is not None:
         for n in _causal_bands(kind, spans, causal).tolist():
             r0, r1 = bands[n]
-            calls.append(((r0, r1), (r0, r1), "causal"))
+            calls.append(((r0, r1), (r0, r1), TileKind.CAUSAL))
             shared[n, r0:r1] = 0
     whole = shared.masked_fill(shared == 3, 0)
     for band, c0, c1, value in _runs(whole).tolist():
-        calls.append((bands[band], (c0, c1), "full" if value == 2 else "masked"))
+        calls.append((bands[band], (c0, c1), TileKind.FULL if value == 2 else TileKind.MASKED))
     alone = sub * (shared[band_of_row] == 3)
     for row, c0, c1, value in _runs(alone).tolist():
         r = int(rows[row])
-        calls.append(((r, r + 1), (c0, c1), "full" if value == 2 else "masked"))
-    return sorted(calls)  # by rows, then keys: a band's calls run one after another (``ring.row_groups``)
+        calls.append(((r, r + 1), (c0, c1), TileKind.FULL if value == 2 else TileKind.MASKED))
+    # By rows, then keys: a band's calls run one after another (``ring.row_groups``).
+    return sorted(calls, key=lambda call: call[:2])
 
 
 def _causal_bands(kind: Tensor, spans: Tensor, causal: Callable[[Tensor], Tensor]) -> Tensor:
@@ -534,7 +545,7 @@ def _band_tile(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tu
     an additive mask of just this region."""
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
     if is_full:
-        return Tile(q_rows, kv_rows, "full")
+        return Tile(q_rows, kv_rows, TileKind.FULL)
     region = evaluate_mask(offset_mask_mod(tile_mod, rows[0], cols[0]), batch, rows[1] - rows[0],
                            cols[1] - cols[0], device)
     return _masked_tile(q_rows, kv_rows, region, dtype)
@@ -544,10 +555,10 @@ def _masked_tile(q_rows: slice, kv_rows: slice, allowed: Tensor, dtype: torch.dt
     """The call over ``q_rows`` x ``kv_rows`` letting through ``allowed`` [B or 1, 1, q, kv]:
     unmasked when all are allowed, else with an additive mask and its dead rows."""
     if allowed.all():
-        return Tile(q_rows, kv_rows, "full")
+        return Tile(q_rows, kv_rows, TileKind.FULL)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
     dead = ~allowed.any(-1)
-    return Tile(q_rows, kv_rows, "masked", bias, dead if dead.any() else None)
+    return Tile(q_rows, kv_rows, TileKind.MASKED, bias, dead if dead.any() else None)
 
 
 def _rows(segment: Segment, start: int, stop: int) -> slice:
@@ -613,7 +624,7 @@ def split_tile(tile: Tile, q_cuts, kv_cuts) -> list[Tile]:
     q0, q1, k0, k1 = tile.q_rows.start, tile.q_rows.stop, tile.kv_rows.start, tile.kv_rows.stop
     qc = sorted({c - q0 for c in q_cuts if q0 < c < q1})
     kc = sorted({c - k0 for c in kv_cuts if k0 < c < k1})
-    if tile.kind == "causal":
+    if tile.kind is TileKind.CAUSAL:
         qc = kc = sorted(set(qc) | set(kc))
     if not qc and not kc:
         return [tile]
@@ -632,17 +643,17 @@ def _sub_tile(tile: Tile, a: int, b: int, c: int, d: int) -> Tile | None:
     entry there is allowed. For a causal tile the cut is on the diagonal or off it (``split_tile``)."""
     rows = slice(tile.q_rows.start + a, tile.q_rows.start + b)
     cols = slice(tile.kv_rows.start + c, tile.kv_rows.start + d)
-    if tile.kind == "full":
-        return Tile(rows, cols, "full")
-    if tile.kind == "causal":
+    if tile.kind is TileKind.FULL:
+        return Tile(rows, cols, TileKind.FULL)
+    if tile.kind is TileKind.CAUSAL:
         if c >= b:
             return None
-        return Tile(rows, cols, "causal" if (a, b) == (c, d) else "full")
+        return Tile(rows, cols, TileKind.CAUSAL if (a, b) == (c, d) else TileKind.FULL)
     bias = tile.bias[..., a:b, c:d]
     blocked = bias == float("-inf")
     if blocked.all():
         return None
     if not blocked.any():
-        return Tile(rows, cols, "full")
+        return Tile(rows, cols, TileKind.FULL)
     dead = blocked.all(-1)
-    return Tile(rows, cols, "masked", bias, dead if dead.any() else None)
+    return Tile(rows, cols, TileKind.MASKED, bias, dead if dead.any() else None)

@@ -11,7 +11,7 @@ from gemma4_flexring import Layout, MaskSpec
 from gemma4_flexring.exchange import (build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows,
                                       whole_chunks)
 from gemma4_flexring.reference import reference_mask
-from gemma4_flexring.schedule import Tile, needed_kv_rows, plan_pair, split_tile
+from gemma4_flexring.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
 from ring_cases import EXCHANGE_CASES, exchange_traffic
 from strategies import random_plans
 
@@ -81,11 +81,11 @@ def test_whole_chunks_sends_everything_to_everyone():
 
 
 def test_packed_tiles_move_into_the_packed_rows():
-    tiles = [Tile(slice(0, 4), slice(10, 12), "full"), Tile(slice(0, 4), slice(30, 38), "full")]
+    tiles = [Tile(slice(0, 4), slice(10, 12), TileKind.FULL), Tile(slice(0, 4), slice(30, 38), TileKind.FULL)]
     moved = packed_tiles(tiles, ((8, 12), (30, 40)))
     assert [t.kv_rows for t in moved] == [slice(2, 4), slice(4, 12)]
     with pytest.raises(AssertionError):
-        packed_tiles([Tile(slice(0, 4), slice(11, 14), "full")], ((8, 12), (30, 40)))
+        packed_tiles([Tile(slice(0, 4), slice(11, 14), TileKind.FULL)], ((8, 12), (30, 40)))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -109,27 +109,27 @@ def _entries(tiles, shape) -> torch.Tensor:
     count = torch.zeros(shape, dtype=torch.int64)
     for t in tiles:
         n, m = t.q_rows.stop - t.q_rows.start, t.kv_rows.stop - t.kv_rows.start
-        if t.kind == "masked":
+        if t.kind is TileKind.MASKED:
             allowed = (t.bias[:, 0] == 0).expand(shape[0], n, m)
             dead = ~allowed.any(-1)
             assert torch.equal(t.dead_rows[:, 0].expand_as(dead), dead) if t.dead_rows is not None else not dead.any()
         else:
-            assert t.bias is None and (t.kind == "full" or n == m)
+            assert t.bias is None and (t.kind is TileKind.FULL or n == m)
             allowed = torch.ones(shape[0], n, m, dtype=torch.bool)
-            allowed = allowed.tril() if t.kind == "causal" else allowed
+            allowed = allowed.tril() if t.kind is TileKind.CAUSAL else allowed
         count[:, t.q_rows, t.kv_rows] += allowed
     return count
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["full", "causal", "masked"]), st.integers(1, 24), st.integers(1, 24), st.integers(0, 5),
+@given(st.sampled_from(list(TileKind)), st.integers(1, 24), st.integers(1, 24), st.integers(0, 5),
        st.lists(st.integers(0, 40), max_size=4), st.lists(st.integers(0, 40), max_size=4), st.integers(0, 2**16))
 def test_split_tile_computes_each_allowed_entry_once(kind, n, m, at, q_cuts, kv_cuts, seed):
     """Cut anywhere, a tile's sub-tiles compute exactly its allowed entries, each once; causal
     pieces are squares on the diagonal, masked ones hold their own dead rows."""
-    m = n if kind == "causal" else m
+    m = n if kind is TileKind.CAUSAL else m
     bias = dead = None
-    if kind == "masked":
+    if kind is TileKind.MASKED:
         allowed = torch.rand(2, 1, n, m, generator=torch.Generator().manual_seed(seed)) < 0.5
         bias = torch.zeros(2, 1, n, m).masked_fill_(~allowed, float("-inf"))
         dead = ~allowed.any(-1)
@@ -147,7 +147,7 @@ def test_pieces_cut_rows_and_tiles_alike_on_both_sides():
     rows = ((2, 5), (9, 12), (20, 24))
     assert [sub_rows(rows, a, b) for a, b in piece_bounds(10, 4)] == [((2, 5),), ((9, 12),), ((20, 24),)]
     assert sub_rows(rows, 1, 8) == ((3, 5), (9, 12), (20, 22))
-    tiles = [Tile(slice(0, 10), slice(0, 10), "causal"), Tile(slice(10, 20), slice(0, 10), "full")]
+    tiles = [Tile(slice(0, 10), slice(0, 10), TileKind.CAUSAL), Tile(slice(10, 20), slice(0, 10), TileKind.FULL)]
     pieces = cut_pieces(tiles, 10, 4)
     assert [(p.start, p.stop) for p in pieces] == list(piece_bounds(10, 4))
     for p in pieces:

@@ -7,7 +7,7 @@ import torch
 
 from gemma4_flexring.merge import LSE_DTYPE, merge_
 from gemma4_flexring.ring import GROUP_CALLS, GROUP_ROWS, row_groups
-from gemma4_flexring.schedule import Tile
+from gemma4_flexring.schedule import Tile, TileKind
 
 
 def _attend(q, k, v, allowed):
@@ -60,7 +60,7 @@ def test_a_fresh_merge_writes_what_merging_into_empty_rows_computes():
 
 def test_row_groups_keep_order_and_group_short_calls_on_the_same_rows():
     def call(q0, q1, k0):
-        return Tile(slice(q0, q1), slice(k0, k0 + 8), "full")
+        return Tile(slice(q0, q1), slice(k0, k0 + 8), TileKind.FULL)
 
     long_rows = GROUP_ROWS + 1
     calls = ([call(0, 256, k) for k in range(0, 48, 8)]  # six short calls on the same rows

@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.exchange import packed_tiles
-from gemma4_flexring.schedule import needed_kv_rows, plan_pair, ring_owner
+from gemma4_flexring.schedule import TileKind, needed_kv_rows, plan_pair, ring_owner
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -47,9 +47,9 @@ def covered(plan, batch: int, local_len: int) -> torch.Tensor:
     for tile in plan.tiles:
         region = count[:, tile.q_rows, tile.kv_rows]
         n_q, n_kv = region.shape[-2:]
-        if tile.kind == "full":
+        if tile.kind is TileKind.FULL:
             region += 1
-        elif tile.kind == "causal":
+        elif tile.kind is TileKind.CAUSAL:
             assert n_q == n_kv and tile.q_rows == tile.kv_rows, tile
             region += torch.ones(n_q, n_kv, dtype=torch.int32).tril()
         else:
@@ -175,18 +175,18 @@ def test_documents_are_causal_squares_and_full_rectangles():
     for q_rank, kv_rank in [(0, 0), (1, 0), (1, 1)]:
         plan = plan_pair(MaskSpec(), *info.tensors(), layout, 128, q_rank, kv_rank, 1, torch.float32, CPU,
                          block_size=block)
-        assert {t.kind for t in plan.tiles} <= {"full", "causal"}
+        assert {t.kind for t in plan.tiles} <= {TileKind.FULL, TileKind.CAUSAL}
         if (q_rank, kv_rank) == (1, 0):  # the document [44, 70) continues at 64: rows 64..70 see keys 44..64
-            assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [("full", slice(0, 6), slice(44, 64))]
+            assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [(TileKind.FULL, slice(0, 6), slice(44, 64))]
     # Documents [0, 600) and [600, 4096) at blocks of 128: the short one in bands of 256 rows, the
     # one of at least 16 blocks in one call.
     docs = (torch.arange(4096) >= 600).long().view(1, -1)
     plan = plan_pair(MaskSpec(), docs, None, None, Layout("contiguous", 1), 4096, 0, 0, 1, torch.float32, CPU)
     assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [
-        ("causal", slice(0, 256), slice(0, 256)),
-        ("full", slice(256, 512), slice(0, 256)), ("causal", slice(256, 512), slice(256, 512)),
-        ("full", slice(512, 600), slice(0, 512)), ("causal", slice(512, 600), slice(512, 600)),
-        ("causal", slice(600, 4096), slice(600, 4096))]
+        (TileKind.CAUSAL, slice(0, 256), slice(0, 256)),
+        (TileKind.FULL, slice(256, 512), slice(0, 256)), (TileKind.CAUSAL, slice(256, 512), slice(256, 512)),
+        (TileKind.FULL, slice(512, 600), slice(0, 512)), (TileKind.CAUSAL, slice(512, 600), slice(512, 600)),
+        (TileKind.CAUSAL, slice(600, 4096), slice(600, 4096))]
 
 
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
@@ -194,16 +194,16 @@ def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
              for q in range(2) for kv in range(2)}
     assert plans[0, 1].tiles == ()  # the future: no kernel call
-    assert [t.kind for t in plans[1, 0].tiles] == ["full"]
-    assert [t.kind for t in plans[0, 0].tiles] == ["causal"]
-    assert [t.kind for t in plans[1, 1].tiles] == ["causal"]
+    assert [t.kind for t in plans[1, 0].tiles] == [TileKind.FULL]
+    assert [t.kind for t in plans[0, 0].tiles] == [TileKind.CAUSAL]
+    assert [t.kind for t in plans[1, 1].tiles] == [TileKind.CAUSAL]
 
 
 def test_sliding_window_crops_to_the_band():
     layout = Layout("contiguous", 2)
     (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
                         block_size=16).tiles
-    assert tile.kind == "masked"
+    assert tile.kind is TileKind.MASKED
     # Query 128 sees keys 113 .. 128: key 112 is seen by no query of rank 1, so no tile reads it.
     assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(113, 128)
     assert tile.bias.shape == (1, 1, 16, 15)
@@ -212,7 +212,7 @@ def test_sliding_window_crops_to_the_band():
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
     layout = Layout("zigzag", 2)
     plan = plan_pair(MaskSpec(causal=False), None, None, None, layout, 16, 0, 1, 1, torch.float32, CPU)
-    assert [t.kind for t in plan.tiles] == ["full"] * 4 and plan.block_masks == ()
+    assert [t.kind for t in plan.tiles] == [TileKind.FULL] * 4 and plan.block_masks == ()
 
 
 def test_ring_owner_visits_every_rank_once():
@@ -246,7 +246,7 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     padding[0, -100:] = padded
     plan = plan_pair(spec, None, None, padding, Layout("contiguous", 1), seq_len, 0, 0, 1,
                      torch.float32, CPU, block_size=block)
-    masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind == "masked")
+    masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind is TileKind.MASKED)
     assert 0 < masked <= 3 * seq_len * block
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
 
@@ -262,7 +262,7 @@ def test_trivial_metadata_plans_as_absent_metadata():
             got = plan_pair(spec, *trivial, *args, batch, torch.float32, CPU, block_size=8)
             want = plan_pair(spec, None, None, None, *args, 1, torch.float32, CPU, block_size=8)
             assert [t[:3] for t in got.tiles] == [t[:3] for t in want.tiles]
-            assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind == "masked")
+            assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind is TileKind.MASKED)
 
 
 def test_sliding_rows_pair_into_bands_on_the_causal_path():
@@ -273,7 +273,7 @@ def test_sliding_rows_pair_into_bands_on_the_causal_path():
     plan = plan_pair(spec, None, None, None, Layout("contiguous", 1), seq_len, 0, 0, 1, torch.float32, CPU,
                      block_size=block)
     bands = seq_len // (2 * block)
-    squares = [(t.q_rows, t.kv_rows) for t in plan.tiles if t.kind == "causal"]
+    squares = [(t.q_rows, t.kv_rows) for t in plan.tiles if t.kind is TileKind.CAUSAL]
     assert squares == [(slice(r, r + 2 * block),) * 2 for r in range(0, seq_len, 2 * block)]
     assert len(plan.tiles) <= 4 * bands
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, None, 1, seq_len)[0])
@@ -291,7 +291,7 @@ def test_no_call_holds_a_block_pair_without_an_allowed_entry(spec_name, info_kin
                      torch.float32, CPU, block_size=block)
     n = seq_len // block
     blocks = reference_mask(SPECS[spec_name], info, batch, seq_len).view(batch, n, block, n, block).any(4).any(2).any(0)
-    calls = [t for t in plan.tiles if t.kind != "causal"]
+    calls = [t for t in plan.tiles if t.kind is not TileKind.CAUSAL]
     assert calls
     for tile in calls:
         qb = slice(tile.q_rows.start // block, -(-tile.q_rows.stop // block))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..schedule import TileKind
+
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -39,7 +41,7 @@ class CpuFlashKernel:
         return plan.tiles
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, tile, scale: float) -> tuple[Tensor, Tensor]:
-        out, lse = _forward(q, k, v, 0.0, tile.kind == "causal", attn_mask=tile.bias, scale=scale)
+        out, lse = _forward(q, k, v, 0.0, tile.kind is TileKind.CAUSAL, attn_mask=tile.bias, scale=scale)
         if tile.dead_rows is not None:
             # The kernel reports lse = 0 for a row whose keys are all masked; it must weigh nothing.
             lse = lse.masked_fill(tile.dead_rows, float("-inf"))
@@ -51,7 +53,7 @@ class CpuFlashKernel:
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         # The operands come from ``backward_operands``; the tile's mask is in the queries' dtype.
-        return _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind == "causal", attn_mask=_bias(tile, q.dtype),
+        return _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind is TileKind.CAUSAL, attn_mask=_bias(tile, q.dtype),
                          scale=scale)
 
 
