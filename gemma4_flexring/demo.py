@@ -81,21 +81,38 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
 
 # ----------------------------------------------------------------------------- model and data
 
-def demo_config(seq_len: int):
-    """Tiny Gemma 4: 4 text layers (sliding W = S/8, global, sliding, global), a 1-layer vision tower."""
-    from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+TINY_LAYER_TYPES = ("sliding_attention", "full_attention") * 2
 
-    text = Gemma4TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=seq_len // 8,
-        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
-        hidden_size_per_layer_input=16, final_logit_softcapping=30.0, pad_token_id=PAD_TOKEN,
-        use_bidirectional_attention="vision")
+
+def tiny_text_config(hidden_size: int, head_dim: int, window: int, bidirectional: str | None = None,
+                     vocab_size: int = VOCAB, pad_token_id: int = PAD_TOKEN, **overrides):
+    """A tiny Gemma 4 text stack: 4 layers (sliding, global, sliding, global), 4 query and 2 K/V
+    heads, global heads twice as wide, per-layer inputs; ``overrides`` replace any field."""
+    from transformers import Gemma4TextConfig
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=len(TINY_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        global_head_dim=2 * head_dim, sliding_window=window, layer_types=list(TINY_LAYER_TYPES),
+        vocab_size_per_layer_input=vocab_size, hidden_size_per_layer_input=hidden_size // 4,
+        final_logit_softcapping=30.0, pad_token_id=pad_token_id, use_bidirectional_attention=bidirectional)
+    return Gemma4TextConfig(**{**fields, **overrides})
+
+
+def tiny_config(text, image_token_id: int = IMAGE_TOKEN):
+    """``text`` (a ``tiny_text_config``) with a one-layer vision tower: a multimodal Gemma 4."""
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
     vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
                                 position_embedding_size=64)
-    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_TOKEN,
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token_id,
                         boi_token_id=6, eoi_token_id=7, video_token_id=8, audio_token_id=9)
+
+
+def demo_config(seq_len: int):
+    """The demo's Gemma 4: the tiny stack (sliding W = S/8, images bidirectional) with a vision tower."""
+    return tiny_config(tiny_text_config(hidden_size=64, head_dim=16, window=seq_len // 8, bidirectional="vision"))
 
 
 def make_model(config, device: torch.device, ring: bool) -> torch.nn.Module:

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
-                          Gemma4VisionConfig)
+from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, hf
+from gemma4_flexring.demo import tiny_config, tiny_text_config
 from gemma4_flexring.reference import reference_mask
 
 SEQ_LEN = 48  # splits into 4 and 6 equal pieces: zigzag over 2 and 3 ranks
@@ -22,27 +22,17 @@ BATCH = 2
 WINDOW = 8
 VOCAB = 128
 IMAGE_TOKEN = 5
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
 def text_config(bidirectional: str | None = None, **overrides) -> Gemma4TextConfig:
-    """4 layers (sliding, global, sliding, global), GQA, per-layer inputs, a wider global head."""
-    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=len(LAYER_TYPES),
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
-                  sliding_window=WINDOW, layer_types=list(LAYER_TYPES), vocab_size_per_layer_input=VOCAB,
-                  hidden_size_per_layer_input=8, final_logit_softcapping=30.0, pad_token_id=0,
-                  use_bidirectional_attention=bidirectional)
-    return Gemma4TextConfig(**{**fields, **overrides})
+    """The tiny stack (``demo.tiny_text_config``) at the tests' sizes and vocabulary."""
+    return tiny_text_config(hidden_size=32, head_dim=8, window=WINDOW, bidirectional=bidirectional,
+                            vocab_size=VOCAB, pad_token_id=0, **overrides)
 
 
 def multimodal_config() -> Gemma4Config:
     """The text stack with ``use_bidirectional_attention="vision"`` and a one-layer vision tower."""
-    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
-                                position_embedding_size=64)
-    return Gemma4Config(text_config=text_config("vision"), vision_config=vision, audio_config=None,
-                        image_token_id=IMAGE_TOKEN, boi_token_id=6, eoi_token_id=7, video_token_id=8,
-                        audio_token_id=9)
+    return tiny_config(text_config("vision"), image_token_id=IMAGE_TOKEN)
 
 
 @dataclass(frozen=True)
