@@ -396,7 +396,7 @@ def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, q
         if kind is TileKind.CAUSAL:
             tiles.append(Tile(_rows(qs, *q_span), _rows(ks, *k_span), TileKind.CAUSAL))
         else:
-            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind is TileKind.FULL, dtype, used.device))
+            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind, dtype, used.device))
     return tiles
 
 
@@ -446,8 +446,8 @@ def _causal_diagonal(tile_mod: MaskMod, blocks: Blocks, diagonal: Tensor, batch:
     return ~differs.any(0)
 
 
-def _band_calls(used: Tensor, full: Tensor,
-                causal: Callable[[Tensor], Tensor] | None) -> list[tuple[tuple[int, int], tuple[int, int], TileKind]]:
+def _band_calls(used: Tensor, full: Tensor, causal: Callable[[Tensor], Tensor] | None
+                ) -> list[tuple[tuple[int, int], tuple[int, int], TileKind]]:
     """The calls of a segment pair's blocks, as (q-block span, key-block span, ``TileKind``), from
     its block flags [Qb, KVb]; ``causal(b)``: which of the diagonal blocks ``b`` (int64 [n]) hold
     exactly ``j <= i``, None for a pair of two segments (no diagonal).
@@ -540,11 +540,11 @@ def _runs(kind: Tensor) -> Tensor:
 
 
 def _band_tile(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tuple[int, int],
-               cols: tuple[int, int], is_full: bool, dtype: torch.dtype, device: torch.device) -> Tile:
-    """One call: unmasked over full blocks (or partial ones that turn out all allowed), else with
-    an additive mask of just this region."""
+               cols: tuple[int, int], kind: TileKind, dtype: torch.dtype, device: torch.device) -> Tile:
+    """One call of ``kind`` full or masked: unmasked over full blocks (or partial ones that turn out
+    all allowed), else with an additive mask of just this region."""
     q_rows, kv_rows = _rows(qs, *rows), _rows(ks, *cols)
-    if is_full:
+    if kind is TileKind.FULL:
         return Tile(q_rows, kv_rows, TileKind.FULL)
     region = evaluate_mask(offset_mask_mod(tile_mod, rows[0], cols[0]), batch, rows[1] - rows[0],
                            cols[1] - cols[0], device)

@@ -54,8 +54,8 @@ class CpuFlashKernel:
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  tile, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         # The operands come from ``backward_operands``; the tile's mask is in the queries' dtype.
-        return _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind is TileKind.CAUSAL, attn_mask=_bias(tile, q.dtype),
-                         scale=scale)
+        return _backward(grad_out, q, k, v, out, lse, 0.0, tile.kind is TileKind.CAUSAL,
+                         attn_mask=_bias(tile, q.dtype), scale=scale)
 
 
 def _bias(tile, dtype: torch.dtype) -> Tensor | None:
