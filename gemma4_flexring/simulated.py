@@ -42,7 +42,7 @@ class SimulatedGroup:
         self.group_name = f"gemma4_flexring.simulated.{next(_NAMES)}"
         self._local = threading.local()
         self._mail = {(src, dst): _Mailbox() for src in range(world_size) for dst in range(world_size)}
-        self._barrier = threading.Barrier(world_size, timeout=TIMEOUT_S)
+        self._barrier = _Barrier(world_size)
         self._slots: list = [None] * world_size
         _REGISTRY[self.group_name] = self
 
@@ -95,6 +95,48 @@ class SimulatedGroup:
 
     def receive_into(self, src: int, dst: int, tensor: Tensor) -> "_Done":
         return self._mail[(src, dst)].post(tensor, sending=False)
+
+
+class _Barrier:
+    """A barrier whose abort fails only the waits it interrupts.
+
+    ``threading.Barrier.abort`` also fails a waiter that was already released but had not yet
+    woken: a rank that passed a collective, then raised and aborted, broke its peer's completed
+    wait. Here a wait returns once its own generation completed, whatever happens after.
+    """
+
+    def __init__(self, parties: int) -> None:
+        self._parties = parties
+        self._cond = threading.Condition()
+        self._arrived = 0
+        self._generation = 0
+        self._broken = False
+
+    def wait(self) -> None:
+        with self._cond:
+            if self._broken:
+                raise threading.BrokenBarrierError
+            generation = self._generation
+            self._arrived += 1
+            if self._arrived == self._parties:
+                self._arrived, self._generation = 0, generation + 1
+                self._cond.notify_all()
+                return
+            if not self._cond.wait_for(lambda: self._generation != generation or self._broken, TIMEOUT_S):
+                self.abort()  # a timeout breaks it for every waiter
+                raise RuntimeError(f"simulated ring: a collective waited {TIMEOUT_S} s for its peers")
+            if self._generation == generation:
+                raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        """Fail every wait in progress and every later one, until ``reset``."""
+        with self._cond:
+            self._broken = True
+            self._cond.notify_all()
+
+    def reset(self) -> None:
+        with self._cond:
+            self._arrived, self._broken = 0, False
 
 
 class _Done:

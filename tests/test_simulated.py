@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from gemma4_flexring import Layout, ring_attention
+from gemma4_flexring import simulated
 from gemma4_flexring.simulated import SimulatedGroup
 from ring_cases import SPECS, Case, make_info, make_tensors
 from test_ring import TOLERANCE, reference
@@ -55,6 +58,67 @@ def test_ranks_that_disagree_raise_together():
     with pytest.raises(RuntimeError) as failure:
         group.run(step)
     assert failure.value.args[0].count("ranks disagree on sliding_window") == 2  # both ranks raised it
+
+
+def _waiter(barrier) -> tuple[threading.Thread, list]:
+    """A thread waiting at ``barrier``; its list receives "passed" or the exception it raised."""
+    outcome: list = []
+
+    def wait():
+        try:
+            barrier.wait()
+            outcome.append("passed")
+        except Exception as e:  # noqa: BLE001 - the outcome under test
+            outcome.append(e)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread, outcome
+
+
+def _arrived(barrier, count: int) -> None:
+    while barrier._arrived != count:
+        threading.Event().wait(0.001)
+
+
+def test_an_abort_after_a_collective_completed_spares_its_waiters():
+    """The race behind a flaky disagreement test: a peer released, not yet awake, when a rank aborts."""
+    barrier = simulated._Barrier(2)
+    thread, outcome = _waiter(barrier)
+    _arrived(barrier, 1)
+    with barrier._cond:  # the waiter cannot wake before the abort (the lock is reentrant)
+        barrier.wait()
+        barrier.abort()
+    thread.join()
+    assert outcome == ["passed"]
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait()  # later waits fail until reset
+
+
+def test_an_abort_fails_the_waits_it_interrupts():
+    barrier = simulated._Barrier(3)
+    waiters = [_waiter(barrier) for _ in range(2)]
+    _arrived(barrier, 2)
+    barrier.abort()
+    for thread, outcome in waiters:
+        thread.join()
+        assert len(outcome) == 1 and isinstance(outcome[0], threading.BrokenBarrierError)
+    barrier.reset()
+    waiters = [_waiter(barrier) for _ in range(2)]
+    barrier.wait()
+    for thread, outcome in waiters:
+        thread.join()
+        assert outcome == ["passed"]
+
+
+def test_a_collective_whose_peer_never_comes_times_out(monkeypatch):
+    monkeypatch.setattr(simulated, "TIMEOUT_S", 0.05)
+    barrier = simulated._Barrier(2)
+    thread, outcome = _waiter(barrier)
+    thread.join()
+    assert len(outcome) == 1 and "a collective waited 0.05 s" in str(outcome[0])
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait()
 
 
 def test_flex_kernel_through_the_simulated_ring():
