@@ -37,7 +37,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from .info import SequenceInfo
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask
 from .metadata import informative
+from .rendezvous import local_init_method
 from .schedule import DENSE_CHUNK, block_indices, evaluate_at
 from .stats import reset_ring_stats, ring_stats
 
@@ -210,7 +210,7 @@ def _info(name: str, args) -> SequenceInfo:
     return make_info(name, args.batch, args.seq_len, args.documents, args.packing)
 
 
-def run_rank(rank: int, args, port: int, results, phase: str) -> None:
+def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
     """One rank of the "time" or the "memory" phase; rank 0 puts one row per figure and rank in
     ``results[phase]``.
 
@@ -222,7 +222,7 @@ def run_rank(rank: int, args, port: int, results, phase: str) -> None:
     torch.set_num_threads(args.threads)
     world = args.world_size
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(rank)
     local = args.seq_len // world
@@ -426,12 +426,6 @@ def table(figures: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gemma4_flexring bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,8 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     with ctx.Manager() as manager:
         results = manager.dict()
         for phase, env in (("time", {}), ("memory", MEMORY_ENV)):
-            with mock.patch.dict(os.environ, env):  # spawned ranks start with it; restored after
-                mp.start_processes(run_rank, args=(args, _free_port(), results, phase), nprocs=args.world_size,
+            # spawned ranks start with env; restored after
+            with mock.patch.dict(os.environ, env), local_init_method() as init_method:
+                mp.start_processes(run_rank, args=(args, init_method, results, phase), nprocs=args.world_size,
                                    start_method="spawn")
         whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * DTYPES[args.dtype].itemsize
         figures = [summarize(name, kind, layer_masks(name, args.window, args.stack),

@@ -20,7 +20,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +33,7 @@ from .kernels import kernel_for
 from .layout import FIXED_LAYOUTS, Layout
 from .masks import MaskSpec
 from .reference import reference_mask
+from .rendezvous import local_init_method
 from .stats import reset_ring_stats, ring_stats
 
 DTYPE = torch.float64
@@ -372,11 +372,11 @@ def _init(device: torch.device, **kwargs) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT, **kwargs)
 
 
-def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, reports) -> None:
+def _spawned(rank: int, world_size: int, init_method: str, args: argparse.Namespace, reports) -> None:
     """Body of one spawned rank; rank 0 puts (ok, report) on ``reports``."""
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    _init(device, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    _init(device, init_method=init_method, rank=rank, world_size=world_size)
     try:
         ok, report = run_rank(rank, world_size, args, device)
     finally:
@@ -391,11 +391,12 @@ def spawn(args: argparse.Namespace, world_size: int) -> int:
 
     ctx = mp.get_context("spawn")
     reports = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_spawned, args=(r, world_size, port, args, reports)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    _join(procs)
+    with local_init_method() as init_method:
+        procs = [ctx.Process(target=_spawned, args=(r, world_size, init_method, args, reports))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        _join(procs)
     failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
     if failed or reports.empty():
         print(f"demo: rank(s) {failed} failed (see the traceback above)")
@@ -415,12 +416,6 @@ def _join(procs: list) -> None:
                     if other.is_alive():
                         other.terminate()
                 break
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def under_torchrun(args: argparse.Namespace) -> int:

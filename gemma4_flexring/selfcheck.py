@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import time
 import traceback
 import warnings
@@ -38,6 +37,7 @@ from .kernels import default_kernel
 from .layout import Layout
 from .masks import MaskSpec
 from .reference import reference_attention, reference_mask
+from .rendezvous import local_init_method
 from .simulated import SimulatedGroup
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float64: 1e-10}
@@ -123,17 +123,10 @@ def local_runner(jobs: list[Job], world_size: int) -> list:
     return [[run_rank(0, 1, job) for job in jobs]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_worker(rank: int, world_size: int, port: int, jobs: list[Job], queue) -> None:
+def _gloo_worker(rank: int, world_size: int, init_method: str, jobs: list[Job], queue) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         # numpy arrays travel by value; tensors would travel as shared-memory handles that die with us.
         queue.put((rank, "ok", [[t.numpy() for t in run_rank(rank, world_size, job)] for job in jobs]))
@@ -146,23 +139,23 @@ def _gloo_worker(rank: int, world_size: int, port: int, jobs: list[Job], queue) 
 def gloo_runner(jobs: list[Job], world_size: int, timeout_s: float = 300) -> list:
     """``world_size`` gloo ranks spawned on the CPU (jobs must be on the CPU)."""
     ctx = torch.multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, world_size, port, jobs, queue), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: list = [None] * world_size
-    try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout_s)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = [[torch.from_numpy(a) for a in parts] for parts in payload]
-    finally:
+    queue, results = ctx.Queue(), [None] * world_size
+    with local_init_method() as init_method:
+        procs = [ctx.Process(target=_gloo_worker, args=(r, world_size, init_method, jobs, queue), daemon=True)
+                 for r in range(world_size)]
         for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+            p.start()
+        try:
+            for _ in range(world_size):
+                rank, status, payload = queue.get(timeout=timeout_s)
+                if status != "ok":
+                    raise RuntimeError(f"rank {rank} failed:\n{payload}")
+                results[rank] = [[torch.from_numpy(a) for a in parts] for parts in payload]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
     return results
 
 

@@ -7,13 +7,15 @@ worker's exception with its traceback. Spawning once per world size keeps the su
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from gemma4_flexring.rendezvous import local_init_method
 
 # Guards against a hung collective only; no test measures time.
 HANG_TIMEOUT_S = 600
@@ -23,17 +25,10 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(rank: int, world_size: int, port: int, conn) -> None:
+def _serve(rank: int, world_size: int, init_method: str, conn) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         while True:
             job = conn.recv()
@@ -51,12 +46,13 @@ def _serve(rank: int, world_size: int, port: int, conn) -> None:
 class Cluster:
     def __init__(self, world_size: int) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        self._rendezvous = contextlib.ExitStack()
+        init_method = self._rendezvous.enter_context(local_init_method())
         self.world_size = world_size
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(rank, world_size, port, child), daemon=True)
+            proc = ctx.Process(target=_serve, args=(rank, world_size, init_method, child), daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
@@ -93,3 +89,4 @@ class Cluster:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+        self._rendezvous.close()
