@@ -8,6 +8,8 @@ use_cache=False): logits, the loss (per-rank losses summed) and every parameter 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import AttentionInterface, Gemma4ForCausalLM
@@ -125,8 +127,10 @@ def test_register_installs_attention_and_no_mask():
     attention_mask = torch.ones(2, SEQ_LEN, dtype=torch.long)
     position_ids = torch.arange(SEQ_LEN).expand(2, -1)
     for build in (create_causal_mask, create_sliding_window_causal_mask):
-        assert build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
-                     position_ids=position_ids) is None
+        # The cache argument: "cache" in recent transformers (its old name warns), "past_key_values" before.
+        no_cache = {"cache" if "cache" in inspect.signature(build).parameters else "past_key_values": None}
+        assert build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                     **no_cache) is None
 
 
 def test_use_ring_attention_keeps_the_vision_tower():
