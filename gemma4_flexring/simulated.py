@@ -12,13 +12,15 @@ from the thread. Point-to-point messages between two ranks match in posting orde
 ``batch_isend_irecv``: the n-th receive a rank posts from a peer takes the n-th message that peer
 sent it. Whichever of the two is posted second copies the message, and both complete then, as
 NCCL's rendezvous does: a sender may reuse its buffer once its send completed. Collectives (the
-agreement) meet at a barrier.
+agreement) meet at a barrier. Once a rank raises, its peers' waits fail at once (a message it will
+never send, a collective it will never join) instead of running into ``TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 import traceback
 from typing import Callable, Sequence
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from .stats import record_send
 
 TIMEOUT_S = 120  # a wait longer than this is a schedule that cannot match: fail, do not hang
+POLL_S = 0.05  # how often a waiting message looks whether a peer failed
 
 _REGISTRY: dict[str, "SimulatedGroup"] = {}
 _NAMES = itertools.count()
@@ -41,7 +44,8 @@ class SimulatedGroup:
         self._size = world_size
         self.group_name = f"gemma4_flexring.simulated.{next(_NAMES)}"
         self._local = threading.local()
-        self._mail = {(src, dst): _Mailbox() for src in range(world_size) for dst in range(world_size)}
+        self._failed = threading.Event()  # set when a rank raised: the waits of its peers fail
+        self._mail = self._mailboxes()
         self._barrier = _Barrier(world_size)
         self._slots: list = [None] * world_size
         _REGISTRY[self.group_name] = self
@@ -70,17 +74,23 @@ class SimulatedGroup:
                 results[rank] = fn(rank, self._size)
             except BaseException:  # noqa: BLE001 - reported by run
                 errors.append(f"rank {rank}:\n{traceback.format_exc()}")
-                self._barrier.abort()  # peers waiting in a collective fail instead of hanging
+                self._failed.set()  # peers waiting on its messages fail instead of hanging
+                self._barrier.abort()  # and so do those waiting in a collective
 
         threads = [threading.Thread(target=body, args=(r,), name=f"{self.group_name}.{r}") for r in range(self._size)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        if errors:
+        if errors:  # start the next run afresh: no failure, no message left unmatched
+            self._failed.clear()
+            self._mail = self._mailboxes()
             self._barrier.reset()
             raise RuntimeError("simulated ring failed:\n" + "\n".join(sorted(errors)))
         return results
+
+    def _mailboxes(self) -> dict[tuple[int, int], "_Mailbox"]:
+        return {(src, dst): _Mailbox(self._failed) for src in range(self._size) for dst in range(self._size)}
 
     def all_gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order (a collective: every rank must call it)."""
@@ -140,24 +150,31 @@ class _Barrier:
 
 
 class _Done:
-    """Completes when its message has been copied (``batch_isend_irecv``'s work objects' ``wait``)."""
+    """Completes when its message has been copied (``batch_isend_irecv``'s work objects' ``wait``);
+    its wait fails once ``failed`` is set (a peer raised) while the message has not come."""
 
-    def __init__(self) -> None:
+    def __init__(self, failed: threading.Event) -> None:
         self._event = threading.Event()
+        self._failed = failed
 
     def set(self) -> "_Done":
         self._event.set()
         return self
 
     def wait(self) -> None:
-        if not self._event.wait(TIMEOUT_S):
-            raise RuntimeError(f"simulated ring: a message waited {TIMEOUT_S} s for its peer")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not self._event.wait(POLL_S):
+            if self._failed.is_set():
+                raise RuntimeError("simulated ring: a rank of this group raised; the exchange is abandoned")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"simulated ring: a message waited {TIMEOUT_S} s for its peer")
 
 
 class _Mailbox:
     """The messages from one rank to another: the n-th send meets the n-th receive."""
 
-    def __init__(self) -> None:
+    def __init__(self, failed: threading.Event) -> None:
+        self._failed = failed
         self._lock = threading.Lock()
         self._waiting: tuple[dict, dict] = ({}, {})  # per side (receives, sends): n -> (tensor, done)
         self._posted = [0, 0]  # receives, sends
@@ -168,13 +185,13 @@ class _Mailbox:
             self._posted[sending] += 1
             peer = self._waiting[not sending].pop(n, None)
             if peer is None:
-                done = _Done()
+                done = _Done(self._failed)
                 self._waiting[sending][n] = (tensor, done)
                 return done
             other, other_done = peer
             (other if sending else tensor).copy_(tensor if sending else other)
             other_done.set()
-            return _Done().set()
+            return _Done(self._failed).set()
 
 
 def lookup(group_name: str) -> SimulatedGroup | None:

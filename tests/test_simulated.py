@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from gemma4_flexring import Layout, ring_attention
+from gemma4_flexring import Layout, ops, ring_attention
 from gemma4_flexring import simulated
 from gemma4_flexring.simulated import SimulatedGroup
 from ring_cases import SPECS, Case, make_info, make_tensors
@@ -58,6 +58,33 @@ def test_ranks_that_disagree_raise_together():
     with pytest.raises(RuntimeError) as failure:
         group.run(step)
     assert failure.value.args[0].count("ranks disagree on sliding_window") == 2  # both ranks raised it
+
+
+def test_a_rank_failing_after_the_agreement_fails_its_peers_at_once(monkeypatch):
+    """Rank 1 raises after the ranks agreed (as a kernel out of memory would): rank 0, waiting for
+    its messages, fails at once instead of after TIMEOUT_S, and the group serves the next run."""
+    group, layout = SimulatedGroup(2), Layout("zigzag", 2)
+    case = Case("sliding", "none", seq_len=16)
+    real_forward = ops.ring_forward
+
+    def out_of_memory_on_rank_1(*args, **kwargs):
+        if group.rank() == 1:
+            raise RuntimeError("simulated: out of memory in the chunk kernel")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(simulated, "TIMEOUT_S", 3600)  # only a failed peer can end rank 0's wait
+    monkeypatch.setattr(ops, "ring_forward", out_of_memory_on_rank_1)
+    with pytest.raises(RuntimeError) as failure:
+        group.run(_rank_step(group, case, layout))
+    rank0, rank1 = failure.value.args[0].split("\nrank 1:\n")
+    assert "ring exchange of the forward pass failed" in rank0 and "the exchange is abandoned" in rank0
+    assert rank1.rstrip().endswith("RuntimeError: simulated: out of memory in the chunk kernel")
+
+    monkeypatch.setattr(ops, "ring_forward", real_forward)
+    results = group.run(_rank_step(group, case, layout))
+    for part, want in enumerate(reference(case)):
+        got = layout.unshard([r[part] for r in results], dim=2)
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[case.dtype], part
 
 
 def _waiter(barrier) -> tuple[threading.Thread, list]:
