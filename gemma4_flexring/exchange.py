@@ -157,19 +157,6 @@ def build_exchange(rank: int, world_size: int, plans: Sequence[PairPlan], send_r
     return Exchange(tuple(steps))
 
 
-def whole_chunks(rank: int, world_size: int, plans: Sequence[PairPlan], chunk_len: int) -> Exchange:
-    """An exchange that sends every chunk whole to every rank, one piece per step with the plans'
-    calls uncut: correct for any plans and any kernel's calls, without knowing what other ranks
-    need (the exchange of kernels that read whole segments, and of ``ring_forward`` given none)."""
-    everything = ((0, chunk_len),)
-    steps = [Step(rank, (), rank, (), (Piece(0, chunk_len, tuple(plans[rank].tiles)),))]
-    for step in range(1, world_size):
-        owner = ring_owner(rank, step, world_size)
-        steps.append(Step((rank + step) % world_size, everything, owner, everything,
-                          (Piece(0, chunk_len, tuple(plans[owner].tiles)),), (everything,)))
-    return Exchange(tuple(steps))
-
-
 def cut_pieces(tiles: Sequence[Tile], rows: int, most_rows: int | None, pace: int = 0) -> tuple[Piece, ...]:
     """``tiles`` reading rows [0, rows) of a visiting chunk, cut into the pieces of ``piece_bounds``
     and into at most ``most_rows`` query rows (``schedule.split_tile``); None: one piece, uncut.

@@ -118,40 +118,38 @@ class Prepared(NamedTuple):
     """What one call of either op needs besides its tensors."""
 
     comm: RingComm | SimulatedComm
-    plans: list[schedule.PairPlan]  # one per K/V owner, tiles holding the kernel's calls
     kernel: ChunkKernel
-    exchange: Exchange | None  # what this rank sends and receives at each step
+    exchange: Exchange  # what this rank sends and receives at each step
     key_padding: Tensor | None  # [B, L] bool: this rank's padding keys, None when there are none
 
 
-def _exchange(args: RingArgs, p: Planning, comm, plans: list[schedule.PairPlan],
-              kernel: ChunkKernel) -> Exchange | None:
+def _exchange(args: RingArgs, p: Planning, comm, plans: list[schedule.PairPlan], kernel: ChunkKernel) -> Exchange:
     """This rank's exchange schedule (``exchange.py``), from the cache under the metadata's digest:
-    what it receives from its plans, what it sends from every query rank's needs against its chunk.
-    None (whole chunks) for a kernel whose calls read whole key segments, not the tiles' rows."""
-    if kernel.reads_whole_segments:
-        return None
+    what it receives from its plans (as ``kernel`` runs them: ``kernel_plans``), what it sends from
+    every query rank's needs against its chunk. A kernel reading whole key blocks gets their rows,
+    in one piece per step (its calls are not cut)."""
+    whole_blocks = kernel.reads_whole_blocks
 
     def build() -> Exchange:
         send_rows = [() if reader == comm.rank else schedule.needed_kv_rows(
-            p.spec, *p.metadata, p.layout, p.seq_len, reader, comm.rank, p.batch, args.q.device)
-            for reader in range(comm.world_size)]
+            p.spec, *p.metadata, p.layout, p.seq_len, reader, comm.rank, p.batch, args.q.device,
+            whole_blocks=whole_blocks) for reader in range(comm.world_size)]
         return build_exchange(comm.rank, comm.world_size, plans, send_rows, chunk, most_rows)
 
     chunk = args.q.shape[2]
-    most_rows = piece_rows(chunk, args.q.dtype)
-    return MASK_CACHE.schedule(p.meta, ("exchange", most_rows, *p.key(comm.rank, q=args.q)), build)
+    most_rows = None if whole_blocks else piece_rows(chunk, args.q.dtype)
+    return MASK_CACHE.schedule(p.meta, ("exchange", whole_blocks, most_rows, *p.key(comm.rank, q=args.q)), build)
 
 
 def _planned(args: RingArgs, p: Planning, comm, kernel: ChunkKernel) -> Prepared:
     """Plans, exchange schedule and key padding of one call."""
-    plans = _plans(args, p, comm)
+    plans = kernel_plans(_plans(args, p, comm), kernel)
     key_padding = p.layout.shard(args.padding, 1, comm.rank) if p.meta.padding else None
-    return Prepared(comm, _kernel_plans(plans, kernel), kernel, _exchange(args, p, comm, plans, kernel), key_padding)
+    return Prepared(comm, kernel, _exchange(args, p, comm, plans, kernel), key_padding)
 
 
 def _prepare(args: RingArgs, check: bool) -> Prepared:
-    """Communicator, plans, kernel, exchange schedule and key padding for one call.
+    """Communicator, kernel, exchange schedule and key padding for one call.
 
     With ``check``, the inputs are validated and the plans built *before* the ranks agree, so
     that any failure, planning included, raises on every rank before the first exchange.
@@ -181,10 +179,12 @@ def _prepare(args: RingArgs, check: bool) -> Prepared:
     return prepared
 
 
-def _kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[schedule.PairPlan]:
-    """The plans with ``tiles`` holding ``kernel``'s own calls (dense tiles for aten, segment pairs
-    with their BlockMasks for flex): the ring runs whatever calls a plan's ``tiles`` holds."""
-    return [plan._replace(tiles=kernel.calls(plan)) for plan in plans]
+def kernel_plans(plans: list[schedule.PairPlan], kernel: ChunkKernel) -> list[schedule.PairPlan]:
+    """The plans as ``kernel`` runs them: ``tiles`` holding its own calls (dense tiles for aten,
+    segment pairs with their BlockMasks for flex; the ring and the exchange run whatever calls
+    ``tiles`` holds) and ``kv_rows`` the rows they read."""
+    return [plan._replace(tiles=kernel.calls(plan), kv_rows=plan.pair_rows if kernel.reads_whole_blocks
+                          else plan.kv_rows) for plan in plans]
 
 
 @torch.library.custom_op("gemma4_flexring::ring_attention", mutates_args=())
@@ -201,8 +201,8 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, generation: Tensor, docum
     """
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
                     block_bidirectional, group_name, scale, kernel_name)
-    comm, plans, kernel, exchange, key_padding = _prepare(args, check=True)
-    return ring_forward(q, k, v, plans, comm, kernel, args.resolved_scale, exchange, key_padding)
+    comm, kernel, exchange, key_padding = _prepare(args, check=True)
+    return ring_forward(q, k, v, comm, kernel, args.resolved_scale, exchange, key_padding)
 
 
 @ring_attention_op.register_fake
@@ -223,8 +223,8 @@ def ring_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Gradients (dq, dk, dv) of ``ring_attention`` from its saved out and lse."""
     args = RingArgs(q, k, v, generation, document_ids, block_ids, padding, layout, causal, sliding_window,
                     block_bidirectional, group_name, scale, kernel_name)
-    comm, plans, kernel, exchange, key_padding = _prepare(args, check=False)
-    return ring_backward(grad_out, q, k, v, out, lse, plans, comm, kernel, args.resolved_scale, exchange,
+    comm, kernel, exchange, key_padding = _prepare(args, check=False)
+    return ring_backward(grad_out, q, k, v, out, lse, comm, kernel, args.resolved_scale, exchange,
                          key_padding)
 
 

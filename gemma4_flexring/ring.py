@@ -28,13 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .exchange import Exchange, Piece, Step, row_count, whole_chunks
+from .exchange import Exchange, Piece, Step, row_count
 from .kernels import ChunkKernel
 from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
-from .schedule import PairPlan, Rows
+from .schedule import Rows
 from .stats import record_send, record_step, record_wait
 
-Plans = Sequence[PairPlan]  # indexed by the K/V owner rank
 # A row group (``row_groups``): at most this many calls, each on at most this many query rows.
 GROUP_CALLS, GROUP_ROWS = 4, 512
 
@@ -167,17 +166,12 @@ def without_padding(k: Tensor, v: Tensor, key_padding: Tensor | None) -> tuple[T
     return k.masked_fill(keys, 0), v.masked_fill(keys, 0)
 
 
-def _exchange_for(exchange: Exchange | None, plans: Plans, comm: RingComm, chunk_len: int) -> Exchange:
-    return whole_chunks(comm.rank, comm.world_size, plans, chunk_len) if exchange is None else exchange
-
-
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, kernel: ChunkKernel,
-                 scale: float, exchange: Exchange | None = None,
-                 key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm, kernel: ChunkKernel,
+                 scale: float, exchange: Exchange, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
     Args:
-        exchange: this rank's exchange schedule (``exchange.py``); None sends whole chunks.
+        exchange: this rank's exchange schedule (``exchange.py``).
         key_padding: this rank's padding keys [B, L] (bool); their K and V never reach any
             output, whatever values (NaN, Inf) they hold.
 
@@ -186,7 +180,6 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, plans: Plans, comm: RingComm, 
     """
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     k, v = without_padding(k, v, key_padding)
-    exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     untouched = 0  # rows from here on hold no merged part yet (calls mostly come in row order)
@@ -247,9 +240,8 @@ def decode_rows(values: Tensor, scale: Tensor) -> Tensor:
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  plans: Plans, comm: RingComm, kernel: ChunkKernel, scale: float,
-                  exchange: Exchange | None = None,
-                  key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  comm: RingComm, kernel: ChunkKernel, scale: float,
+                  exchange: Exchange, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
 
     Each step's K/V travel as in the forward, posted one step ahead. A step is computed piece by
@@ -267,7 +259,6 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     """
     grad_out, q, k, v, out = (unit_last_stride(t) for t in (grad_out, q, k, v, out))
     k, v = without_padding(k, v, key_padding)
-    exchange = _exchange_for(exchange, plans, comm, k.shape[2])
     acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
     # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for

@@ -2,12 +2,14 @@
 
 At ring step ``s`` rank ``r`` holds the key/value chunk of rank ``(r - s) mod P``. A pair
 (query rank, key rank) splits into segment pairs, one per (query segment, key segment) of the
-layout, each globally contiguous on both sides. Each segment pair gets a flex ``BlockMask``,
-built once per batch from the Gemma 4 ``Mask``: the mask's classes (``blocks.py``) decide first
-whether the whole segment pair is empty, then which blocks are empty, full or partial; the mask
-is evaluated entry by entry only inside partial blocks. So planning costs O(S) for the summaries,
-one small integer operation per block (Qb x KVb), and the partial blocks' area; a segment pair with
-nothing to do is decided from its bounds and summaries alone, before any block is classified.
+layout, each globally contiguous on both sides. Its blocks are classified once per batch from
+the Gemma 4 ``Mask``: the mask's classes (``blocks.py``) decide first whether the whole segment
+pair is empty, then which blocks are empty, full or partial; the mask is evaluated entry by entry
+only inside partial blocks. The flags give the flex calls (``SegmentPair``: a ``BlockMask`` per
+run of key blocks some query sees) and the dense calls below. So planning costs O(S) for the
+summaries, one small integer operation per block (Qb x KVb), and the partial blocks' area; a
+segment pair with nothing to do is decided from its bounds and summaries alone, before any block
+is classified.
 The blocks decide the kernel calls (tiles):
 
 Packed causal documents are planned one by one: the segments are cut at document starts into
@@ -91,36 +93,36 @@ Rows = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of a r
 
 
 class SegmentPair(NamedTuple):
-    """One (query segment, key segment) pair with work to do, in both forms a kernel may take.
+    """One flex call: rows of one query segment against one run of key blocks of one key segment.
 
-    ``q_rows``/``kv_rows`` cover the whole segments (local rows, rows of the visiting chunk).
-    ``block_mask`` is the pair's flex BlockMask over (q_rows, kv_rows), None when every entry is
-    allowed; its mask_mod reads the segments' offsets from 0-d tensors, so a compiled kernel sees
-    the same closure structure for every pair. ``tiles`` is the same work as dense calls (partial
-    blocks as additive masks), in local rows.
+    Per (query segment, key segment), each run of key blocks that some query may see is one call,
+    over the span of query blocks that see it (``block_pairs``); blocks outside are never read.
+    ``q_rows``/``kv_rows`` are local rows (rows of the visiting chunk), whole blocks of their
+    segments. ``block_mask`` is the call's flex BlockMask over (q_rows, kv_rows), None when no mask
+    applies; its mask_mod reads the rows' global offsets from 0-d tensors, so a compiled kernel
+    sees the same closure structure for every call.
     """
 
     q_rows: slice
     kv_rows: slice
     block_mask: BlockMask | None
-    tiles: tuple[Tile, ...]
 
 
 class PairPlan(NamedTuple):
-    """The work of one (query rank, key rank) pair.
+    """The work of one (query rank, key rank) pair, in both forms a kernel may take.
 
-    ``tiles``: every dense kernel call; ``block_masks``: every segment pair's BlockMask (skipped
-    pairs included, none when no mask applies); ``kv_rows``: exactly the key rank's local rows that
-    some query may see, row by row, which is what the exchange sends (``needed_kv_rows`` derives
-    the same runs on the key rank without building tiles); every tile of another rank's chunk reads
-    within one of these runs (the local chunk is read in place); ``pairs``: the segment pairs with
-    work to do.
+    ``tiles``: the dense kernel calls (partial blocks as additive masks); ``kv_rows``: exactly the
+    key rank's local rows that some query may see, row by row, which is what the exchange sends
+    for tiles (``needed_kv_rows`` derives the same runs on the key rank without building tiles);
+    every tile of another rank's chunk reads within one of these runs (the local chunk is read in
+    place). ``pairs``: the flex calls (``SegmentPair``); ``pair_rows``: the rows they read, whole
+    key blocks, what the exchange sends for them (``needed_kv_rows(..., whole_blocks=True)``).
     """
 
     tiles: tuple[Tile, ...]
-    block_masks: tuple[BlockMask, ...]
-    kv_rows: Rows = ()
-    pairs: tuple[SegmentPair, ...] = ()
+    kv_rows: Rows
+    pairs: tuple[SegmentPair, ...]
+    pair_rows: Rows
 
 
 def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None, padding: Tensor | None,
@@ -142,23 +144,20 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
     batch = batch if any(t is not None for t in metadata) else 1
     mask = gemma4_mask(spec, *metadata)
     cuts = document_cuts(metadata[0])
-    masks, pairs, read_rows, pair_tiles = [], [], [], []
+    pairs, read_rows, pair_tiles = [], [], []
     for qs in layout.segments(seq_len, q_rank):
         for ks in layout.segments(seq_len, kv_rank):
-            q_rows, kv_rows = _rows(qs, 0, qs.length), _rows(ks, 0, ks.length)
             if mask is None:
-                pair_tiles.append((q_rows, kv_rows, None, [Tile(q_rows, kv_rows, TileKind.FULL)]))
+                q_rows, kv_rows = _rows(qs, 0, qs.length), _rows(ks, 0, ks.length)
+                pair_tiles.append([Tile(q_rows, kv_rows, TileKind.FULL)])
+                pairs.append(SegmentPair(q_rows, kv_rows, None))
                 read_rows.append((ks.local_start, ks.local_start + ks.length))
                 continue
             q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
             any_allowed, all_allowed, seen_keys = segment_flags(mask, q_blocks, k_blocks, batch)
             read_rows.extend(seen_key_rows(seen_keys, ks))
-            # Tensor offsets: a compiled flex guards on closure ints' values, not on tensors'.
-            flex_mod = offset_mask_mod(mask.mask_mod, *(torch.tensor(s.global_start, device=device) for s in (qs, ks)))
             complete = q_blocks.complete()[:, None] & k_blocks.complete()[None, :]
-            block_mask = block_mask_from_flags(any_allowed.unsqueeze(1), (all_allowed & complete).unsqueeze(1),
-                                               block_size, flex_mod, (qs.length, ks.length))
-            masks.append(block_mask)
+            pairs += block_pairs(any_allowed, all_allowed & complete, mask.mask_mod, qs, ks, block_size)
             q_parts, k_parts = stretches(qs, cuts, block_size), stretches(ks, cuts, block_size)
             tiles = None
             if len(q_parts) > 1 or len(k_parts) > 1:
@@ -166,21 +165,46 @@ def plan_pair(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | N
             if tiles is None:
                 tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
                 tiles = plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
-            pair_tiles.append((q_rows, kv_rows, block_mask, tiles))
+            pair_tiles.append(tiles)
     read = merge_rows(read_rows)
-    for q_rows, kv_rows, block_mask, tiles in pair_tiles:
-        tiles = tiles if q_rank == kv_rank else fit_tiles(tiles, read)  # the local chunk is read in place
-        if tiles:
-            pairs.append(SegmentPair(q_rows, kv_rows, block_mask, tuple(tiles)))
-    return PairPlan(tuple(t for p in pairs for t in p.tiles), tuple(masks), read, tuple(pairs))
+    tiles = [t for ts in pair_tiles for t in (ts if q_rank == kv_rank else fit_tiles(ts, read))]  # local: in place
+    return PairPlan(tuple(tiles), read, tuple(pairs), merge_rows((p.kv_rows.start, p.kv_rows.stop) for p in pairs))
+
+
+def block_pairs(any_allowed: Tensor, all_allowed: Tensor, mask_mod: MaskMod, qs: Segment, ks: Segment,
+                block_size: int) -> list[SegmentPair]:
+    """The flex calls of one segment pair (``SegmentPair``), from its block flags [B, Qb, KVb]
+    (``all_allowed`` set on complete blocks only): one per run of key blocks with an allowed entry
+    (``used_key_blocks``), over the span of query blocks with an allowed entry in that run."""
+    used = any_allowed.any(0)
+    calls = []
+    for kb0, kb1 in used_key_blocks(any_allowed):
+        qb0, qb1 = _index_span(used[:, kb0:kb1].any(1))
+        q0, q1 = qb0 * block_size, min(qb1 * block_size, qs.length)
+        k0, k1 = kb0 * block_size, min(kb1 * block_size, ks.length)
+        # Tensor offsets: a compiled flex guards on closure ints' values, not on tensors'.
+        offsets = (torch.tensor(s.global_start + at, device=used.device) for s, at in ((qs, q0), (ks, k0)))
+        some, every = (flags[:, None, qb0:qb1, kb0:kb1] for flags in (any_allowed, all_allowed))
+        block_mask = block_mask_from_flags(some, every, block_size, offset_mask_mod(mask_mod, *offsets), (q1 - q0, k1 - k0))
+        calls.append(SegmentPair(_rows(qs, q0, q1), _rows(ks, k0, k1), block_mask))
+    return calls
+
+
+def used_key_blocks(any_allowed: Tensor) -> list[tuple[int, int]]:
+    """Runs [kb0, kb1) of the key blocks with an allowed entry for some query block and batch row,
+    from block flags [B, Qb, KVb]."""
+    used = any_allowed.any(0).any(0).view(1, -1).to(torch.int8)
+    return [(kb0, kb1) for _, kb0, kb1, _ in _runs(used).tolist()]
 
 
 def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None,
                    padding: Tensor | None, layout: Layout, seq_len: int, q_rank: int, kv_rank: int, batch: int,
-                   device: torch.device, block_size: int | None = None) -> Rows:
+                   device: torch.device, block_size: int | None = None, whole_blocks: bool = False) -> Rows:
     """``plan_pair(...).kv_rows`` from the flags alone (no tiles, no additive masks): the rows of
-    ``kv_rank``'s chunk that some query of ``q_rank`` may see. The key rank calls it for every
-    query rank to know what to send; both sides take the runs from the same flags, so they agree.
+    ``kv_rank``'s chunk that some query of ``q_rank`` may see; with ``whole_blocks``,
+    ``plan_pair(...).pair_rows``: the key blocks that hold such rows. The key rank calls it for
+    every query rank to know what to send; both sides take the runs from the same flags, so they
+    agree.
     """
     block_size = BLOCK_SIZE if block_size is None else block_size
     metadata = informative(document_ids, block_ids, padding)
@@ -194,7 +218,12 @@ def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tenso
         k_blocks = Blocks(ks.global_start, ks.length, block_size, device)
         for qs in layout.segments(seq_len, q_rank):
             q_blocks = Blocks(qs.global_start, qs.length, block_size, device)
-            kv_rows.extend(seen_key_rows(segment_flags(mask, q_blocks, k_blocks, batch).seen_keys, ks))
+            flags = segment_flags(mask, q_blocks, k_blocks, batch)
+            if whole_blocks:
+                kv_rows.extend((ks.local_start + kb0 * block_size, ks.local_start + min(kb1 * block_size, ks.length))
+                               for kb0, kb1 in used_key_blocks(flags.any_allowed))
+            else:
+                kv_rows.extend(seen_key_rows(flags.seen_keys, ks))
     return merge_rows(kv_rows)
 
 

@@ -155,8 +155,10 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     K/V rows that some local query may see, summed over the other owners).
 
     The plans imply: every other rank's needed rows of this rank's chunk, sent forward and
-    backward, and the dK/dV of the rows this rank read of other chunks, sent home.
+    backward, and the dK/dV of the rows this rank read of other chunks, sent home (rows of whole
+    key blocks for the flex kernel).
     """
+    from gemma4_flexring.kernels import KERNELS
     from gemma4_flexring import reset_ring_stats, ring_stats
     from gemma4_flexring.metadata import informative
     from gemma4_flexring.reference import reference_mask
@@ -166,12 +168,13 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     metadata = (None, None, None) if info is None else informative(*info.tensors())
     batch = case.batch if any(t is not None for t in metadata) else 1
     rows = lambda runs: sum(b - a for a, b in runs)  # noqa: E731
+    whole_blocks = KERNELS[case.kernel or "aten"].reads_whole_blocks
     needed_by_others = sum(rows(schedule.needed_kv_rows(case.mask, *metadata, layout, case.seq_len, reader, rank,
-                                                        batch, torch.device("cpu"), case.block_size))
+                                                        batch, torch.device("cpu"), case.block_size, whole_blocks))
                            for reader in range(world_size) if reader != rank)
-    read_of_others = sum(rows(schedule.plan_pair(case.mask, *metadata, layout, case.seq_len, rank, owner, batch,
-                                                 case.dtype, torch.device("cpu"), case.block_size).kv_rows)
-                         for owner in range(world_size) if owner != rank)
+    plans = [schedule.plan_pair(case.mask, *metadata, layout, case.seq_len, rank, owner, batch, case.dtype,
+                                torch.device("cpu"), case.block_size) for owner in range(world_size) if owner != rank]
+    read_of_others = sum(rows(plan.pair_rows if whole_blocks else plan.kv_rows) for plan in plans)
     row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * torch.empty((), dtype=case.dtype).element_size()
     allowed = reference_mask(case.mask, info, case.batch, case.seq_len)  # [B, S, S]
     seen = allowed[:, layout.positions(case.seq_len, rank)].any(1).any(0)  # keys some local query may see

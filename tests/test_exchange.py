@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma4_flexring import Layout, MaskSpec
-from gemma4_flexring.exchange import (build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows,
-                                      whole_chunks)
+from gemma4_flexring.exchange import build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows
 from gemma4_flexring.reference import reference_mask
+from gemma4_flexring.kernels import KERNELS
+from gemma4_flexring.ops import kernel_plans
 from gemma4_flexring.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
 from ring_cases import EXCHANGE_CASES, exchange_traffic
 from strategies import random_plans
@@ -18,23 +21,27 @@ from strategies import random_plans
 CPU = torch.device("cpu")
 
 
-def all_exchanges(spec, tensors, layout, seq_len, batch, block_size):
-    world = layout.world_size
-    plans = [[plan_pair(spec, *tensors, layout, seq_len, q, kv, batch, torch.float32, CPU, block_size=block_size)
-              for kv in range(world)] for q in range(world)]
-    needed = [[needed_kv_rows(spec, *tensors, layout, seq_len, q, kv, batch, CPU, block_size=block_size)
-               for q in range(world)] for kv in range(world)]
+def all_exchanges(spec, tensors, layout, seq_len, batch, block_size, kernel="aten"):
+    """Every rank's plans (as ``kernel`` runs them), needed rows and exchange, one piece per step."""
+    world, whole_blocks = layout.world_size, KERNELS[kernel].reads_whole_blocks
+    plans = [kernel_plans([plan_pair(spec, *tensors, layout, seq_len, q, kv, batch, torch.float32, CPU,
+                                     block_size=block_size) for kv in range(world)], KERNELS[kernel])
+             for q in range(world)]
+    needed = [[needed_kv_rows(spec, *tensors, layout, seq_len, q, kv, batch, CPU, block_size=block_size,
+                              whole_blocks=whole_blocks) for q in range(world)] for kv in range(world)]
     return plans, needed, [build_exchange(r, world, plans[r], needed[r], seq_len // world) for r in range(world)]
 
 
-@settings(max_examples=100, deadline=None)
+@pytest.mark.parametrize("kernel", ["aten", "flex"])
+@settings(max_examples=60, deadline=None)
 @given(random_plans())
-def test_sends_match_receives_and_cover_the_tiles(problem):
-    """The owner derives the rows a reader's tiles of its chunk read (no more, no fewer), every send
-    meets the receive of the same step on its reader, and packed tiles read inside the packed rows."""
+def test_sends_match_receives_and_cover_the_calls(kernel, problem):
+    """The owner derives the rows a reader's calls of its chunk read (no more, no fewer: exact rows
+    for aten's tiles, whole key blocks for flex's segment pairs), every send meets the receive of
+    the same step on its reader, and packed calls read inside the packed rows."""
     spec, info, batch, seq_len, layout, block_size = problem
     world, local = layout.world_size, seq_len // layout.world_size
-    plans, needed, exchanges = all_exchanges(spec, info.tensors(), layout, seq_len, batch, block_size)
+    plans, needed, exchanges = all_exchanges(spec, info.tensors(), layout, seq_len, batch, block_size, kernel)
     dense = reference_mask(spec, info, batch, seq_len)
     for q in range(world):
         for kv in range(world):
@@ -72,14 +79,6 @@ def test_sliding_halo_is_independent_of_length():
             assert received == world - 1 if kind == "contiguous" else received >= world
 
 
-def test_whole_chunks_sends_everything_to_everyone():
-    layout, spec = Layout("zigzag", 3), MaskSpec()
-    plans = [plan_pair(spec, None, None, None, layout, 48, 1, kv, 1, torch.float32, CPU) for kv in range(3)]
-    ex = whole_chunks(1, 3, plans, 16)
-    assert [s.send_to for s in ex.steps] == [1, 2, 0] and [s.recv_from for s in ex.steps] == [1, 0, 2]
-    assert all(s.recv_rows == ((0, 16),) == s.send_rows for s in ex.steps[1:])
-
-
 def test_packed_tiles_move_into_the_packed_rows():
     tiles = [Tile(slice(0, 4), slice(10, 12), TileKind.FULL), Tile(slice(0, 4), slice(30, 38), TileKind.FULL)]
     moved = packed_tiles(tiles, ((8, 12), (30, 40)))
@@ -101,6 +100,23 @@ def test_bytes_sent_are_the_needed_rows(cluster, layout):
         row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * 8
         total_sent, total_lower = sum(p[0] for p in per_rank), sum(p[2] for p in per_rank)
         assert 3 * total_lower * row_bytes <= total_sent <= 3 * (total_lower + 2 * world * 8) * row_bytes, case
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_flex_sends_the_key_blocks_its_calls_read(cluster, layout):
+    """With the flex kernel each rank sends the whole key blocks that others' calls read of its chunk
+    (and their dK/dV come home): the rows some query may see, rounded out to blocks, far from the
+    whole chunks every rank would otherwise send every other."""
+    world = 4
+    for case in EXCHANGE_CASES:
+        case = replace(case, kernel="flex")
+        per_rank = cluster(world).run(exchange_traffic, case, layout)
+        for rank, (sent, implied, _) in enumerate(per_rank):
+            assert sent == implied, (case, rank)
+        row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * 8
+        total_sent, total_lower = sum(p[0] for p in per_rank), sum(p[2] for p in per_rank)
+        whole_chunks = 3 * world * (world - 1) * (case.seq_len // world) * row_bytes
+        assert 3 * total_lower * row_bytes <= total_sent < whole_chunks / 2, case
 
 
 def _entries(tiles, shape) -> torch.Tensor:

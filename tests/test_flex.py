@@ -119,7 +119,7 @@ def _pair(length: int, offset: int) -> SegmentPair:
     blocks = -(-length // 16)
     flags = torch.ones(1, 1, blocks, blocks, dtype=torch.bool)
     mask = block_mask_from_flags(flags, torch.zeros_like(flags), 16, mod, (length, length))
-    return SegmentPair(slice(0, length), slice(0, length), mask, ())
+    return SegmentPair(slice(0, length), slice(0, length), mask)
 
 
 def test_compiled_path_neither_recompiles_per_length_nor_leaks_settings():

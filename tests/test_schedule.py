@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.exchange import packed_tiles
-from gemma4_flexring.schedule import TileKind, needed_kv_rows, plan_pair, ring_owner
+from gemma4_flexring.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -19,25 +19,35 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("seq_len, world_size, kind, block", [(96, 3, "zigzag", 16), (96, 2, "contiguous", 8),
                                                              (60, 2, "contiguous", 128), (120, 3, "zigzag", 7)])
-def test_block_masks_equal_create_block_mask(seq_len, world_size, kind, block):
-    """Every segment pair's BlockMask, classified block by block, equals flex's own (short last
-    blocks included)."""
+def test_segment_pairs_cover_the_allowed_entries_with_flex_block_masks(seq_len, world_size, kind, block):
+    """The flex calls (segment pairs) cover every allowed entry once, each over whole blocks whose
+    first and last key and query blocks hold an allowed entry; each BlockMask, classified block
+    by block, equals flex's own (short last blocks included), and its mask_mod is the mask at the
+    call's global positions."""
     info = make_info("all", 2, seq_len)
     spec, layout = SPECS["sliding_vision"], Layout(kind, world_size)
+    dense = reference_mask(spec, info, 2, seq_len)
     for q_rank in range(world_size):
         for kv_rank in range(world_size):
             plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, 2, torch.float32, CPU,
                              block_size=block)
-            pairs = [(qs, ks) for qs in layout.segments(seq_len, q_rank) for ks in layout.segments(seq_len, kv_rank)]
-            assert len(plan.block_masks) == len(pairs)
-            for ours, (qs, ks) in zip(plan.block_masks, pairs):
-                flex = create_block_mask(ours.mask_mod, 2, None, qs.length, ks.length, device="cpu", BLOCK_SIZE=block)
+            allowed = dense[:, layout.positions(seq_len, q_rank)][:, :, layout.positions(seq_len, kv_rank)]
+            covered = torch.zeros(allowed.shape[1:], dtype=torch.int32)
+            for pair in plan.pairs:
+                ours, here = pair.block_mask, allowed[:, pair.q_rows, pair.kv_rows]
+                q_len, kv_len = here.shape[1:]
+                covered[pair.q_rows, pair.kv_rows] += 1
+                assert here[:, :block].any() and here[:, (q_len - 1) // block * block:].any()
+                assert here[:, :, :block].any() and here[:, :, (kv_len - 1) // block * block:].any()
+                assert torch.equal(evaluate_mask(ours.mask_mod, 2, q_len, kv_len, CPU)[:, 0], here)
+                flex = create_block_mask(ours.mask_mod, 2, None, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
                 assert torch.equal(ours.to_dense(), flex.to_dense())
                 assert torch.equal(ours.kv_num_blocks, flex.kv_num_blocks)
                 assert torch.equal(ours.full_kv_num_blocks, flex.full_kv_num_blocks)
                 assert torch.equal(ours.q_num_blocks, flex.q_num_blocks)
                 assert torch.equal(ours.full_q_num_blocks, flex.full_q_num_blocks)
                 assert ours.seq_lengths == flex.seq_lengths
+            assert covered.max() <= 1 and not (allowed.any(0) & (covered == 0)).any()
 
 
 def covered(plan, batch: int, local_len: int) -> torch.Tensor:
@@ -212,7 +222,8 @@ def test_sliding_window_crops_to_the_band():
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
     layout = Layout("zigzag", 2)
     plan = plan_pair(MaskSpec(causal=False), None, None, None, layout, 16, 0, 1, 1, torch.float32, CPU)
-    assert [t.kind for t in plan.tiles] == [TileKind.FULL] * 4 and plan.block_masks == ()
+    assert [t.kind for t in plan.tiles] == [TileKind.FULL] * 4
+    assert [(p.q_rows, p.kv_rows, p.block_mask) for p in plan.pairs] == [(t.q_rows, t.kv_rows, None) for t in plan.tiles]
 
 
 def test_ring_owner_visits_every_rank_once():
@@ -232,7 +243,8 @@ def test_dense_evaluation_in_chunks_gives_the_same_plan(monkeypatch):
     whole = plan_pair(*args)
     monkeypatch.setattr(schedule, "DENSE_CHUNK", 1)
     chunked = plan_pair(*args)
-    assert [torch.equal(a.to_dense(), b.to_dense()) for a, b in zip(whole.block_masks, chunked.block_masks)] == [True] * 4
+    assert len(whole.pairs) == len(chunked.pairs)
+    assert all(torch.equal(a.block_mask.to_dense(), b.block_mask.to_dense()) for a, b in zip(whole.pairs, chunked.pairs))
     assert [(t.q_rows, t.kv_rows, t.kind) for t in whole.tiles] == [(t.q_rows, t.kv_rows, t.kind) for t in chunked.tiles]
 
 

@@ -1,10 +1,10 @@
 """Chunk kernels: attention of query rows against the visiting key/value chunk, returning the LSE.
 
 The contract (``ChunkKernel``): a kernel takes the plan of one (query rank, key rank) pair,
-which holds every segment pair in two forms (``schedule.SegmentPair``: the pair's flex
-``BlockMask`` and the dense tiles, additive masks over partial blocks only), and chooses its
-unit of work from it (``calls``): the aten kernel calls per dense tile, the flex kernel once per
-segment pair with its BlockMask. The ring slices q and the visiting chunk by each call's
+which holds its work in two forms (``schedule.PairPlan``: dense tiles, additive masks over
+partial blocks only; and flex calls, ``schedule.SegmentPair``, a ``BlockMask`` per run of key
+blocks some query sees), and chooses its unit of work from it (``calls``): the aten kernel calls
+per dense tile, the flex kernel once per segment pair. The ring slices q and the visiting chunk by each call's
 ``q_rows`` / ``kv_rows`` and merges the results through their natural-log LSE; the backward
 is fed the *merged* out and LSE. The ring never calls a kernel for a skipped block or pair.
 
@@ -30,9 +30,9 @@ from .flex import FlexKernel
 class ChunkKernel(Protocol):
     name: str
     devices: tuple[str, ...]  # device types it serves
-    # Whether its calls read whole key segments (flex, with the segment's BlockMask) rather than
-    # the plan's tiles: the exchange then sends whole chunks instead of the tiles' rows.
-    reads_whole_segments: bool
+    # Whether its calls read whole key blocks (flex: the segment pairs' BlockMasks) rather than the
+    # tiles' exact rows: the exchange then sends the blocks' rows (``PairPlan.pair_rows``).
+    reads_whole_blocks: bool
 
     def calls(self, plan: PairPlan) -> Sequence:
         """This kernel's calls for one pair: objects with ``q_rows`` and ``kv_rows`` slices

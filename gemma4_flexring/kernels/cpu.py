@@ -36,7 +36,7 @@ class CpuFlashKernel:
 
     name = "aten"
     devices = ("cpu",)
-    reads_whole_segments = False
+    reads_whole_blocks = False
 
     def calls(self, plan) -> tuple:
         return plan.tiles

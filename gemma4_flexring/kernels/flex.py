@@ -152,7 +152,7 @@ class FlexKernel:
 
     name = "flex"
     devices = ("cpu", "cuda")
-    reads_whole_segments = True
+    reads_whole_blocks = True
 
     def __init__(self, compile_backend=None) -> None:
         self._compiled = None if compile_backend is None else compiled(compile_backend)
