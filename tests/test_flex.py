@@ -33,6 +33,10 @@ FLEX_CASES = [
     Case("bidirectional_window", "padding", kernel="flex"),
     Case("causal", "documents", q_heads=6, kv_heads=1, scale=1.0, kernel="flex"),
     Case("sliding_vision", "all", torch.float32, kernel="flex"),
+    # Small blocks: several runs of key blocks per segment pair, halos in whole blocks.
+    Case("sliding", "none", seq_len=96, block_size=8, kernel="flex"),
+    Case("sliding_vision", "all", seq_len=96, block_size=8, kernel="flex"),
+    Case("bidirectional_window", "packed_padded", seq_len=96, block_size=8, kernel="flex"),
 ]
 # Gemma 4's head dims, low precision in, float32 LSE and merge.
 HEAD_DIM_CASES = [
