@@ -51,6 +51,7 @@ import torch.multiprocessing as mp
 from .blocks import EMPTY, FULL, PARTIAL, Blocks
 from .cache import clear_mask_cache
 from .info import SequenceInfo
+from .kernels import KERNELS, default_kernel
 from .layout import Layout
 from .masks import MaskSpec, gemma4_mask
 from .metadata import informative
@@ -271,7 +272,7 @@ def _ring_step(figure: Figure, args) -> tuple:
     clear_mask_cache()  # plans are built again: planning is part of every step
     reset_ring_stats()
     start = time.perf_counter()
-    outs = [ring_attention(q, k, v, mask=spec, info=info, layout=figure.layout)
+    outs = [ring_attention(q, k, v, mask=spec, info=info, layout=figure.layout, kernel=args.kernel)
             for (_, spec), (q, k, v) in zip(figure.layers, figure.tensors)]
     mid = time.perf_counter()
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
@@ -303,7 +304,8 @@ def _measure_memory(rank: int, figure: Figure, args) -> dict:
     clear_mask_cache()  # the measured call plans afresh; no plan of the warm-up is freed during it
     q, k, v = figure.tensors[0]
     with PeakRss() as mem_f:
-        out = ring_attention(q, k, v, mask=figure.layers[0][1], info=figure.info(args), layout=figure.layout)
+        out = ring_attention(q, k, v, mask=figure.layers[0][1], info=figure.info(args), layout=figure.layout,
+                             kernel=args.kernel)
     grad = torch.ones_like(out)
     with PeakRss() as mem_b:
         out.backward(grad)
@@ -381,7 +383,7 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
         "layers": n, "world_size": args.world_size, "seq_len": args.seq_len, "layout": kind,
         "packing": args.packing if name == "packed" else None,
         "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-        "dtype": args.dtype, "window": args.window,
+        "dtype": args.dtype, "window": args.window, "kernel": args.kernel or default_kernel(torch.device("cpu")),
         "step_s": slowest, "forward_s": max(r["fwd"] for r in per_rank), "backward_s": max(r["bwd"] for r in per_rank),
         "planning_s": max(r["plan"] for r in per_rank),
         "planning_share": max(r["plan"] / r["step"] for r in per_rank),
@@ -447,6 +449,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run each mask's metadata through a Gemma-4-like stack of N layers (5 sliding : 1 global)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default=None,
+                   help="chunk kernel (default: the CPU's, aten); flex runs eagerly on the CPU: slow, for its traffic")
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
     p.add_argument("--json", help="write the figures to this file")
     return p.parse_args(argv)
@@ -470,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                              args, whole_kv)
                    for i, (name, kind) in enumerate(itertools.product(args.mask, args.layout))]
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
-          f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads}"
+          f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads} "
+          f"kernel={args.kernel or default_kernel(torch.device('cpu'))}"
           + (f" stack={args.stack}" if args.stack else ""))
     print(table(figures))
     print(f"targets: sent/bound <= {TARGETS['bytes']}, mem/KV <= {TARGETS['memory_p8']} at P=8, "

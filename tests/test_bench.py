@@ -25,3 +25,13 @@ def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsy
         assert {"workspace_forward_bytes", "workspace_backward_bytes", "baseline_memory_ratio"} <= f.keys()
     table = capsys.readouterr().out
     assert "pair cost" in table and all(name in table for name in ("causal", "sliding", "packed"))
+
+
+def test_bench_runs_the_kernel_asked_for(tmp_path):
+    """``--kernel flex`` on two ranks: flex's calls read whole key blocks, so a window of 64 rows
+    sends a block of 128 (twice the bound, which counts rows); aten would send the bound exactly."""
+    out = tmp_path / "figures.json"
+    assert main(["--world-size", "2", "--seq-len", "512", "--heads", "2", "--kv-heads", "1", "--mask", "sliding",
+                 "--window", "64", "--repeats", "1", "--no-baseline", "--kernel", "flex", "--json", str(out)]) == 0
+    (figure,) = json.loads(out.read_text())["figures"]
+    assert figure["kernel"] == "flex" and figure["bytes_ratio"] > 1
