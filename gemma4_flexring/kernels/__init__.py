@@ -4,9 +4,10 @@ The contract (``ChunkKernel``): a kernel takes the plan of one (query rank, key 
 which holds its work in two forms (``schedule.PairPlan``: dense tiles, additive masks over
 partial blocks only; and flex calls, ``schedule.SegmentPair``, a ``BlockMask`` per run of key
 blocks some query sees), and chooses its unit of work from it (``calls``): the aten kernel calls
-per dense tile, the flex kernel once per segment pair. The ring slices q and the visiting chunk by each call's
-``q_rows`` / ``kv_rows`` and merges the results through their natural-log LSE; the backward
-is fed the *merged* out and LSE. The ring never calls a kernel for a skipped block or pair.
+per dense tile, the flex kernel once per segment pair. The ring slices q and the visiting chunk
+by each call's ``q_rows`` / ``kv_rows`` and merges the results through their natural-log LSE;
+the backward is fed the *merged* out and LSE. The ring never calls a kernel for a skipped block
+or pair.
 
 Kernels are chosen by name, "" meaning the device's default (``default_kernel``): flex on CUDA,
 aten on CPU. A plain registry, not ``torch.library``'s ``register_kernel`` by device type: the
