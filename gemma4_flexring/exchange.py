@@ -1,17 +1,19 @@
 """The exchange schedule: which rows of whose K/V chunk travel where at each ring step.
 
 At ring step ``s`` rank ``r`` attends to the chunk of owner ``(r - s) mod P`` and the owner
-sends it, directly, exactly the rows ``r``'s tiles read (``PairPlan.kv_rows``), possibly none;
-rows never pass through a rank that does not need them. In the same step ``r`` sends its own
-rows to ``(r + s) mod P``, the rank that reads its chunk at that step. The backward sends the
-same rows again, and the dK/dV of the rows a rank received go back to their owner.
+sends it, directly, exactly the rows ``r``'s kernel calls read, possibly none: ``PairPlan.kv_rows``
+for aten's tiles, ``PairPlan.pair_rows`` (whole key blocks) for flex's segment pairs
+(``ops.kernel_plans`` puts the kernel's own in ``kv_rows``). Rows never pass through a rank that
+does not need them. In the same step ``r`` sends its own rows to ``(r + s) mod P``, the rank that
+reads its chunk at that step. The backward sends the same rows again, and the dK/dV of the rows
+a rank received go back to their owner.
 
 Every rank derives both sides from global metadata: what it receives from its own plans, what it
 sends from ``schedule.needed_kv_rows`` of every other query rank against itself, the same runs
 the receiver's plan holds. A step with nothing to send and nothing to receive posts nothing.
 
 Received rows are packed: the visiting chunk is [B, Hkv, n, D] for the n rows received, and each
-step's tiles have their ``kv_rows`` moved into that packed chunk.
+step's calls (tiles or segment pairs) have their ``kv_rows`` moved into that packed chunk.
 
 Pieces bound memory. A step's rows are cut into pieces of at most ``piece_rows`` rows, and
 its tiles at the pieces' edges and every ``piece_rows`` query rows (``schedule.split_tile``):
