@@ -58,9 +58,11 @@ def main() -> None:
                     plan_rank(spec, tensors, layout, seq_len, rank)
                     best = min(best, time.process_time() - start)
                 times.append(best)
-            growth = math.log(times[-1] / times[0]) / math.log(args.seq_len[-1] / args.seq_len[0])
             cells = "  ".join(f"S={s}: {t:.3f} s" for s, t in zip(args.seq_len, times))
-            print(f"{name:8s} P={world} rank {rank}: {cells}  exponent {growth:.2f}", flush=True)
+            if args.seq_len[-1] != args.seq_len[0]:  # the growth exponent needs two lengths
+                growth = math.log(times[-1] / times[0]) / math.log(args.seq_len[-1] / args.seq_len[0])
+                cells += f"  exponent {growth:.2f}"
+            print(f"{name:8s} P={world} rank {rank}: {cells}", flush=True)
 
 
 if __name__ == "__main__":
