@@ -93,12 +93,12 @@ Rows = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of a r
 
 
 class SegmentPair(NamedTuple):
-    """One flex call: rows of one query segment against one run of key blocks of one key segment.
+    """One flex call: a query segment against one run of key blocks of one key segment.
 
-    Per (query segment, key segment), each run of key blocks that some query may see is one call,
-    over the span of query blocks that see it (``block_pairs``); blocks outside are never read.
-    ``q_rows``/``kv_rows`` are local rows (rows of the visiting chunk), whole blocks of their
-    segments. ``block_mask`` is the call's flex BlockMask over (q_rows, kv_rows), None when no mask
+    Per (query segment, key segment), each run of key blocks that some query may see is one call
+    (``block_pairs``); key blocks outside the runs are never read. ``q_rows`` is the whole query
+    segment, ``kv_rows`` the run, whole blocks of its segment (local rows, rows of the visiting
+    chunk). ``block_mask`` is the call's flex BlockMask over (q_rows, kv_rows), None when no mask
     applies; its mask_mod reads the rows' global offsets from 0-d tensors, so a compiled kernel
     sees the same closure structure for every call.
     """
@@ -175,26 +175,36 @@ def block_pairs(any_allowed: Tensor, all_allowed: Tensor, mask_mod: MaskMod, qs:
                 block_size: int) -> list[SegmentPair]:
     """The flex calls of one segment pair (``SegmentPair``), from its block flags [B, Qb, KVb]
     (``all_allowed`` set on complete blocks only): one per run of key blocks with an allowed entry
-    (``used_key_blocks``), over the span of query blocks with an allowed entry in that run."""
-    used = any_allowed.any(0)
+    (``used_key_blocks``), over the whole query segment.
+
+    Whole query segments keep the compiled flex calls' query shapes those of the layout's
+    segments: cut to the query blocks a run serves, the calls took about twice as many graphs
+    (measured on the CPU with dynamo's compile counter, six masks at S=2048, P=4). The query
+    blocks a run does not serve cost the kernel nothing (no key block to visit).
+    """
     calls = []
     for kb0, kb1 in used_key_blocks(any_allowed):
-        qb0, qb1 = _index_span(used[:, kb0:kb1].any(1))
-        q0, q1 = qb0 * block_size, min(qb1 * block_size, qs.length)
         k0, k1 = kb0 * block_size, min(kb1 * block_size, ks.length)
         # Tensor offsets: a compiled flex guards on closure ints' values, not on tensors'.
-        offsets = (torch.tensor(s.global_start + at, device=used.device) for s, at in ((qs, q0), (ks, k0)))
-        some, every = (flags[:, None, qb0:qb1, kb0:kb1] for flags in (any_allowed, all_allowed))
-        block_mask = block_mask_from_flags(some, every, block_size, offset_mask_mod(mask_mod, *offsets), (q1 - q0, k1 - k0))
-        calls.append(SegmentPair(_rows(qs, q0, q1), _rows(ks, k0, k1), block_mask))
+        offsets = (torch.tensor(s.global_start + at, device=any_allowed.device) for s, at in ((qs, 0), (ks, k0)))
+        some, every = (flags[:, None, :, kb0:kb1] for flags in (any_allowed, all_allowed))
+        block_mask = block_mask_from_flags(some, every, block_size, offset_mask_mod(mask_mod, *offsets),
+                                           (qs.length, k1 - k0))
+        calls.append(SegmentPair(_rows(qs, 0, qs.length), _rows(ks, k0, k1), block_mask))
     return calls
 
 
-def used_key_blocks(any_allowed: Tensor) -> list[tuple[int, int]]:
+def used_key_blocks(any_allowed: Tensor) -> Rows:
     """Runs [kb0, kb1) of the key blocks with an allowed entry for some query block and batch row,
-    from block flags [B, Qb, KVb]."""
-    used = any_allowed.any(0).any(0).view(1, -1).to(torch.int8)
-    return [(kb0, kb1) for _, kb0, kb1, _ in _runs(used).tolist()]
+    from block flags [B, Qb, KVb]. A run of one block takes a neighbour too (the next one, or the
+    one before at the segment's end) when the segment has one: a compiled flex call specializes a
+    block count of 1, so such calls compiled graphs of their own."""
+    used = any_allowed.any(0).any(0)
+    runs = [(kb0, kb1) for _, kb0, kb1, _ in _runs(used.view(1, -1).to(torch.int8)).tolist()]
+    count = used.numel()
+    if count < 2:
+        return tuple(runs)
+    return merge_rows((a, a + 2) if b - a == 1 and b < count else (a - 1, b) if b - a == 1 else (a, b) for a, b in runs)
 
 
 def needed_kv_rows(spec: MaskSpec, document_ids: Tensor | None, block_ids: Tensor | None,

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from gemma4_flexring import Layout, MaskSpec, ring_attention
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
 from gemma4_flexring.kernels import KERNELS, default_kernel, kernel_problem
 from gemma4_flexring.kernels.flex import FlexKernel
 from gemma4_flexring.schedule import SegmentPair, block_mask_from_flags
+from gemma4_flexring.simulated import SimulatedGroup
 from gemma4_flexring.masks import offset_mask_mod
 from ring_cases import Case, bad_kernel_on_rank_zero, run_cases
 from test_ring import TOLERANCE, reference
@@ -148,6 +149,39 @@ def test_compiled_path_neither_recompiles_per_length_nor_leaks_settings():
             assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert (forward_counter.frame_count, backward_counter.frame_count) == (1, 1)
     assert torch._dynamo.config.recompile_limit == limit
+
+
+def test_compiled_flex_through_the_ring_compiles_nothing_new_for_new_packings(monkeypatch):
+    """The CUDA path's compile on the CPU, through a simulated ring of 4 (sliding window, zigzag):
+    batches packed differently give calls of other lengths and offsets, and no new graph; the
+    numbers are those of the eager kernel."""
+    counter = CompileCounter()
+    compiled_kernel, eager = FlexKernel(compile_backend=counter), FlexKernel()
+    layout, spec, seq_len = Layout("zigzag", 4), MaskSpec(causal=True, sliding_window=512), 2048
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(9):
+        cuts = torch.randint(1, seq_len, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        q, k, v = torch.randn(1, 2, seq_len, 8, generator=g), *torch.randn(2, 1, 1, seq_len, 8, generator=g)
+        documents = torch.zeros(1, seq_len, dtype=torch.long)
+        for cut in cuts:
+            documents[:, cut:] += 1
+        info = SequenceInfo(document_ids=documents)
+        results = []
+        for kernel in (compiled_kernel, eager):
+            monkeypatch.setitem(KERNELS, "flex", kernel)
+            group = SimulatedGroup(4)
+
+            def step(rank, world_size):
+                local = [layout.shard(t, 2, rank).clone().requires_grad_(True) for t in (q, k, v)]
+                out = ring_attention(*local, mask=spec, info=info, layout=layout, group=group, kernel="flex")
+                out.sum().backward()
+                return [out.detach(), *(t.grad for t in local)]
+
+            results.append(group.run(step))
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for ra, rb in zip(*results) for a, b in zip(ra, rb))
+        counts.append(counter.frame_count)
+    assert counts[1:] == counts[:-1], counts
 
 
 def test_registry():

@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.reference import reference_mask
 from gemma4_flexring.exchange import packed_tiles
-from gemma4_flexring.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner
+from gemma4_flexring.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner, used_key_blocks
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -20,10 +20,10 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("seq_len, world_size, kind, block", [(96, 3, "zigzag", 16), (96, 2, "contiguous", 8),
                                                              (60, 2, "contiguous", 128), (120, 3, "zigzag", 7)])
 def test_segment_pairs_cover_the_allowed_entries_with_flex_block_masks(seq_len, world_size, kind, block):
-    """The flex calls (segment pairs) cover every allowed entry once, each over whole blocks whose
-    first and last key and query blocks hold an allowed entry; each BlockMask, classified block
-    by block, equals flex's own (short last blocks included), and its mask_mod is the mask at the
-    call's global positions."""
+    """The flex calls (segment pairs) cover every allowed entry once, each a whole query segment
+    against a run of key blocks that starts and ends with a block some query sees (or one such
+    block and a neighbour); each BlockMask, classified block by block, equals flex's own (short
+    last blocks included), and its mask_mod is the mask at the call's global positions."""
     info = make_info("all", 2, seq_len)
     spec, layout = SPECS["sliding_vision"], Layout(kind, world_size)
     dense = reference_mask(spec, info, 2, seq_len)
@@ -33,12 +33,13 @@ def test_segment_pairs_cover_the_allowed_entries_with_flex_block_masks(seq_len, 
                              block_size=block)
             allowed = dense[:, layout.positions(seq_len, q_rank)][:, :, layout.positions(seq_len, kv_rank)]
             covered = torch.zeros(allowed.shape[1:], dtype=torch.int32)
+            segments = [slice(s.local_start, s.local_start + s.length) for s in layout.segments(seq_len, q_rank)]
             for pair in plan.pairs:
                 ours, here = pair.block_mask, allowed[:, pair.q_rows, pair.kv_rows]
                 q_len, kv_len = here.shape[1:]
                 covered[pair.q_rows, pair.kv_rows] += 1
-                assert here[:, :block].any() and here[:, (q_len - 1) // block * block:].any()
-                assert here[:, :, :block].any() and here[:, :, (kv_len - 1) // block * block:].any()
+                seen = [bool(here[:, :, a:a + block].any()) for a in range(0, kv_len, block)]
+                assert pair.q_rows in segments and (seen[0] and seen[-1] or seen in ([True, False], [False, True]))
                 assert torch.equal(evaluate_mask(ours.mask_mod, 2, q_len, kv_len, CPU)[:, 0], here)
                 flex = create_block_mask(ours.mask_mod, 2, None, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
                 assert torch.equal(ours.to_dense(), flex.to_dense())
@@ -48,6 +49,20 @@ def test_segment_pairs_cover_the_allowed_entries_with_flex_block_masks(seq_len, 
                 assert torch.equal(ours.full_q_num_blocks, flex.full_q_num_blocks)
                 assert ours.seq_lengths == flex.seq_lengths
             assert covered.max() <= 1 and not (allowed.any(0) & (covered == 0)).any()
+
+
+@pytest.mark.parametrize("used, runs", [
+    ("..#...", ((2, 4),)),          # a lone block takes the next one
+    (".....#", ((4, 6),)),          # ... or, at the segment's end, the one before
+    ("#.#.", ((0, 4),)),            # widened runs that meet are one
+    ("##..###", ((0, 2), (4, 7))),  # runs of two or more stay as they are
+    ("#", ((0, 1),)),               # a segment of one block
+    ("....", ()),
+])
+def test_used_key_blocks_widen_lone_blocks(used, runs):
+    """A flex call over one key block would compile a graph of its own (dynamo specializes size 1)."""
+    flags = torch.tensor([c == "#" for c in used]).view(1, 1, -1).expand(2, 3, -1)
+    assert used_key_blocks(flags) == runs
 
 
 def covered(plan, batch: int, local_len: int) -> torch.Tensor:

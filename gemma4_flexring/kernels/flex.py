@@ -141,6 +141,13 @@ def _allow_all(b, h, q_idx, kv_idx):
     return q_idx >= 0
 
 
+def _operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Detached, contiguous copies where needed: the ring passes views (rows of q, of a chunk), and
+    a compiled call guards on its inputs' strides against their sizes, so views cut differently
+    compiled graphs of their own (measured on the CPU with dynamo's compile counter)."""
+    return tuple(t.detach().contiguous() for t in tensors)
+
+
 class FlexKernel:
     """``ChunkKernel`` over FlexAttention: one call per segment pair, with its BlockMask.
 
@@ -182,7 +189,7 @@ class FlexKernel:
         forward, _, scope = self._functions(q.device)
         block_mask, options = self._mask_and_options(q, k, v, pair)
         # An op's body sees its inputs' requires_grad without recording; flex refuses such inputs on CPU.
-        q, k, v = q.detach(), k.detach(), v.detach()
+        q, k, v = _operands(q, k, v)
         with _CALLS, scope():
             # Rows with no allowed key come back as out = 0, lse = -inf: the merge gives them no weight.
             return forward(q, k, v, block_mask, scale, options)
@@ -194,5 +201,6 @@ class FlexKernel:
                  pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         _, backward, scope = self._functions(q.device)
         block_mask, options = self._mask_and_options(q, k, v, pair)
+        operands = _operands(grad_out, q, k, v, out, to_flex_lse(lse))
         with _CALLS, scope():
-            return backward(grad_out, q, k, v, out, to_flex_lse(lse), block_mask, scale, options)
+            return backward(*operands, block_mask, scale, options)
