@@ -22,8 +22,9 @@ def runs(draw, batch: int, seq_len: int, values: st.SearchStrategy) -> torch.Ten
 
 @st.composite
 def random_plans(draw):
-    """A random mask on random (unsorted) metadata, layout and block size."""
-    world_size, kind = draw(st.integers(1, 3)), draw(st.sampled_from(["contiguous", "zigzag"]))
+    """A random mask on random (unsorted) metadata, layout (a balanced one built from the metadata
+    included) and block size."""
+    world_size, kind = draw(st.integers(1, 4)), draw(st.sampled_from(["contiguous", "zigzag", "balanced"]))
     pieces = world_size * (2 if kind == "zigzag" else 1)
     batch, seq_len = draw(st.integers(1, 2)), pieces * draw(st.integers(1, 48 // pieces))
     spec = MaskSpec(causal=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, seq_len)),
@@ -32,4 +33,5 @@ def random_plans(draw):
                         draw(st.none() | runs(batch, seq_len, st.integers(-1, 2))),
                         draw(st.none() | runs(batch, seq_len, st.integers(0, 1)).map(lambda t: t.bool())),
                         shape=(batch, seq_len))
-    return spec, info, batch, seq_len, Layout(kind, world_size), draw(st.integers(1, 12))
+    layout = Layout.balanced(info, world_size) if kind == "balanced" else Layout(kind, world_size)
+    return spec, info, batch, seq_len, layout, draw(st.integers(1, 12))
