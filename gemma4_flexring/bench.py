@@ -3,7 +3,9 @@
     python -m gemma4_flexring bench --world-size 8 --seq-len 131072 --heads 2 --kv-heads 1 \\
         --mask causal sliding packed vision --layout zigzag --json out.json
 
-Spawns ``--world-size`` gloo ranks on this machine (one torch thread each by default). Every
+Spawns ``--world-size`` gloo ranks on this machine (one torch thread each by default), or, with
+``--device cuda``, one rank on the GPU (the flex kernel by default; times taken once the GPU has
+finished, memory from the CUDA allocator's peak). Every
 figure is one layer (or, with ``--stack N``, a Gemma-4-like stack of N layers: five sliding
 layers to one global one) timed forward and backward, median of ``--repeats`` steps after one
 warm-up. Every step builds a fresh ``SequenceInfo`` and empties the plan cache, so planning is
@@ -181,6 +183,20 @@ class PeakRss:
         self.growth = _rss("VmHWM") - self.base
 
 
+class PeakCuda:
+    """Peak growth of the CUDA allocator's memory within a ``with`` block (bytes)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.growth = torch.cuda.max_memory_allocated() - self.base
+
+
 def nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -198,8 +214,10 @@ class Figure:
     steps: list[tuple] = field(default_factory=list)
 
     def info(self, args) -> SequenceInfo:
-        """The figure's batch metadata, fresh: a new generation, so its plans are built again."""
-        return _info(self.name, args)
+        """The figure's batch metadata on ``--device``, fresh: a new generation, so its plans are
+        built again."""
+        info = _info(self.name, args)
+        return info if args.device == "cpu" else SequenceInfo(*(t.to(args.device) for t in info.tensors()))
 
     def zero_grads(self) -> None:
         for t in (t for layer in self.tensors for t in layer):
@@ -237,7 +255,7 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
                for name, kind in itertools.product(args.mask, args.layout)]
     for figure in figures:
         layers = len(figure.layers) if phase == "time" else 1
-        figure.tensors = [[torch.randn(s, generator=g).to(dtype).requires_grad_(True) for s in shapes]
+        figure.tensors = [[torch.randn(s, generator=g).to(args.device, dtype).requires_grad_(True) for s in shapes]
                           for _ in range(layers)]
     if phase == "time":
         for repeat in range(args.repeats + 1):
@@ -246,7 +264,7 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
                 ring = _ring_step(figure, args)
                 # Built anew each round, outside the timing: every figure's dense mask at once may not fit.
                 baseline = _baseline_step(rank, figure, args)
-                base = None if baseline is None else _timed(baseline)
+                base = None if baseline is None else _timed(baseline, args.device)
                 if repeat:
                     figure.steps.append((*ring, base))
                 del baseline
@@ -271,12 +289,12 @@ def _ring_step(figure: Figure, args) -> tuple:
     info = figure.info(args)
     clear_mask_cache()  # plans are built again: planning is part of every step
     reset_ring_stats()
-    start = time.perf_counter()
+    start = _now(args.device)
     outs = [ring_attention(q, k, v, mask=spec, info=info, layout=figure.layout, kernel=args.kernel)
             for (_, spec), (q, k, v) in zip(figure.layers, figure.tensors)]
-    mid = time.perf_counter()
+    mid = _now(args.device)
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    end = time.perf_counter()
+    end = _now(args.device)
     stats = ring_stats()
     figure.zero_grads()
     return (end - start, mid - start, end - mid, stats.planning_s, stats.wait_forward_s, stats.wait_backward_s,
@@ -287,7 +305,7 @@ def _figure_row(rank: int, figure: Figure, args) -> dict:
     """The medians of the figure's timed steps, its allowed pairs and its lower bound on bytes."""
     step, fwd, bwd, plan, wait_f, wait_b, sent = (statistics.median(t[i] for t in figure.steps) for i in range(7))
     bases = [t[7] for t in figure.steps if t[7] is not None]
-    info = figure.info(args)
+    info = _info(figure.name, args)  # counted on the CPU
     per_layer = [mask_figures(spec, info, figure.layout, args.seq_len, rank) for _, spec in figure.layers]
     row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize
     return dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent,
@@ -303,11 +321,12 @@ def _measure_memory(rank: int, figure: Figure, args) -> dict:
     _ring_step(figure, args)
     clear_mask_cache()  # the measured call plans afresh; no plan of the warm-up is freed during it
     q, k, v = figure.tensors[0]
-    with PeakRss() as mem_f:
+    peak = PeakRss if args.device == "cpu" else PeakCuda
+    with peak() as mem_f:
         out = ring_attention(q, k, v, mask=figure.layers[0][1], info=figure.info(args), layout=figure.layout,
                              kernel=args.kernel)
     grad = torch.ones_like(out)
-    with PeakRss() as mem_b:
+    with peak() as mem_b:
         out.backward(grad)
     row = dict(workspace_f=mem_f.growth - nbytes(out) - out.numel() // args.head_dim * 4,
                workspace_b=mem_b.growth - nbytes(q, k, v), base_mem=None)
@@ -315,16 +334,23 @@ def _measure_memory(rank: int, figure: Figure, args) -> dict:
     baseline = _baseline_step(rank, figure, args)
     if baseline is not None:
         baseline()
-        with PeakRss() as mem:
+        with peak() as mem:
             baseline()
         row["base_mem"] = mem.growth - nbytes(q, k, v)
     return row
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _now(device: str) -> float:
+    """The time once ``device`` has finished the work queued so far."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _timed(fn, device: str) -> float:
+    start = _now(device)
     fn()
-    return time.perf_counter() - start
+    return _now(device) - start
 
 
 def _all_gather(obj, world: int) -> list:
@@ -347,9 +373,9 @@ def _baseline_step(rank: int, figure: Figure, args):
     from .reference import reference_mask
 
     qkv = q, k, v = figure.tensors[0]
-    spec, info = figure.layers[0][1], figure.info(args)
+    spec, info = figure.layers[0][1], _info(figure.name, args)
     positions = figure.layout.positions(args.seq_len, rank)
-    allowed = reference_mask(spec, info, args.batch, args.seq_len)[:, None, positions]
+    allowed = reference_mask(spec, info, args.batch, args.seq_len)[:, None, positions].to(args.device)
     causal_only = world == 1 and spec == MaskSpec(causal=True) and not any(
         t is not None for t in informative(*info.tensors()))
 
@@ -383,7 +409,8 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
         "layers": n, "world_size": args.world_size, "seq_len": args.seq_len, "layout": kind,
         "packing": args.packing if name == "packed" else None,
         "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-        "dtype": args.dtype, "window": args.window, "kernel": args.kernel or default_kernel(torch.device("cpu")),
+        "dtype": args.dtype, "window": args.window, "device": args.device,
+        "kernel": args.kernel or default_kernel(torch.device(args.device)),
         "step_s": slowest, "forward_s": max(r["fwd"] for r in per_rank), "backward_s": max(r["bwd"] for r in per_rank),
         "planning_s": max(r["plan"] for r in per_rank),
         "planning_share": max(r["plan"] / r["step"] for r in per_rank),
@@ -449,6 +476,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run each mask's metadata through a Gemma-4-like stack of N layers (5 sliding : 1 global)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: one rank (--world-size 1) on the GPU, timed to its completion, memory from the "
+                        "CUDA allocator's peak")
     p.add_argument("--kernel", choices=sorted(KERNELS), default=None,
                    help="chunk kernel (default: the CPU's, aten); flex runs eagerly on the CPU: slow, for its traffic")
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
@@ -458,6 +488,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.device == "cuda" and (args.world_size != 1 or not torch.cuda.is_available()):
+        print("bench: --device cuda runs one rank on this machine's GPU: it needs --world-size 1 and CUDA "
+              f"(world size {args.world_size}, CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+        return 2
     if args.packing != "equal":
         args.batch = len(PACKINGS[args.packing])
     ctx = mp.get_context("spawn")
@@ -475,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                    for i, (name, kind) in enumerate(itertools.product(args.mask, args.layout))]
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
           f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads} "
-          f"kernel={args.kernel or default_kernel(torch.device('cpu'))}"
+          f"device={args.device} kernel={args.kernel or default_kernel(torch.device(args.device))}"
           + (f" stack={args.stack}" if args.stack else ""))
     print(table(figures))
     print(f"targets: sent/bound <= {TARGETS['bytes']}, mem/KV <= {TARGETS['memory_p8']} at P=8, "

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from gemma4_flexring.bench import layer_masks, main, make_info
 from gemma4_flexring.reference import reference_mask
 
@@ -25,6 +28,21 @@ def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsy
         assert {"workspace_forward_bytes", "workspace_backward_bytes", "baseline_memory_ratio"} <= f.keys()
     table = capsys.readouterr().out
     assert "pair cost" in table and all(name in table for name in ("causal", "sliding", "packed"))
+
+
+def test_bench_on_cuda_takes_one_rank(capsys):
+    assert main(["--device", "cuda", "--world-size", "2"]) == 2
+    assert "--device cuda runs one rank" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_cuda(tmp_path):
+    out = tmp_path / "figures.json"
+    assert main(["--device", "cuda", "--world-size", "1", "--seq-len", "2048", "--heads", "2", "--kv-heads", "1",
+                 "--dtype", "bfloat16", "--mask", "causal", "sliding", "--repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["figures"]
+    assert [(f["device"], f["kernel"]) for f in figures] == [("cuda", "flex")] * 2
+    assert all(f["step_s"] > 0 and f["seconds_per_pair"] > 0 for f in figures)
 
 
 def test_bench_runs_the_kernel_asked_for(tmp_path):
