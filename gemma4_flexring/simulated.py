@@ -46,7 +46,7 @@ class SimulatedGroup:
         self._local = threading.local()
         self._failed = threading.Event()  # set when a rank raised: the waits of its peers fail
         self._mail = self._mailboxes()
-        self._barrier = _Barrier(world_size)
+        self._barrier = _Barrier(world_size, self._failed)
         self._slots: list = [None] * world_size
         _REGISTRY[self.group_name] = self
 
@@ -74,8 +74,7 @@ class SimulatedGroup:
                 results[rank] = fn(rank, self._size)
             except BaseException:  # noqa: BLE001 - reported by run
                 errors.append(f"rank {rank}:\n{traceback.format_exc()}")
-                self._failed.set()  # peers waiting on its messages fail instead of hanging
-                self._barrier.abort()  # and so do those waiting in a collective
+                self._barrier.abort()  # sets _failed: peers waiting on its messages or in a collective fail
 
         threads = [threading.Thread(target=body, args=(r,), name=f"{self.group_name}.{r}") for r in range(self._size)]
         for t in threads:
@@ -83,9 +82,8 @@ class SimulatedGroup:
         for t in threads:
             t.join()
         if errors:  # start the next run afresh: no failure, no message left unmatched
-            self._failed.clear()
-            self._mail = self._mailboxes()
             self._barrier.reset()
+            self._mail = self._mailboxes()
             raise RuntimeError("simulated ring failed:\n" + "\n".join(sorted(errors)))
         return results
 
@@ -108,23 +106,24 @@ class SimulatedGroup:
 
 
 class _Barrier:
-    """A barrier whose abort fails only the waits it interrupts.
+    """A barrier whose abort fails only the waits it interrupts; ``failed`` is the group's failure,
+    set by ``abort`` and cleared by ``reset`` (message waits read it too).
 
     ``threading.Barrier.abort`` also fails a waiter that was already released but had not yet
     woken: a rank that passed a collective, then raised and aborted, broke its peer's completed
     wait. Here a wait returns once its own generation completed, whatever happens after.
     """
 
-    def __init__(self, parties: int) -> None:
+    def __init__(self, parties: int, failed: threading.Event) -> None:
         self._parties = parties
+        self._failed = failed
         self._cond = threading.Condition()
         self._arrived = 0
         self._generation = 0
-        self._broken = False
 
     def wait(self) -> None:
         with self._cond:
-            if self._broken:
+            if self._failed.is_set():
                 raise threading.BrokenBarrierError
             generation = self._generation
             self._arrived += 1
@@ -132,7 +131,7 @@ class _Barrier:
                 self._arrived, self._generation = 0, generation + 1
                 self._cond.notify_all()
                 return
-            if not self._cond.wait_for(lambda: self._generation != generation or self._broken, TIMEOUT_S):
+            if not self._cond.wait_for(lambda: self._generation != generation or self._failed.is_set(), TIMEOUT_S):
                 self.abort()  # a timeout breaks it for every waiter
                 raise RuntimeError(f"simulated ring: a collective waited {TIMEOUT_S} s for its peers")
             if self._generation == generation:
@@ -141,12 +140,13 @@ class _Barrier:
     def abort(self) -> None:
         """Fail every wait in progress and every later one, until ``reset``."""
         with self._cond:
-            self._broken = True
+            self._failed.set()
             self._cond.notify_all()
 
     def reset(self) -> None:
         with self._cond:
-            self._arrived, self._broken = 0, False
+            self._arrived = 0
+            self._failed.clear()
 
 
 class _Done:

@@ -110,7 +110,7 @@ def _arrived(barrier, count: int) -> None:
 
 def test_an_abort_after_a_collective_completed_spares_its_waiters():
     """The race behind a flaky disagreement test: a peer released, not yet awake, when a rank aborts."""
-    barrier = simulated._Barrier(2)
+    barrier = simulated._Barrier(2, threading.Event())
     thread, outcome = _waiter(barrier)
     _arrived(barrier, 1)
     with barrier._cond:  # the waiter cannot wake before the abort (the lock is reentrant)
@@ -123,7 +123,7 @@ def test_an_abort_after_a_collective_completed_spares_its_waiters():
 
 
 def test_an_abort_fails_the_waits_it_interrupts():
-    barrier = simulated._Barrier(3)
+    barrier = simulated._Barrier(3, threading.Event())
     waiters = [_waiter(barrier) for _ in range(2)]
     _arrived(barrier, 2)
     barrier.abort()
@@ -140,7 +140,7 @@ def test_an_abort_fails_the_waits_it_interrupts():
 
 def test_a_collective_whose_peer_never_comes_times_out(monkeypatch):
     monkeypatch.setattr(simulated, "TIMEOUT_S", 0.05)
-    barrier = simulated._Barrier(2)
+    barrier = simulated._Barrier(2, threading.Event())
     thread, outcome = _waiter(barrier)
     thread.join()
     assert len(outcome) == 1 and "a collective waited 0.05 s" in str(outcome[0])
