@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounter
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
 from gemma4_flexring.kernels import KERNELS, default_kernel, kernel_problem
 from gemma4_flexring.kernels.flex import FlexKernel
+from gemma4_flexring.reference import reference_attention
 from gemma4_flexring.schedule import SegmentPair, block_mask_from_flags
 from gemma4_flexring.simulated import SimulatedGroup
 from gemma4_flexring.masks import offset_mask_mod
@@ -154,7 +155,7 @@ def test_compiled_path_neither_recompiles_per_length_nor_leaks_settings():
 def test_compiled_flex_through_the_ring_compiles_nothing_new_for_new_packings(monkeypatch):
     """The CUDA path's compile on the CPU, through a simulated ring of 4 (sliding window, zigzag):
     batches packed differently give calls of other lengths and offsets, and no new graph; the
-    numbers are those of the eager kernel."""
+    numbers are those of the eager kernel and of the float64 reference, gradients included."""
     counter = CompileCounter()
     compiled_kernel, eager = FlexKernel(compile_backend=counter), FlexKernel()
     layout, spec, seq_len = Layout("zigzag", 4), MaskSpec(causal=True, sliding_window=512), 2048
@@ -180,6 +181,12 @@ def test_compiled_flex_through_the_ring_compiles_nothing_new_for_new_packings(mo
 
             results.append(group.run(step))
         assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for ra, rb in zip(*results) for a, b in zip(ra, rb))
+        whole = [t.double().requires_grad_(True) for t in (q, k, v)]
+        want = reference_attention(*whole, spec, info)
+        want = [want.detach(), *torch.autograd.grad(want.sum(), whole)]
+        for part, expected in enumerate(want):
+            got = layout.unshard([r[part] for r in results[0]], dim=2)
+            assert (got.double() - expected).abs().max().item() <= TOLERANCE[torch.float32], part
         counts.append(counter.frame_count)
     assert counts[1:] == counts[:-1], counts
 
