@@ -4,42 +4,30 @@ Forward: the ``flex_attention`` HOP with the LSE (``return_aux=AuxRequest(lse=Tr
 Backward: ``torch.ops.higher_order.flex_attention_backward`` fed the ring's *merged* out and LSE,
 so each pair's gradient share needs no forward recompute, as on the aten path.
 
-LSE bases, in one place: flex's HOPs keep base-2 statistics (the Triton and the eager dense
-backends; not ``BACKEND="FLASH"``, so CUDA pins "TRITON"); the ring merges natural logs.
-``from_flex_lse`` / ``to_flex_lse`` are the only conversions. Both functions call the HOPs, as
-``flex_attention`` does when compiled, so eager and compiled runs share one code path.
+How each torch version's HOPs are called (and the LSE's base-2 convention) lives in
+``flex_hops``; eager and compiled runs share those functions.
 
 On CUDA both functions are compiled once, at import (``torch.compile`` is lazy: nothing compiles
 until the first call), ``fullgraph=True, dynamic=True``: lengths and the segments' offsets
 (0-d tensors in the mask_mods) are symbolic, so neither recompiles per length. Their dynamo
-settings apply inside ``_scope`` only. On CPU the same functions run eagerly: flex's unfused
-path, slow, meant for tests (compiled flex on CPU cannot return the LSE).
+settings apply inside ``_scope`` only. On torch 2.11 dynamo cannot trace the backward HOP, so
+there the backward runs eagerly (flex's dense math path: exact, slower, memory per call
+proportional to its rows times its keys) and says so in a RuntimeWarning. On CPU both run eagerly:
+flex's unfused path, slow, meant for tests (compiled flex on CPU cannot return the LSE).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
+import warnings
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, _apply_kernel_options
 
-LN_2 = math.log(2.0)
-LOG2_E = 1.0 / LN_2
-
-
-def from_flex_lse(lse_base2: Tensor) -> Tensor:
-    """Flex's base-2 LSE in the ring's convention, the natural log."""
-    return lse_base2 * LN_2
-
-
-def to_flex_lse(lse: Tensor) -> Tensor:
-    """The ring's natural-log LSE as flex's backward reads it: base 2."""
-    return lse * LOG2_E
-
+from . import flex_hops
 
 # One flex call at a time per process: the flex HOPs trace the mask with torch.fx, whose symbolic
 # tracer keeps global state, so the threads of a simulated ring must not call them concurrently
@@ -47,35 +35,13 @@ def to_flex_lse(lse: Tensor) -> Tensor:
 _CALLS = threading.Lock()
 
 
-def _identity_score(score, b, h, q_idx, kv_idx):
-    return score
-
-
-def _forward(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float,
-             options: dict) -> tuple[Tensor, Tensor]:
-    """The flex HOP, as ``flex_attention`` calls it when compiled (GQA is native to it); run
-    directly, eager flex skips its per-call dynamo wrapper. Returns the natural-log LSE."""
-    if torch.compiler.is_dynamo_compiling():
-        for t in (q, k, v):  # as flex_attention does: heads and head dim are static
-            torch._dynamo.mark_static(t, -3)
-            torch._dynamo.mark_static(t, -1)
-    out, lse_base2, _ = torch.ops.higher_order.flex_attention(
-        q, k, v, _identity_score, block_mask.as_tuple(), scale, options)
-    return out, from_flex_lse(lse_base2)
-
-
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_base2: Tensor,
-              block_mask: BlockMask, scale: float, options: dict) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv, _ = torch.ops.higher_order.flex_attention_backward(
-        q, k, v, out, lse_base2, grad_out, None, _identity_score, None, block_mask.as_tuple(), scale,
-        options, (), ())
-    return dq, dk, dv
-
-
 def compiled(backend="inductor") -> tuple:
-    """(forward, backward) compiled with ``backend``, fullgraph and dynamic in length."""
-    return (torch.compile(_forward, backend=backend, fullgraph=True, dynamic=True),
-            torch.compile(_backward, backend=backend, fullgraph=True, dynamic=True))
+    """(forward, backward) compiled with ``backend``, fullgraph and dynamic in length; the
+    backward stays eager where dynamo cannot trace it (torch 2.11: ``flex_hops``)."""
+    forward = torch.compile(flex_hops.forward, backend=backend, fullgraph=True, dynamic=True)
+    if not flex_hops.BACKWARD_COMPILES:
+        return forward, flex_hops.backward
+    return forward, torch.compile(flex_hops.backward, backend=backend, fullgraph=True, dynamic=True)
 
 
 _CUDA_FORWARD, _CUDA_BACKWARD = compiled()
@@ -148,6 +114,14 @@ def _operands(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.detach().contiguous() for t in tensors)
 
 
+def _warn_eager_backward() -> None:
+    """Said once per process by warnings' default filter (same message, same place)."""
+    warnings.warn(
+        f"torch {torch.__version__}: dynamo cannot compile FlexAttention's backward as the flex "
+        "kernel calls it, so it runs eagerly (exact, slower, dense memory per call); torch >= 2.12 "
+        "compiles it", RuntimeWarning, stacklevel=3)
+
+
 class FlexKernel:
     """``ChunkKernel`` over FlexAttention: one call per segment pair, with its BlockMask.
 
@@ -172,7 +146,7 @@ class FlexKernel:
             return (*self._compiled, _scope)
         if device.type == "cuda":
             return _CUDA_FORWARD, _CUDA_BACKWARD, _scope
-        return _forward, _backward, contextlib.nullcontext
+        return flex_hops.forward, flex_hops.backward, contextlib.nullcontext
 
     @staticmethod
     def _mask_and_options(q: Tensor, k: Tensor, v: Tensor, pair) -> tuple[BlockMask, dict]:
@@ -200,7 +174,9 @@ class FlexKernel:
     def backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  pair, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         _, backward, scope = self._functions(q.device)
+        if scope is _scope and not flex_hops.BACKWARD_COMPILES:  # a compiled path, minus its backward
+            _warn_eager_backward()
         block_mask, options = self._mask_and_options(q, k, v, pair)
-        operands = _operands(grad_out, q, k, v, out, to_flex_lse(lse))
+        operands = _operands(grad_out, q, k, v, out, lse)
         with _CALLS, scope():
             return backward(*operands, block_mask, scale, options)
