@@ -17,7 +17,9 @@ import time
 
 import torch
 
-from gemma4_flexring import Layout, MaskSpec, schedule
+from gemma4_flexring import Layout, MaskSpec
+
+from gemma4_flexring.planning import schedule
 
 MASKS = {"sliding": MaskSpec(causal=True, sliding_window=1024, block_bidirectional=True),
          "causal": MaskSpec(causal=True)}

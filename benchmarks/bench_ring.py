@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from gemma4_flexring.bench import main
+from gemma4_flexring.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 import gemma4_flexring
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, mask_cache_info, ring_attention
-from gemma4_flexring.model import Gemma4Attention
+from gemma4_flexring.testing.model import Gemma4Attention
 
 # Ten lengths, every one a multiple of 4 (zigzag over 2 ranks needs 2 * 2 equal pieces).
 LENGTHS = (16, 24, 32, 40, 48, 56, 64, 72, 88, 112)

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from gemma4_flexring import MaskSpec, SequenceInfo, mask_cache_info, ring_attention
-from gemma4_flexring.reference import reference_attention
+from gemma4_flexring.testing.reference import reference_attention
 
 from .compile_cases import (LENGTHS, Stack, attend, compile_configs, compiled_ring_steps, dynamo_graphs,
                             make_info, steps_under_compile)

@@ -14,7 +14,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.export import Dim, ShapesCollection
 
 import hf_cases
-from gemma4_flexring import Layout, SequenceInfo, hf
+from gemma4_flexring import Layout, SequenceInfo
+from gemma4_flexring.integrations import transformers as hf
 
 from .compile_cases import Stack, compiled_ring_steps, make_hidden, make_info, max_error, run_step
 

@@ -7,7 +7,7 @@ import torch
 from torch.export import Dim, ShapesCollection
 
 from gemma4_flexring import SequenceInfo, mask_cache_info
-from gemma4_flexring.model import Gemma4Attention
+from gemma4_flexring.testing.model import Gemma4Attention
 
 from .compile_cases import make_hidden, make_info
 

@@ -1,4 +1,4 @@
-"""gemma4_flexring.graphs and the ``graph`` command: structural graph pins, op calls, guards, recompiles.
+"""gemma4_flexring.tools.graphs and the ``graph`` command: structural graph pins, op calls, guards, recompiles.
 
 The pins are structural (``graph_summary``): regenerate them with
 ``EXPECTTEST_ACCEPT=1 python -m pytest compile_tests/test_graphs.py``. The last tests prove that
@@ -18,10 +18,10 @@ from expecttest import TestCase
 from torch.utils.checkpoint import checkpoint
 
 from gemma4_flexring import SequenceInfo
-from gemma4_flexring.compile_log import capture_guards
-from gemma4_flexring.graph_cli import main
-from gemma4_flexring.graphs import compile_batches, compiled_graphs, graph_summary, ring_op_calls
-from gemma4_flexring.model import Gemma4Attention
+from gemma4_flexring.tools.compile_log import capture_guards
+from gemma4_flexring.tools.graph import main
+from gemma4_flexring.tools.graphs import compile_batches, compiled_graphs, graph_summary, ring_op_calls
+from gemma4_flexring.testing.model import Gemma4Attention
 
 from .compile_cases import attend
 
@@ -184,4 +184,4 @@ class TestCli(TestCase):
 
     def test_bad_factory_is_a_usage_error(self):
         with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-            main(["--model", "gemma4_flexring.model"])
+            main(["--model", "gemma4_flexring.testing.model"])

@@ -8,7 +8,7 @@ import torch.utils._pytree as pytree
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from gemma4_flexring import MaskSpec, SequenceInfo, mask_cache_info
-from gemma4_flexring.reference import reference_attention
+from gemma4_flexring.testing.reference import reference_attention
 
 from .compile_cases import LENGTHS, Stack, attend, steps_under_compile
 

@@ -1,10 +1,10 @@
 """gemma4-flexring: exact context-parallel ring attention for Gemma 4 masks."""
 
 from .api import ring_attention
-from .cache import clear_mask_cache, mask_cache_info, set_mask_cache_capacity
 from .info import SequenceInfo
 from .layout import Layout
-from .masks import MaskSpec
+from .planning.cache import clear_mask_cache, mask_cache_info, set_mask_cache_capacity
+from .planning.masks import MaskSpec
 from .stats import RingStats, reset_ring_stats, ring_stats
 
 __all__ = ["MaskSpec", "SequenceInfo", "Layout", "ring_attention", "mask_cache_info", "clear_mask_cache",

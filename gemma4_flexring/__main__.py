@@ -7,8 +7,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "gemma4_flexring.demo", "graph": "gemma4_flexring.graph_cli", "bench": "gemma4_flexring.bench",
-                "selfcheck": "gemma4_flexring.selfcheck"}
+    commands = {"demo": "gemma4_flexring.tools.demo", "graph": "gemma4_flexring.tools.graph", "bench": "gemma4_flexring.tools.bench",
+                "selfcheck": "gemma4_flexring.tools.selfcheck"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m gemma4_flexring {{{','.join(commands)}}} [options]  (--help after a command)")
         return 2

@@ -11,8 +11,8 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
 from .info import SequenceInfo
 from .layout import Layout
-from .masks import MaskSpec
-from .simulated import SimulatedGroup
+from .planning.masks import MaskSpec
+from .testing.simulated import SimulatedGroup
 from .validate import fail_together
 
 

@@ -30,8 +30,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import schedule
-from .schedule import PairPlan, Rows, Tile, ring_owner, split_tile
+from .planning import schedule
+from .planning.schedule import PairPlan, Rows, Tile, ring_owner, split_tile
 
 PIECES_PER_CHUNK = 8  # a whole chunk's rows travel and are computed in this many pieces...
 # ...of at least this many rows. Measured with the aten CPU kernel at P=1 (S=4096 and 16384):

@@ -24,16 +24,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import generations, schedule, simulated
-from .cache import MASK_CACHE
+from . import generations
+from .planning import schedule
+from .testing import simulated
+from .planning.cache import MASK_CACHE
 from .exchange import Exchange, build_exchange, piece_rows
 from .kernels import ChunkKernel, kernel_for
 from .layout import Layout
-from .masks import MaskSpec
+from .planning.masks import MaskSpec
 from .merge import accumulator_dtype
-from .metadata import Metadata
+from .planning.metadata import Metadata
 from .ring import RingComm, ring_backward, ring_forward
-from .simulated import SimulatedComm, SimulatedGroup
+from .testing.simulated import SimulatedComm, SimulatedGroup
 from .validate import check_inputs_once, local_problems, signature
 
 

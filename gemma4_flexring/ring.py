@@ -31,7 +31,7 @@ from torch import Tensor
 from .exchange import Exchange, Piece, Step, row_count
 from .kernels import ChunkKernel
 from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
-from .schedule import Rows
+from .planning.schedule import Rows
 from .stats import record_send, record_step, record_wait
 
 # A row group (``row_groups``): at most this many calls, each on at most this many query rows.

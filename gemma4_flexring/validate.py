@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .kernels import kernel_problem
-from .metadata import Metadata, digest_words
-from .simulated import SimulatedGroup
+from .planning.metadata import Metadata, digest_words
+from .testing.simulated import SimulatedGroup
 from .stats import record_agreement
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gemma4_flexring.rendezvous import local_init_method
+from gemma4_flexring.testing.launch import local_init_method
 
 # Guards against a hung collective only; no test measures time.
 HANG_TIMEOUT_S = 600

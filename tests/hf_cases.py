@@ -13,9 +13,11 @@ import torch
 from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, hf
-from gemma4_flexring.demo import tiny_config, tiny_text_config
-from gemma4_flexring.reference import reference_mask
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+
+from gemma4_flexring.integrations import transformers as hf
+from gemma4_flexring.tools.demo import tiny_config, tiny_text_config
+from gemma4_flexring.testing.reference import reference_mask
 
 SEQ_LEN = 48  # splits into 4 and 6 equal pieces: zigzag over 2 and 3 ranks
 BATCH = 2

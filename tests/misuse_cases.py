@@ -71,7 +71,7 @@ def one_rank_meta_keys(rank: int, world_size: int) -> None:
 
 
 def _shard(rank: int, world_size: int, ring: bool, rank_given: int) -> None:
-    from gemma4_flexring import hf
+    from gemma4_flexring.integrations import transformers as hf
     from hf_cases import CASES, make_model
 
     hf.shard_inputs(make_model(CASES["packed"], ring=ring), input_ids=torch.zeros(1, 8, dtype=torch.long),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
-from gemma4_flexring.reference import reference_attention, reference_mask
+from gemma4_flexring.testing.reference import reference_attention, reference_mask
 
 ERROR_SPECS = {
     "causal": MaskSpec(causal=True),

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
-from gemma4_flexring import exchange, schedule
+from gemma4_flexring import exchange
+from gemma4_flexring.planning import schedule
 
 SPECS = {
     "causal": MaskSpec(causal=True),
@@ -160,8 +161,8 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     """
     from gemma4_flexring.kernels import KERNELS
     from gemma4_flexring import reset_ring_stats, ring_stats
-    from gemma4_flexring.metadata import informative
-    from gemma4_flexring.reference import reference_mask
+    from gemma4_flexring.planning.metadata import informative
+    from gemma4_flexring.testing.reference import reference_mask
 
     layout = Layout(layout_kind, world_size)
     info = make_info(case.info, case.batch, case.seq_len)

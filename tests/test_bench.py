@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from gemma4_flexring.bench import layer_masks, main, make_info
-from gemma4_flexring.reference import reference_mask
+from gemma4_flexring.tools.bench import layer_masks, main, make_info
+from gemma4_flexring.testing.reference import reference_mask
 
 
 def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsys):

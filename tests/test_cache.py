@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_flexring import SequenceInfo, cache
+from gemma4_flexring import SequenceInfo
+
+from gemma4_flexring.planning import cache
 
 
 def _info(cut: int) -> SequenceInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_flexring import demo
+from gemma4_flexring.tools import demo
 
 
 def test_demo_passes_and_reports(capsys):

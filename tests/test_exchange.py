@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from gemma4_flexring import Layout, MaskSpec
 from gemma4_flexring.exchange import build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows
-from gemma4_flexring.reference import reference_mask
+from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.kernels import KERNELS
 from gemma4_flexring.ops import kernel_plans
-from gemma4_flexring.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
+from gemma4_flexring.planning.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
 from ring_cases import EXCHANGE_CASES, exchange_traffic
 from strategies import random_plans
 

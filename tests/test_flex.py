@@ -16,10 +16,10 @@ from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
 from gemma4_flexring.kernels import KERNELS, default_kernel, kernel_problem
 from gemma4_flexring.kernels import flex_hops
 from gemma4_flexring.kernels.flex import FlexKernel
-from gemma4_flexring.reference import reference_attention
-from gemma4_flexring.schedule import SegmentPair, block_mask_from_flags
-from gemma4_flexring.simulated import SimulatedGroup
-from gemma4_flexring.masks import offset_mask_mod
+from gemma4_flexring.testing.reference import reference_attention
+from gemma4_flexring.planning.schedule import SegmentPair, block_mask_from_flags
+from gemma4_flexring.testing.simulated import SimulatedGroup
+from gemma4_flexring.planning.masks import offset_mask_mod
 from ring_cases import Case, bad_kernel_on_rank_zero, run_cases
 from test_ring import TOLERANCE, reference
 
@@ -235,7 +235,7 @@ def test_cuda_uses_compiled_flex():
 @pytest.mark.parametrize("head_dim", [64, 256, 512])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_flex_matches_reference(head_dim, dtype):
-    from gemma4_flexring import selfcheck
+    from gemma4_flexring.tools import selfcheck
 
     result = selfcheck.parity(torch.device("cuda"), head_dim, dtype, seq_len=512, kernel="flex")
     assert result["ok"], result

@@ -15,8 +15,10 @@ import torch
 from transformers import AttentionInterface, Gemma4ForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, hf
-from gemma4_flexring.demo import relative_error
+from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+
+from gemma4_flexring.integrations import transformers as hf
+from gemma4_flexring.tools.demo import relative_error
 from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp, shard_kwargs,
                       text_config)
 

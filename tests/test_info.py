@@ -12,7 +12,7 @@ from transformers.masking_utils import find_packed_sequence_indices
 from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
 
 from gemma4_flexring import SequenceInfo
-from gemma4_flexring.metadata import describe
+from gemma4_flexring.planning.metadata import describe
 
 
 def test_documents_match_find_packed_sequence_indices():

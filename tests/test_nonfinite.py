@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma4_flexring import Layout
-from gemma4_flexring.reference import reference_mask
+from gemma4_flexring.testing.reference import reference_mask
 from nonfinite_cases import padding_keys, run_poisoned
 from ring_cases import Case, make_info
 

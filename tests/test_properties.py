@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gemma4_flexring import MaskSpec
-from gemma4_flexring.reference import reference_attention
+from gemma4_flexring.testing.reference import reference_attention
 from property_cases import Example, run_examples
 
 TOLERANCE = 1e-12  # float64

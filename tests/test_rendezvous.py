@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from gemma4_flexring.rendezvous import local_init_method
+from gemma4_flexring.testing.launch import local_init_method
 
 
 def test_each_rendezvous_has_its_own_directory_removed_at_the_end():

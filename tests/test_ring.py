@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_flexring.reference import reference_attention
+from gemma4_flexring.testing.reference import reference_attention
 from ring_cases import (EXCHANGE_CASES, INFOS, SPECS, Case, make_info, make_layout, make_tensors,
                         mesh_matches_default_group, run_cases)
 

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
-from gemma4_flexring.reference import reference_mask
+from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.exchange import packed_tiles
-from gemma4_flexring.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner, used_key_blocks
+from gemma4_flexring.planning.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner, used_key_blocks
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
@@ -251,7 +251,7 @@ def test_ring_owner_visits_every_rank_once():
 def test_dense_evaluation_in_chunks_gives_the_same_plan(monkeypatch):
     """Partial blocks are evaluated ``DENSE_CHUNK`` entries at a time; a chunk of a single block
     must give the same BlockMask and tiles as one chunk for all."""
-    from gemma4_flexring import schedule
+    from gemma4_flexring.planning import schedule
 
     info = make_info("all", 2, 96)
     args = (SPECS["sliding_vision"], *info.tensors(), Layout("zigzag", 2), 96, 1, 0, 2, torch.float32, CPU, 4)

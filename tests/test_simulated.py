@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gemma4_flexring import Layout, ops, ring_attention
-from gemma4_flexring import simulated
-from gemma4_flexring.simulated import SimulatedGroup
+from gemma4_flexring.testing import simulated
+from gemma4_flexring.testing.simulated import SimulatedGroup
 from ring_cases import SPECS, Case, make_info, make_tensors
 from test_ring import TOLERANCE, reference
 

@@ -132,7 +132,8 @@ def test_double_backward_names_the_unsupported_feature():
 
 def test_a_failed_call_leaves_nothing_half_built(monkeypatch):
     """Planning fails: a clear error, nothing cached for that batch, and the next call works."""
-    from gemma4_flexring import clear_mask_cache, mask_cache_info, schedule
+    from gemma4_flexring import clear_mask_cache, mask_cache_info
+    from gemma4_flexring.planning import schedule
 
     clear_mask_cache()
     q, k, v = qkv()

@@ -23,8 +23,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ..schedule import PairPlan
-from .cpu import CpuFlashKernel
+from ..planning.schedule import PairPlan
+from .aten import CpuFlashKernel
 from .flex import FlexKernel
 
 

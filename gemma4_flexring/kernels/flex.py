@@ -94,7 +94,7 @@ def cuda_options(head_dim: int, dtype: torch.dtype) -> dict:
 @lru_cache(maxsize=256)
 def _full_block_mask(q_len: int, kv_len: int, device: torch.device, BLOCK_SIZE: int) -> BlockMask:
     """A BlockMask allowing every entry (for segment pairs no mask applies to)."""
-    from ..schedule import block_mask_from_flags
+    from ..planning.schedule import block_mask_from_flags
 
     q_blocks, kv_blocks = -(-q_len // BLOCK_SIZE), -(-kv_len // BLOCK_SIZE)
     complete = ((torch.arange(q_blocks, device=device) < q_len // BLOCK_SIZE)[:, None]
@@ -152,7 +152,7 @@ class FlexKernel:
     def _mask_and_options(q: Tensor, k: Tensor, v: Tensor, pair) -> tuple[BlockMask, dict]:
         block_mask = pair.block_mask
         if block_mask is None:
-            from ..schedule import BLOCK_SIZE
+            from ..planning.schedule import BLOCK_SIZE
 
             block_mask = _full_block_mask(q.shape[2], k.shape[2], q.device, BLOCK_SIZE)
         options = cuda_options(q.shape[-1], q.dtype) if q.device.type == "cuda" else {}

@@ -31,14 +31,14 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .api import ring_attention
-from .info import SequenceInfo
-from .kernels import default_kernel
-from .layout import Layout
-from .masks import MaskSpec
-from .reference import reference_attention, reference_mask
-from .rendezvous import local_init_method
-from .simulated import SimulatedGroup
+from ..api import ring_attention
+from ..info import SequenceInfo
+from ..kernels import default_kernel
+from ..layout import Layout
+from ..planning.masks import MaskSpec
+from ..testing.reference import reference_attention, reference_mask
+from ..testing.launch import local_init_method
+from ..testing.simulated import SimulatedGroup
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float64: 1e-10}
 FEATURES = ("causal", "sliding", "bidirectional", "bidirectional_window", "vision", "documents",
@@ -242,7 +242,7 @@ def compile_and_export(device: torch.device, dtype: torch.dtype, backend: str) -
     """A Gemma 4 attention layer: compiled (fullgraph) and exported (dynamic length) vs eager."""
     from torch.export import Dim
 
-    from .model import Gemma4Attention
+    from ..testing.model import Gemma4Attention
 
     torch.manual_seed(0)
     layer = Gemma4Attention().to(device, dtype)

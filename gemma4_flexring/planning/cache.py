@@ -30,9 +30,9 @@ from typing import Callable, Hashable, NamedTuple, TypeVar
 
 from torch import Tensor
 
-from .layout import Layout
+from ..layout import Layout
 from .metadata import Metadata, content_digest, describe, stamp
-from .stats import record_planning
+from ..stats import record_planning
 
 T = TypeVar("T")
 

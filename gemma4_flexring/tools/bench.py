@@ -50,16 +50,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .blocks import EMPTY, FULL, PARTIAL, Blocks
-from .cache import clear_mask_cache
-from .info import SequenceInfo
-from .kernels import KERNELS, default_kernel
-from .layout import Layout
-from .masks import MaskSpec, gemma4_mask
-from .metadata import informative
-from .rendezvous import local_init_method
-from .schedule import DENSE_CHUNK, block_indices, evaluate_at
-from .stats import reset_ring_stats, ring_stats
+from ..planning.blocks import EMPTY, FULL, PARTIAL, Blocks
+from ..planning.cache import clear_mask_cache
+from ..info import SequenceInfo
+from ..kernels import KERNELS, default_kernel
+from ..layout import Layout
+from ..planning.masks import MaskSpec, gemma4_mask
+from ..planning.metadata import informative
+from ..testing.launch import local_init_method
+from ..planning.schedule import DENSE_CHUNK, block_indices, evaluate_at
+from ..stats import reset_ring_stats, ring_stats
 
 # The memory phase's processes: buffers of 64 KiB or more are mapped on their own and returned
 # when freed, so the resident high-water mark follows live memory.
@@ -283,7 +283,7 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
 def _ring_step(figure: Figure, args) -> tuple:
     """One forward + backward of every layer with fresh metadata: (step, forward, backward,
     planning, forward wait, backward wait) seconds and bytes sent."""
-    from .api import ring_attention
+    from ..api import ring_attention
 
     figure.zero_grads()
     info = figure.info(args)
@@ -316,7 +316,7 @@ def _figure_row(rank: int, figure: Figure, args) -> dict:
 def _measure_memory(rank: int, figure: Figure, args) -> dict:
     """Peak workspace of the ring's forward and backward on the first layer, and of the baseline,
     each after a warm-up step."""
-    from .api import ring_attention
+    from ..api import ring_attention
 
     _ring_step(figure, args)
     clear_mask_cache()  # the measured call plans afresh; no plan of the warm-up is freed during it
@@ -370,7 +370,7 @@ def _baseline_step(rank: int, figure: Figure, args):
     import torch.distributed.nn.functional as dist_fn
     import torch.nn.functional as F
 
-    from .reference import reference_mask
+    from ..testing.reference import reference_mask
 
     qkv = q, k, v = figure.tensors[0]
     spec, info = figure.layers[0][1], _info(figure.name, args)

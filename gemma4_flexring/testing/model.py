@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .api import ring_attention
-from .info import SequenceInfo
-from .layout import Layout
-from .masks import MaskSpec
+from ..api import ring_attention
+from ..info import SequenceInfo
+from ..layout import Layout
+from ..planning.masks import MaskSpec
 
 
 class RMSNorm(nn.Module):

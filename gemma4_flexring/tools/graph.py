@@ -6,7 +6,7 @@ recompiled (with dynamo's reason); per compile, the ``gemma4_flexring`` op calls
 arguments, the guards on the inputs and on values, and the AOT forward and backward graphs.
 
 The model comes from a factory, named ``module:attribute`` (``--model mypkg.mod:make``; the
-module is imported, so it must be on ``sys.path``). Default: ``gemma4_flexring.model:example``.
+module is imported, so it must be on ``sys.path``). Default: ``gemma4_flexring.testing.model:example``.
 
 Factory protocol: a callable taking no arguments and returning ``(fn, batches)``, where
     fn: an ``nn.Module`` or a function (calling ``ring_attention`` somewhere inside);
@@ -34,7 +34,7 @@ import torch
 from .compile_log import format_guard
 from .graphs import Batch, Compile, compile_batches, ring_op_calls, value_type
 
-DEFAULT_MODEL = "gemma4_flexring.model:example"
+DEFAULT_MODEL = "gemma4_flexring.testing.model:example"
 
 
 def load_factory(spec: str) -> Callable[[], tuple[Callable[..., Any], list[Batch]]]:

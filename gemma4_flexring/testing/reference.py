@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .info import SequenceInfo
-from .masks import MaskSpec
+from ..info import SequenceInfo
+from ..planning.masks import MaskSpec
 
 
 def reference_mask(spec: MaskSpec, info: SequenceInfo | None, batch: int, seq_len: int) -> Tensor:

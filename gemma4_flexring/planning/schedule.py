@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .blocks import EMPTY, FULL, PARTIAL, Blocks, Spans
-from .layout import Layout, Segment
+from ..layout import Layout, Segment
 from .masks import Mask, MaskMod, MaskSpec, gemma4_mask, offset_mask_mod
 from .metadata import informative
 

@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .info import SequenceInfo, blocks_from_token_types
-from .kernels import kernel_for
-from .layout import FIXED_LAYOUTS, Layout
-from .masks import MaskSpec
-from .reference import reference_mask
-from .rendezvous import local_init_method
-from .stats import reset_ring_stats, ring_stats
+from ..info import SequenceInfo, blocks_from_token_types
+from ..kernels import kernel_for
+from ..layout import FIXED_LAYOUTS, Layout
+from ..planning.masks import MaskSpec
+from ..testing.reference import reference_mask
+from ..testing.launch import local_init_method
+from ..stats import reset_ring_stats, ring_stats
 
 DTYPE = torch.float64
 # Relative. transformers computes RMSNorm and the loss in float32, which bounds float64 parity near
@@ -119,7 +119,7 @@ def make_model(config, device: torch.device, ring: bool) -> torch.nn.Module:
     """The demo model, seeded so that every process holds the same weights; float64."""
     from transformers import Gemma4ForConditionalGeneration
 
-    from . import hf
+    from ..integrations import transformers as hf
 
     torch.manual_seed(0)
     # A copy: switching the attention implementation writes to the model's config object.
@@ -229,7 +229,7 @@ class Measured:
 def cp_step(compiled, model: torch.nn.Module, batch: Batch, layout: Layout | str, rank: int) -> Measured:
     """One compiled forward and backward on this rank's shard, reassembled over the group
     (``layout="balanced"``: ``shard_inputs`` builds it from the batch; a new one every step)."""
-    from . import hf
+    from ..integrations import transformers as hf
 
     model.zero_grad(set_to_none=True)
     kwargs = hf.shard_inputs(model, **batch.as_kwargs(), layout=layout, rank=rank)
