@@ -19,7 +19,8 @@ import torch
 
 from gemma4_flexring import Layout, MaskSpec
 
-from gemma4_flexring.planning import schedule
+from gemma4_flexring.planning.context import plan_context
+from gemma4_flexring.planning.plan import plan_pair
 
 MASKS = {"sliding": MaskSpec(causal=True, sliding_window=1024, block_bidirectional=True),
          "causal": MaskSpec(causal=True)}
@@ -35,8 +36,9 @@ def metadata(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def plan_rank(spec: MaskSpec, tensors, layout: Layout, seq_len: int, rank: int) -> None:
+    ctx = plan_context(spec, layout, seq_len, torch.device("cpu"), *tensors)
     for owner in range(layout.world_size):
-        schedule.plan_pair(spec, *tensors, layout, seq_len, rank, owner, 1, torch.float32, torch.device("cpu"))
+        plan_pair(ctx, rank, owner, torch.float32)
 
 
 def main() -> None:

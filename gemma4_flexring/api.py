@@ -5,43 +5,14 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
+from .comm import group_size, process_group
 from .info import SequenceInfo
 from .layout import Layout
 from .planning.masks import MaskSpec
-from .testing.simulated import SimulatedGroup
 from .validate import fail_together
-
-
-
-def process_group(group=None) -> dist.ProcessGroup | SimulatedGroup | None:
-    """The ProcessGroup of a ProcessGroup / 1-D DeviceMesh / SimulatedGroup / None (default group;
-    None when torch.distributed is not initialized, a world of one)."""
-    if group is None:
-        if not dist.is_available() or not dist.is_initialized():
-            return None
-        group = dist.group.WORLD
-    elif isinstance(group, dist.ProcessGroup):
-        pass  # checked first and alone: dynamo cannot run other isinstance checks on a ProcessGroup
-    elif not isinstance(group, SimulatedGroup):
-        get_group = getattr(group, "get_group", None)  # DeviceMesh
-        if get_group is None:
-            raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh, a SimulatedGroup or None, "
-                            f"got {type(group).__name__}")
-        if group.ndim != 1:
-            raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim} dimensions")
-        group = get_group()
-    return group
-
-
-def group_size(pg: dist.ProcessGroup | SimulatedGroup | None) -> int:
-    """Ranks of the group (1 for None)."""
-    if pg is None:
-        return 1
-    return dist.get_world_size(pg) if isinstance(pg, dist.ProcessGroup) else pg.size()
 
 
 def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,

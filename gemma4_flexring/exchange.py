@@ -1,22 +1,22 @@
 """The exchange schedule: which rows of whose K/V chunk travel where at each ring step.
 
 At ring step ``s`` rank ``r`` attends to the chunk of owner ``(r - s) mod P`` and the owner
-sends it, directly, exactly the rows ``r``'s kernel calls read, possibly none: ``PairPlan.kv_rows``
-for aten's tiles, ``PairPlan.pair_rows`` (whole key blocks) for flex's segment pairs
-(``ops.kernel_plans`` puts the kernel's own in ``kv_rows``). Rows never pass through a rank that
+sends it, directly, exactly the rows ``r``'s kernel calls read, possibly none: the rows of its
+``CallPlan`` (the kernel's view of the pair plan: exact rows for aten's tiles, whole key blocks for
+flex's segment pairs). Rows never pass through a rank that
 does not need them. In the same step ``r`` sends its own rows to ``(r + s) mod P``, the rank that
 reads its chunk at that step. The backward sends the same rows again, and the dK/dV of the rows
 a rank received go back to their owner.
 
 Every rank derives both sides from global metadata: what it receives from its own plans, what it
-sends from ``schedule.needed_kv_rows`` of every other query rank against itself, the same runs
+sends from ``planning.plan.needed_kv_rows`` of every other query rank against itself, the same runs
 the receiver's plan holds. A step with nothing to send and nothing to receive posts nothing.
 
 Received rows are packed: the visiting chunk is [B, Hkv, n, D] for the n rows received, and each
 step's calls (tiles or segment pairs) have their ``kv_rows`` moved into that packed chunk.
 
 Pieces bound memory. A step's rows are cut into pieces of at most ``piece_rows`` rows, and
-its tiles at the pieces' edges and every ``piece_rows`` query rows (``schedule.split_tile``):
+its tiles at the pieces' edges and every ``piece_rows`` query rows (``planning.tiles.split_tile``):
 no kernel call reads more, and the backward computes and sends home each piece's dK/dV on its
 own. Reader and owner cut the same row count the same way (``piece_bounds``), so the owner
 knows which of its rows each piece of dK/dV coming home holds; rows that travel are cut into
@@ -30,8 +30,15 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .planning import schedule
-from .planning.schedule import PairPlan, Rows, Tile, ring_owner, split_tile
+from .planning import context
+from .planning.plan import CallPlan
+from .planning.rows import Rows
+from .planning.tiles import split_tile
+
+def ring_owner(rank: int, step: int, world_size: int) -> int:
+    """Rank whose key/value chunk ``rank`` holds at ring ``step``."""
+    return (rank - step) % world_size
+
 
 PIECES_PER_CHUNK = 8  # a whole chunk's rows travel and are computed in this many pieces...
 # ...of at least this many rows. Measured with the aten CPU kernel at P=1 (S=4096 and 16384):
@@ -45,7 +52,7 @@ def piece_rows(chunk_len: int, dtype: torch.dtype) -> int:
     """The most key rows (and query rows) one kernel call, and one piece of dK/dV, may hold for
     chunks of ``chunk_len`` rows of ``dtype``: an eighth of the chunk in whole blocks, at least
     ``MIN_PIECE_ROWS`` (``MIN_HALF_PIECE_ROWS`` in half precision)."""
-    block = schedule.BLOCK_SIZE
+    block = context.BLOCK_SIZE
     fewest = MIN_HALF_PIECE_ROWS if dtype in (torch.float16, torch.bfloat16) else MIN_PIECE_ROWS
     return max(fewest, -(-chunk_len // (PIECES_PER_CHUNK * block)) * block)
 
@@ -137,55 +144,57 @@ def row_count(rows: Rows) -> int:
     return sum(stop - start for start, stop in rows)
 
 
-def build_exchange(rank: int, world_size: int, plans: Sequence[PairPlan], send_rows: Sequence[Rows],
+def build_exchange(rank: int, world_size: int, plans: Sequence[CallPlan], send_rows: Sequence[Rows],
                    chunk_len: int, most_rows: int | None = None) -> Exchange:
     """The exchange of ``rank``, whose chunk holds ``chunk_len`` rows.
 
     Args:
-        plans: ``rank``'s plan against every owner (indexed by owner).
+        plans: ``rank``'s plan against every owner as its kernel runs them (indexed by owner).
         send_rows: per query rank, the rows of ``rank``'s chunk that its plan reads
-            (``needed_kv_rows(..., q_rank=d, kv_rank=rank)``; entry ``rank`` is not read).
+            (``needed_kv_rows(ctx, d, rank)``; entry ``rank`` is not read).
         most_rows: the pieces' size (``piece_rows``); None: one piece per step, tiles uncut.
     """
-    steps = [Step(rank, (), rank, (), cut_pieces(plans[rank].tiles, chunk_len, most_rows))]
+    steps = [Step(rank, (), rank, (), cut_pieces(plans[rank].calls, chunk_len, most_rows))]
     pace = len(piece_bounds(chunk_len, most_rows))  # every rank's chunks have chunk_len rows: all agree
     for step in range(1, world_size):
         owner, reader = ring_owner(rank, step, world_size), (rank + step) % world_size
         plan, sent = plans[owner], tuple(send_rows[reader])
         home = tuple(sub_rows(sent, a, b) for a, b in piece_bounds(row_count(sent), most_rows, pace))
-        tiles = packed_tiles(plan.tiles, plan.kv_rows)
+        calls = packed_calls(plan.calls, plan.kv_rows)
         steps.append(Step(reader, sent, owner, plan.kv_rows,
-                          cut_pieces(tiles, row_count(plan.kv_rows), most_rows, pace), home))
+                          cut_pieces(calls, row_count(plan.kv_rows), most_rows, pace), home))
     return Exchange(tuple(steps))
 
 
-def cut_pieces(tiles: Sequence[Tile], rows: int, most_rows: int | None, pace: int = 0) -> tuple[Piece, ...]:
-    """``tiles`` reading rows [0, rows) of a visiting chunk, cut into the pieces of ``piece_bounds``
-    and into at most ``most_rows`` query rows (``schedule.split_tile``); None: one piece, uncut.
+def cut_pieces(calls: Sequence, rows: int, most_rows: int | None, pace: int = 0) -> tuple[Piece, ...]:
+    """``calls`` reading rows [0, rows) of a visiting chunk, cut into the pieces of ``piece_bounds``
+    and, when they are tiles, into at most ``most_rows`` query rows (``split_tile``); None: one
+    piece, uncut (the flex kernel's calls).
     ``pace``: see ``piece_bounds`` (rows that travel are cut as their owner cuts their dK/dV)."""
     bounds = piece_bounds(rows, most_rows, pace)
     if most_rows is None:
-        return tuple(Piece(a, b, tuple(tiles)) for a, b in bounds)
+        return tuple(Piece(a, b, tuple(calls)) for a, b in bounds)
     kv_cuts = [a for a, _ in bounds[1:]]
-    parts = [split_tile(t, range(t.q_rows.start + most_rows, t.q_rows.stop, most_rows), kv_cuts) for t in tiles]
+    parts = [split_tile(t, range(t.q_rows.start + most_rows, t.q_rows.stop, most_rows), kv_cuts) for t in calls]
     return tuple(Piece(a, b, tuple(p for ps in parts for p in ps if a <= p.kv_rows.start < b)) for a, b in bounds)
 
 
-def packed_tiles(tiles: Sequence[Tile], rows: Rows) -> tuple[Tile, ...]:
-    """``tiles`` with ``kv_rows`` moved from the owner's local rows into the packed ``rows``.
+def packed_calls(calls: Sequence, rows: Rows) -> tuple:
+    """``calls`` (tiles or segment pairs) with ``kv_rows`` moved from the owner's local rows into
+    the packed ``rows``.
 
     Raises:
-        AssertionError: a tile reads a row outside ``rows`` (the planner broke its contract).
+        AssertionError: a call reads a row outside ``rows`` (the planner broke its contract).
     """
     offsets, at = [], 0
     for start, stop in rows:
         offsets.append(at - start)
         at += stop - start
     moved = []
-    for tile in tiles:
-        cols = tile.kv_rows
+    for call in calls:
+        cols = call.kv_rows
         shift = next((off for (start, stop), off in zip(rows, offsets) if start <= cols.start and cols.stop <= stop),
                      None)
-        assert shift is not None, f"tile reads rows {cols} outside the exchanged rows {rows}"
-        moved.append(tile._replace(kv_rows=slice(cols.start + shift, cols.stop + shift)))
+        assert shift is not None, f"call reads rows {cols} outside the exchanged rows {rows}"
+        moved.append(call._replace(kv_rows=slice(cols.start + shift, cols.stop + shift)))
     return tuple(moved)

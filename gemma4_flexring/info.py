@@ -9,7 +9,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from . import ops
+def _new_generation(like: Tensor) -> Tensor:
+    """A fresh generation from the custom op (registered by ``ops.py``, which the package imports;
+    called by name so that this data type sits below the engine in the import graph)."""
+    return torch.ops.gemma4_flexring.new_generation(like)
+
 
 _FIELDS = ("document_ids", "block_ids", "padding", "generation")
 _SIGNED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
@@ -84,7 +88,7 @@ class SequenceInfo:
             torch.full(shape, -1, **as_int) if block_ids is None else block_ids.to(torch.int64),
             torch.zeros(shape, dtype=torch.bool, device=device) if padding is None else padding,
         )
-        _set_fields(self, (*fields, ops.new_generation(fields[0])))
+        _set_fields(self, (*fields, _new_generation(fields[0])))
 
     @classmethod
     def from_hf(cls, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -181,7 +185,7 @@ def _flatten_with_keys(info: SequenceInfo):
 def _unflatten(values, context) -> SequenceInfo:
     values = list(values)
     if all(isinstance(v, Tensor) for v in values):
-        values[-1] = ops.new_generation(values[0])
+        values[-1] = _new_generation(values[0])
     info = SequenceInfo.__new__(SequenceInfo)
     _set_fields(info, values)  # leaves need not be tensors (pytrees of shapes, specs, ...)
     return info

@@ -1,13 +1,14 @@
 """How a sequence is split across context-parallel ranks.
 
 Every layout gives each rank the same number of tokens, L = S / P, as a few globally contiguous
-runs (``segments``). Three kinds:
+runs (``segments``). Four kinds:
 
 - ``contiguous``: rank r holds the r-th of P equal pieces.
 - ``zigzag``: rank r holds the r-th and the (2P-1-r)-th of 2P equal pieces, which balances the
   causal work of one document.
 - ``balanced``: computed from a batch's metadata (``Layout.balanced``) so that the causal work
   of packed documents is balanced; it holds its positions as a tensor and changes every batch.
+- ``explicit``: any positions the caller gives (``Layout.from_positions``), held the same way.
 
 Whatever the kind, the op receives the layout as one int64 tensor, ``table(S)``: the global
 positions of rank 0's tokens in local order, then rank 1's, ... (rank-major, [S]). A tensor,

@@ -22,11 +22,6 @@ from torch import Tensor
 LSE_DTYPE = torch.float64
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the merged LSE the forward op returns for inputs of ``dtype``: float64 always."""
-    return LSE_DTYPE
-
-
 def out_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """``out`` accumulates in float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -25,37 +25,17 @@ import time
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .comm import Communicator
 from .exchange import Exchange, Piece, Step, row_count
 from .kernels import ChunkKernel
 from .merge import LSE_DTYPE, merge_, out_accumulator_dtype
-from .planning.schedule import Rows
-from .stats import record_send, record_step, record_wait
+from .planning.rows import Rows
+from .stats import record_step, record_wait
 
 # A row group (``row_groups``): at most this many calls, each on at most this many query rows.
 GROUP_CALLS, GROUP_ROWS = 4, 512
-
-
-class RingComm:
-    """Point-to-point exchanges within ``group`` (None: a world of one), by group rank."""
-
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
-        self.rank = 0 if group is None else group.rank()
-        self.world_size = 1 if group is None else group.size()
-        self._global = [r if group is None else dist.get_global_rank(group, r) for r in range(self.world_size)]
-
-    def start(self, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]]) -> list:
-        """Post every (peer, tensor) send and receive in one ``batch_isend_irecv``; nothing when
-        there is nothing to exchange. Messages between two ranks match in posting order."""
-        ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, t in recvs]
-        if not ops:
-            return []
-        record_send(sum(t.numel() * t.element_size() for _, t in sends))
-        return dist.batch_isend_irecv(ops)
 
 
 def unit_last_stride(t: Tensor) -> Tensor:
@@ -123,7 +103,7 @@ class _KVExchange:
         rows = exchange.max_recv_rows()
         self._kbuf, self._vbuf = (_Buffers(t, rows, 2, t.dtype) for t in (k, v))
 
-    def visits(self, comm: RingComm, backward: bool):
+    def visits(self, comm: Communicator, backward: bool):
         """Yield (index, step, k, v) for every step with the K/V it reads (step 0: the local
         chunk). The next step's K/V exchange is posted before a step is yielded, so it travels
         while the step computes, and waited for when the next step comes."""
@@ -166,7 +146,7 @@ def without_padding(k: Tensor, v: Tensor, key_padding: Tensor | None) -> tuple[T
     return k.masked_fill(keys, 0), v.masked_fill(keys, 0)
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm, kernel: ChunkKernel,
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: ChunkKernel,
                  scale: float, exchange: Exchange, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention of local ``q`` [B, Hq, L, D] against every rank's ``k``/``v`` [B, Hkv, L, D].
 
@@ -240,7 +220,7 @@ def decode_rows(values: Tensor, scale: Tensor) -> Tensor:
 
 
 def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  comm: RingComm, kernel: ChunkKernel, scale: float,
+                  comm: Communicator, kernel: ChunkKernel, scale: float,
                   exchange: Exchange, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``ring_forward`` from its saved merged ``out`` and ``lse``: no recompute.
 
@@ -328,7 +308,7 @@ class _PieceGrads:
     and adds what came home into this rank's dK/dV. Shares are summed in ``dk``'s dtype and
     travel in it, or as row-scaled float16 (``scaled``: see ``scaled_half_shares``)."""
 
-    def __init__(self, comm: RingComm, dk: Tensor, dv: Tensor, exchange: Exchange, scaled: bool) -> None:
+    def __init__(self, comm: Communicator, dk: Tensor, dv: Tensor, exchange: Exchange, scaled: bool) -> None:
         self.comm, self.dk, self.dv, self.scaled = comm, dk, dv, scaled
         away_rows, home_rows = exchange.max_piece_rows(home=False), exchange.max_piece_rows(home=True)
         self._away = _Buffers(dk, away_rows, 4, dk.dtype)  # slot n: views 2n, 2n + 1 (dK, dV)

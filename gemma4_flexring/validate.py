@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .comm import all_gather_ints, all_gather_object
 from .kernels import kernel_problem
 from .planning.metadata import Metadata, digest_words
-from .testing.simulated import SimulatedGroup
 from .stats import record_agreement
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -114,10 +114,10 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
             raise ValueError(f"{caller}: " + "; ".join(problems))
         return
     record_agreement()
-    rows = _gather_rows(group, [1] + [0] * (len(fields) - 1) if problems else sign())
+    rows = all_gather_ints(group, [1] + [0] * (len(fields) - 1) if problems else sign())
     if not any(r[0] for r in rows) and all(r == rows[0] for r in rows):
         return
-    messages = _gather_objects(group, problems)
+    messages = all_gather_object(group, problems)
     lines = [f"rank {r}: {'; '.join(m)}" for r, m in enumerate(messages) if m]
     if not lines:
         for i, field in enumerate(fields):
@@ -126,27 +126,6 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
                 shown = ", ".join(f"rank {r}: {_readable(field, v)}" for r, v in enumerate(values))
                 lines.append(f"ranks disagree on {field}: {shown}")
     raise ValueError(f"{caller}: bad input, no exchange was started:\n  " + "\n  ".join(lines))
-
-
-def _gather_rows(group, row: list[int]) -> list[list[int]]:
-    """Every rank's ``row`` of int64s, in rank order."""
-    if isinstance(group, SimulatedGroup):
-        return group.all_gather(list(row))
-    # NCCL groups only move CUDA tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    mine = torch.tensor(row, dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(group.size())]
-    dist.all_gather(table, mine, group=group)
-    return [t.cpu().tolist() for t in table]
-
-
-def _gather_objects(group, obj) -> list:
-    """Every rank's picklable ``obj``, in rank order."""
-    if isinstance(group, SimulatedGroup):
-        return group.all_gather(obj)
-    gathered: list = [None] * group.size()
-    dist.all_gather_object(gathered, obj, group=group)
-    return gathered
 
 
 Problem = tuple[type[Exception], str]  # (exception type when alone, sentence)

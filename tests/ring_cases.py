@@ -9,7 +9,9 @@ import torch
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
 from gemma4_flexring import exchange
-from gemma4_flexring.planning import schedule
+from gemma4_flexring.planning import context
+from gemma4_flexring.planning.context import plan_context
+from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
 
 SPECS = {
     "causal": MaskSpec(causal=True),
@@ -112,10 +114,10 @@ def planning_sizes(block_size: int | None, piece_rows: int | None):
     """This block size and piece size in force (in this process) within the block; None keeps
     the package's."""
     sizes = "BLOCK_SIZE", "MIN_PIECE_ROWS", "MIN_HALF_PIECE_ROWS", "PIECES_PER_CHUNK"
-    modules = schedule, exchange, exchange, exchange
+    modules = context, exchange, exchange, exchange
     saved = [getattr(m, n) for m, n in zip(modules, sizes)]
     if block_size is not None:
-        schedule.BLOCK_SIZE = block_size
+        context.BLOCK_SIZE = block_size
     if piece_rows is not None:  # pieces of that many rows (a block, if larger; rows that travel may be
         # cut down to half as many, to keep pace: ``exchange.piece_bounds``)
         exchange.MIN_PIECE_ROWS = exchange.MIN_HALF_PIECE_ROWS = piece_rows
@@ -161,20 +163,17 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     """
     from gemma4_flexring.kernels import KERNELS
     from gemma4_flexring import reset_ring_stats, ring_stats
-    from gemma4_flexring.planning.metadata import informative
     from gemma4_flexring.testing.reference import reference_mask
 
     layout = Layout(layout_kind, world_size)
     info = make_info(case.info, case.batch, case.seq_len)
-    metadata = (None, None, None) if info is None else informative(*info.tensors())
-    batch = case.batch if any(t is not None for t in metadata) else 1
+    ctx = plan_context(case.mask, layout, case.seq_len, torch.device("cpu"),
+                       *(() if info is None else info.tensors()), block_size=case.block_size)
     rows = lambda runs: sum(b - a for a, b in runs)  # noqa: E731
     whole_blocks = KERNELS[case.kernel or "aten"].reads_whole_blocks
-    needed_by_others = sum(rows(schedule.needed_kv_rows(case.mask, *metadata, layout, case.seq_len, reader, rank,
-                                                        batch, torch.device("cpu"), case.block_size, whole_blocks))
+    needed_by_others = sum(rows(needed_kv_rows(ctx, reader, rank, whole_blocks))
                            for reader in range(world_size) if reader != rank)
-    plans = [schedule.plan_pair(case.mask, *metadata, layout, case.seq_len, rank, owner, batch, case.dtype,
-                                torch.device("cpu"), case.block_size) for owner in range(world_size) if owner != rank]
+    plans = [plan_pair(ctx, rank, owner, case.dtype) for owner in range(world_size) if owner != rank]
     read_of_others = sum(rows(plan.pair_rows if whole_blocks else plan.kv_rows) for plan in plans)
     row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * torch.empty((), dtype=case.dtype).element_size()
     allowed = reference_mask(case.mask, info, case.batch, case.seq_len)  # [B, S, S]

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma4_flexring import Layout, MaskSpec
-from gemma4_flexring.exchange import build_exchange, cut_pieces, packed_tiles, piece_bounds, row_count, sub_rows
+from gemma4_flexring.exchange import build_exchange, cut_pieces, packed_calls, piece_bounds, row_count, sub_rows
 from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.kernels import KERNELS
-from gemma4_flexring.ops import kernel_plans
-from gemma4_flexring.planning.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
+from gemma4_flexring.planning.context import plan_context
+from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
+from gemma4_flexring.planning.tiles import Tile, TileKind, split_tile
 from ring_cases import EXCHANGE_CASES, exchange_traffic
 from strategies import random_plans
 
@@ -24,11 +25,10 @@ CPU = torch.device("cpu")
 def all_exchanges(spec, tensors, layout, seq_len, batch, block_size, kernel="aten"):
     """Every rank's plans (as ``kernel`` runs them), needed rows and exchange, one piece per step."""
     world, whole_blocks = layout.world_size, KERNELS[kernel].reads_whole_blocks
-    plans = [kernel_plans([plan_pair(spec, *tensors, layout, seq_len, q, kv, batch, torch.float32, CPU,
-                                     block_size=block_size) for kv in range(world)], KERNELS[kernel])
+    ctx = plan_context(spec, layout, seq_len, CPU, *tensors, block_size=block_size)
+    plans = [[KERNELS[kernel].view(plan_pair(ctx, q, kv, torch.float32)) for kv in range(world)]
              for q in range(world)]
-    needed = [[needed_kv_rows(spec, *tensors, layout, seq_len, q, kv, batch, CPU, block_size=block_size,
-                              whole_blocks=whole_blocks) for q in range(world)] for kv in range(world)]
+    needed = [[needed_kv_rows(ctx, q, kv, whole_blocks) for q in range(world)] for kv in range(world)]
     return plans, needed, [build_exchange(r, world, plans[r], needed[r], seq_len // world) for r in range(world)]
 
 
@@ -50,8 +50,8 @@ def test_sends_match_receives_and_cover_the_calls(kernel, problem):
             read = torch.zeros(local, dtype=torch.bool)
             for a, b in plan.kv_rows:
                 read[a:b] = True
-            for tile in plan.tiles if q != kv else ():  # the local chunk is read in place
-                assert read[tile.kv_rows].all()
+            for call in plan.calls if q != kv else ():  # the local chunk is read in place
+                assert read[call.kv_rows].all()
             seen = dense[:, layout.positions(seq_len, q)][:, :, layout.positions(seq_len, kv)].any(1).any(0)
             assert not (seen & ~read).any()  # every key some query may see is read
     for r, ex in enumerate(exchanges):
@@ -79,12 +79,12 @@ def test_sliding_halo_is_independent_of_length():
             assert received == world - 1 if kind == "contiguous" else received >= world
 
 
-def test_packed_tiles_move_into_the_packed_rows():
+def test_packed_calls_move_into_the_packed_rows():
     tiles = [Tile(slice(0, 4), slice(10, 12), TileKind.FULL), Tile(slice(0, 4), slice(30, 38), TileKind.FULL)]
-    moved = packed_tiles(tiles, ((8, 12), (30, 40)))
+    moved = packed_calls(tiles, ((8, 12), (30, 40)))
     assert [t.kv_rows for t in moved] == [slice(2, 4), slice(4, 12)]
     with pytest.raises(AssertionError):
-        packed_tiles([Tile(slice(0, 4), slice(11, 14), TileKind.FULL)], ((8, 12), (30, 40)))
+        packed_calls([Tile(slice(0, 4), slice(11, 14), TileKind.FULL)], ((8, 12), (30, 40)))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -183,10 +183,9 @@ def test_travelling_rows_are_paced_to_a_whole_chunks_piece_count():
     assert piece_bounds(6, None, pace=3) == ((0, 6),)
     seq_len, world, most = 4096, 2, 512
     layout = Layout("zigzag", world)
-    plans = [[plan_pair(MaskSpec(), None, None, None, layout, seq_len, q, kv, 1, torch.float32, CPU)
-              for kv in range(world)] for q in range(world)]
-    needed = [[needed_kv_rows(MaskSpec(), None, None, None, layout, seq_len, q, kv, 1, CPU) for q in range(world)]
-              for kv in range(world)]
+    ctx = plan_context(MaskSpec(), layout, seq_len, CPU)
+    plans = [[KERNELS["aten"].view(plan_pair(ctx, q, kv, torch.float32)) for kv in range(world)] for q in range(world)]
+    needed = [[needed_kv_rows(ctx, q, kv) for q in range(world)] for kv in range(world)]
     exchanges = [build_exchange(r, world, plans[r], needed[r], seq_len // world, most) for r in range(world)]
     assert sorted(row_count(ex.steps[1].recv_rows) for ex in exchanges) == [1024, 2048]
     for ex in exchanges:

@@ -17,7 +17,7 @@ from gemma4_flexring.kernels import KERNELS, default_kernel, kernel_problem
 from gemma4_flexring.kernels import flex_hops
 from gemma4_flexring.kernels.flex import FlexKernel
 from gemma4_flexring.testing.reference import reference_attention
-from gemma4_flexring.planning.schedule import SegmentPair, block_mask_from_flags
+from gemma4_flexring.planning.flex_calls import SegmentPair, block_mask_from_flags
 from gemma4_flexring.testing.simulated import SimulatedGroup
 from gemma4_flexring.planning.masks import offset_mask_mod
 from ring_cases import Case, bad_kernel_on_rank_zero, run_cases

@@ -9,7 +9,7 @@ from transformers import masking_utils as tm
 from gemma4_flexring import MaskSpec
 from gemma4_flexring.planning.masks import gemma4_mask
 from gemma4_flexring.testing.reference import reference_mask
-from gemma4_flexring.planning.schedule import evaluate_mask
+from gemma4_flexring.planning.flags import evaluate_mask
 from ring_cases import INFOS, SPECS, make_info
 
 B, S = 2, 48

@@ -7,7 +7,7 @@ import torch
 
 from gemma4_flexring.merge import LSE_DTYPE, merge_
 from gemma4_flexring.ring import GROUP_CALLS, GROUP_ROWS, row_groups
-from gemma4_flexring.planning.schedule import Tile, TileKind
+from gemma4_flexring.planning.tiles import Tile, TileKind
 
 
 def _attend(q, k, v, allowed):

@@ -9,12 +9,22 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.testing.reference import reference_mask
-from gemma4_flexring.exchange import packed_tiles
-from gemma4_flexring.planning.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner, used_key_blocks
+from gemma4_flexring.exchange import packed_calls, ring_owner
+from gemma4_flexring.planning.context import plan_context
+from gemma4_flexring.planning.flags import evaluate_mask
+from gemma4_flexring.planning.flex_calls import used_key_blocks
+from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
+from gemma4_flexring.planning.tiles import TileKind
 from ring_cases import SPECS, make_info
 from strategies import random_plans
 
 CPU = torch.device("cpu")
+
+
+def plan_of(spec, tensors, layout, seq_len, q_rank, kv_rank, block_size=None):
+    """``plan_pair`` of (q_rank, kv_rank) under ``spec`` and the metadata ``tensors`` (float32 masks, CPU)."""
+    return plan_pair(plan_context(spec, layout, seq_len, CPU, *tensors, block_size=block_size), q_rank, kv_rank,
+                     torch.float32)
 
 
 @pytest.mark.parametrize("seq_len, world_size, kind, block", [(96, 3, "zigzag", 16), (96, 2, "contiguous", 8),
@@ -29,8 +39,7 @@ def test_segment_pairs_cover_the_allowed_entries_with_flex_block_masks(seq_len, 
     dense = reference_mask(spec, info, 2, seq_len)
     for q_rank in range(world_size):
         for kv_rank in range(world_size):
-            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, 2, torch.float32, CPU,
-                             block_size=block)
+            plan = plan_of(spec, info.tensors(), layout, seq_len, q_rank, kv_rank, block)
             allowed = dense[:, layout.positions(seq_len, q_rank)][:, :, layout.positions(seq_len, kv_rank)]
             covered = torch.zeros(allowed.shape[1:], dtype=torch.int32)
             segments = [slice(s.local_start, s.local_start + s.length) for s in layout.segments(seq_len, q_rank)]
@@ -100,8 +109,7 @@ def test_tiles_cover_exactly_the_allowed_pairs(spec_name, info_kind, kind, block
     dense = reference_mask(spec, info, batch, seq_len)
     for q_rank in range(world_size):
         for kv_rank in range(world_size):
-            plan = plan_pair(spec, *tensors, layout, seq_len, q_rank, kv_rank, mask_batch,
-                             torch.float32, CPU, block_size=block_size)
+            plan = plan_of(spec, tensors, layout, seq_len, q_rank, kv_rank, block_size)
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = dense[:, qp][:, :, kp]
             got = covered(plan, mask_batch, seq_len // world_size).expand_as(want)
@@ -115,8 +123,7 @@ def test_random_plans_cover_exactly_the_allowed_pairs(problem):
     dense = reference_mask(spec, info, batch, seq_len)
     for q_rank in range(layout.world_size):
         for kv_rank in range(layout.world_size):
-            plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, batch, torch.float32, CPU,
-                             block_size=block_size)
+            plan = plan_of(spec, info.tensors(), layout, seq_len, q_rank, kv_rank, block_size)
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = dense[:, qp][:, :, kp]
             assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
@@ -138,14 +145,14 @@ def test_exchanged_rows_are_exactly_the_keys_some_query_sees(problem):
     dense = reference_mask(spec, info, batch, seq_len)
     for q_rank in range(layout.world_size):
         for kv_rank in range(layout.world_size):
-            args = (layout, seq_len, q_rank, kv_rank, batch)
-            plan = plan_pair(spec, *info.tensors(), *args, torch.float32, CPU, block_size=block_size)
+            ctx = plan_context(spec, layout, seq_len, CPU, *info.tensors(), block_size=block_size)
+            plan = plan_pair(ctx, q_rank, kv_rank, torch.float32)
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = row_runs(dense[:, qp][:, :, kp].any(0).any(0))
             assert plan.kv_rows == want, (q_rank, kv_rank)
-            assert needed_kv_rows(spec, *info.tensors(), *args, CPU, block_size=block_size) == want
+            assert needed_kv_rows(ctx, q_rank, kv_rank) == want
             if q_rank != kv_rank:  # the local chunk is read in place
-                packed_tiles(plan.tiles, plan.kv_rows)  # raises if a tile reads another row
+                packed_calls(plan.tiles, plan.kv_rows)  # raises if a tile reads another row
 
 
 def packed(kind: str, batch: int = 2, seq_len: int = 96) -> SequenceInfo:
@@ -185,8 +192,7 @@ def test_document_tiles_cover_exactly_the_allowed_pairs(spec_name, kind, block_s
         for layout in (Layout("contiguous", world_size), Layout("zigzag", world_size)):
             for q_rank in range(world_size):
                 for kv_rank in range(world_size):
-                    plan = plan_pair(spec, *info.tensors(), layout, seq_len, q_rank, kv_rank, batch, torch.float32,
-                                     CPU, block_size=block_size)
+                    plan = plan_of(spec, info.tensors(), layout, seq_len, q_rank, kv_rank, block_size)
                     qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
                     got = covered(plan, batch, seq_len // world_size)
                     assert torch.equal(got, dense[:, qp][:, :, kp]), (layout, q_rank, kv_rank)
@@ -198,15 +204,14 @@ def test_documents_are_causal_squares_and_full_rectangles():
     segment is one full rectangle."""
     info, layout, block = packed("same", batch=1, seq_len=128), Layout("contiguous", 2), 4
     for q_rank, kv_rank in [(0, 0), (1, 0), (1, 1)]:
-        plan = plan_pair(MaskSpec(), *info.tensors(), layout, 128, q_rank, kv_rank, 1, torch.float32, CPU,
-                         block_size=block)
+        plan = plan_of(MaskSpec(), info.tensors(), layout, 128, q_rank, kv_rank, block)
         assert {t.kind for t in plan.tiles} <= {TileKind.FULL, TileKind.CAUSAL}
         if (q_rank, kv_rank) == (1, 0):  # the document [44, 70) continues at 64: rows 64..70 see keys 44..64
             assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [(TileKind.FULL, slice(0, 6), slice(44, 64))]
     # Documents [0, 600) and [600, 4096) at blocks of 128: the short one in bands of 256 rows, the
     # one of at least 16 blocks in one call.
     docs = (torch.arange(4096) >= 600).long().view(1, -1)
-    plan = plan_pair(MaskSpec(), docs, None, None, Layout("contiguous", 1), 4096, 0, 0, 1, torch.float32, CPU)
+    plan = plan_of(MaskSpec(), (docs,), Layout("contiguous", 1), 4096, 0, 0)
     assert [(t.kind, t.q_rows, t.kv_rows) for t in plan.tiles] == [
         (TileKind.CAUSAL, slice(0, 256), slice(0, 256)),
         (TileKind.FULL, slice(256, 512), slice(0, 256)), (TileKind.CAUSAL, slice(256, 512), slice(256, 512)),
@@ -216,7 +221,7 @@ def test_documents_are_causal_squares_and_full_rectangles():
 
 def test_causal_contiguous_pairs_are_skipped_full_or_causal():
     layout = Layout("contiguous", 2)
-    plans = {(q, kv): plan_pair(MaskSpec(), None, None, None, layout, 256, q, kv, 1, torch.float32, CPU)
+    plans = {(q, kv): plan_of(MaskSpec(), (), layout, 256, q, kv)
              for q in range(2) for kv in range(2)}
     assert plans[0, 1].tiles == ()  # the future: no kernel call
     assert [t.kind for t in plans[1, 0].tiles] == [TileKind.FULL]
@@ -226,8 +231,7 @@ def test_causal_contiguous_pairs_are_skipped_full_or_causal():
 
 def test_sliding_window_crops_to_the_band():
     layout = Layout("contiguous", 2)
-    (tile,) = plan_pair(MaskSpec(sliding_window=16), None, None, None, layout, 256, 1, 0, 1, torch.float32, CPU,
-                        block_size=16).tiles
+    (tile,) = plan_of(MaskSpec(sliding_window=16), (), layout, 256, 1, 0, 16).tiles
     assert tile.kind is TileKind.MASKED
     # Query 128 sees keys 113 .. 128: key 112 is seen by no query of rank 1, so no tile reads it.
     assert tile.q_rows == slice(0, 16) and tile.kv_rows == slice(113, 128)
@@ -236,7 +240,7 @@ def test_sliding_window_crops_to_the_band():
 
 def test_unmasked_spec_plans_one_full_tile_per_segment_pair():
     layout = Layout("zigzag", 2)
-    plan = plan_pair(MaskSpec(causal=False), None, None, None, layout, 16, 0, 1, 1, torch.float32, CPU)
+    plan = plan_of(MaskSpec(causal=False), (), layout, 16, 0, 1)
     assert [t.kind for t in plan.tiles] == [TileKind.FULL] * 4
     assert [(p.q_rows, p.kv_rows, p.block_mask) for p in plan.pairs] == [(t.q_rows, t.kv_rows, None) for t in plan.tiles]
 
@@ -251,13 +255,13 @@ def test_ring_owner_visits_every_rank_once():
 def test_dense_evaluation_in_chunks_gives_the_same_plan(monkeypatch):
     """Partial blocks are evaluated ``DENSE_CHUNK`` entries at a time; a chunk of a single block
     must give the same BlockMask and tiles as one chunk for all."""
-    from gemma4_flexring.planning import schedule
+    from gemma4_flexring.planning import flags
 
     info = make_info("all", 2, 96)
-    args = (SPECS["sliding_vision"], *info.tensors(), Layout("zigzag", 2), 96, 1, 0, 2, torch.float32, CPU, 4)
-    whole = plan_pair(*args)
-    monkeypatch.setattr(schedule, "DENSE_CHUNK", 1)
-    chunked = plan_pair(*args)
+    args = (SPECS["sliding_vision"], info.tensors(), Layout("zigzag", 2), 96, 1, 0, 4)
+    whole = plan_of(*args)
+    monkeypatch.setattr(flags, "DENSE_CHUNK", 1)
+    chunked = plan_of(*args)
     assert len(whole.pairs) == len(chunked.pairs)
     assert all(torch.equal(a.block_mask.to_dense(), b.block_mask.to_dense()) for a, b in zip(whole.pairs, chunked.pairs))
     assert [(t.q_rows, t.kv_rows, t.kind) for t in whole.tiles] == [(t.q_rows, t.kv_rows, t.kind) for t in chunked.tiles]
@@ -271,8 +275,7 @@ def test_masks_cover_partial_blocks_only(spec, padded):
     seq_len, block = 2048, 128
     padding = torch.zeros(1, seq_len, dtype=torch.bool)
     padding[0, -100:] = padded
-    plan = plan_pair(spec, None, None, padding, Layout("contiguous", 1), seq_len, 0, 0, 1,
-                     torch.float32, CPU, block_size=block)
+    plan = plan_of(spec, (None, None, padding), Layout("contiguous", 1), seq_len, 0, 0, block)
     masked = sum(t.bias[0, 0].numel() for t in plan.tiles if t.kind is TileKind.MASKED)
     assert 0 < masked <= 3 * seq_len * block
     assert torch.equal(covered(plan, 1, seq_len)[0], reference_mask(spec, SequenceInfo(padding=padding), 1, seq_len)[0])
@@ -286,8 +289,8 @@ def test_trivial_metadata_plans_as_absent_metadata():
     for spec in SPECS.values():
         for q_rank, kv_rank in [(0, 0), (0, 1), (1, 0)]:
             args = (layout, seq_len, q_rank, kv_rank)
-            got = plan_pair(spec, *trivial, *args, batch, torch.float32, CPU, block_size=8)
-            want = plan_pair(spec, None, None, None, *args, 1, torch.float32, CPU, block_size=8)
+            got = plan_of(spec, trivial, *args, block_size=8)
+            want = plan_of(spec, (), *args, block_size=8)
             assert [t[:3] for t in got.tiles] == [t[:3] for t in want.tiles]
             assert all(torch.equal(a.bias, b.bias) for a, b in zip(got.tiles, want.tiles) if a.kind is TileKind.MASKED)
 
@@ -297,8 +300,7 @@ def test_sliding_rows_pair_into_bands_on_the_causal_path():
     band's own square on the kernel's causal path, four calls a band instead of three a row."""
     block, seq_len = 8, 128
     spec = MaskSpec(sliding_window=32)
-    plan = plan_pair(spec, None, None, None, Layout("contiguous", 1), seq_len, 0, 0, 1, torch.float32, CPU,
-                     block_size=block)
+    plan = plan_of(spec, (), Layout("contiguous", 1), seq_len, 0, 0, block)
     bands = seq_len // (2 * block)
     squares = [(t.q_rows, t.kv_rows) for t in plan.tiles if t.kind is TileKind.CAUSAL]
     assert squares == [(slice(r, r + 2 * block),) * 2 for r in range(0, seq_len, 2 * block)]
@@ -314,8 +316,7 @@ def test_no_call_holds_a_block_pair_without_an_allowed_entry(spec_name, info_kin
     block) a call holds has an allowed entry in some batch row."""
     block, seq_len, batch = 8, 96, 2
     info = make_info(info_kind, batch, seq_len)
-    plan = plan_pair(SPECS[spec_name], *info.tensors(), Layout("contiguous", 1), seq_len, 0, 0, batch,
-                     torch.float32, CPU, block_size=block)
+    plan = plan_of(SPECS[spec_name], info.tensors(), Layout("contiguous", 1), seq_len, 0, 0, block)
     n = seq_len // block
     blocks = reference_mask(SPECS[spec_name], info, batch, seq_len).view(batch, n, block, n, block).any(4).any(2).any(0)
     calls = [t for t in plan.tiles if t.kind is not TileKind.CAUSAL]

@@ -133,7 +133,7 @@ def test_double_backward_names_the_unsupported_feature():
 def test_a_failed_call_leaves_nothing_half_built(monkeypatch):
     """Planning fails: a clear error, nothing cached for that batch, and the next call works."""
     from gemma4_flexring import clear_mask_cache, mask_cache_info
-    from gemma4_flexring.planning import schedule
+    from gemma4_flexring import prepare
 
     clear_mask_cache()
     q, k, v = qkv()
@@ -143,7 +143,7 @@ def test_a_failed_call_leaves_nothing_half_built(monkeypatch):
         raise RuntimeError("out of memory while planning")
 
     with monkeypatch.context() as patch:
-        patch.setattr(schedule, "plan_pair", broken)
+        patch.setattr(prepare, "plan_pair", broken)
         with pytest.raises(ValueError, match="planning the ring's masks failed: RuntimeError: out of memory"):
             ring_attention(q, k, v, info=info)
     assert (mask_cache_info().generations, mask_cache_info().entries) == (0, 0)

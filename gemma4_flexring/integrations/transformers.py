@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ..api import process_group, ring_attention
-from ..ops import resolve_group
+from ..api import ring_attention
+from ..comm import process_group, resolve_group
 from ..info import SequenceInfo
 from ..layout import LAYOUTS, Layout
 from ..planning.masks import MaskSpec

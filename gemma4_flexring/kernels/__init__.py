@@ -1,10 +1,12 @@
 """Chunk kernels: attention of query rows against the visiting key/value chunk, returning the LSE.
 
 The contract (``ChunkKernel``): a kernel takes the plan of one (query rank, key rank) pair,
-which holds its work in two forms (``schedule.PairPlan``: dense tiles, additive masks over
-partial blocks only; and flex calls, ``schedule.SegmentPair``, a ``BlockMask`` per run of key
-blocks some query sees), and chooses its unit of work from it (``calls``): the aten kernel calls
-per dense tile, the flex kernel once per segment pair. The ring slices q and the visiting chunk
+which holds its work in two forms (``planning.plan.PairPlan``: dense tiles, additive masks over
+partial blocks only; and flex calls, ``planning.flex_calls.SegmentPair``, a ``BlockMask`` per run
+of key blocks some query sees), and hands the ring and the exchange its own view of it
+(``view``: a ``CallPlan`` of its calls and the key rows they read): the aten kernel calls per
+dense tile and reads exact rows, the flex kernel calls once per segment pair and reads whole key
+blocks. The ring slices q and the visiting chunk
 by each call's ``q_rows`` / ``kv_rows`` and merges the results through their natural-log LSE;
 the backward is fed the *merged* out and LSE. The ring never calls a kernel for a skipped block
 or pair.
@@ -18,13 +20,13 @@ tests), so one device type has two kernels.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ..planning.schedule import PairPlan
-from .aten import CpuFlashKernel
+from ..planning.plan import CallPlan, PairPlan
+from .aten import AtenKernel
 from .flex import FlexKernel
 
 
@@ -32,12 +34,14 @@ class ChunkKernel(Protocol):
     name: str
     devices: tuple[str, ...]  # device types it serves
     # Whether its calls read whole key blocks (flex: the segment pairs' BlockMasks) rather than the
-    # tiles' exact rows: the exchange then sends the blocks' rows (``PairPlan.pair_rows``).
+    # tiles' exact rows: the owner then sends those blocks' rows, and a step's calls are not cut
+    # into pieces (``needed_kv_rows(..., whole_blocks)``, ``exchange.cut_pieces``).
     reads_whole_blocks: bool
 
-    def calls(self, plan: PairPlan) -> Sequence:
-        """This kernel's calls for one pair: objects with ``q_rows`` and ``kv_rows`` slices
-        (``Tile``s for aten, ``SegmentPair``s for flex), each handed back to forward/backward."""
+    def view(self, plan: PairPlan) -> CallPlan:
+        """This kernel's calls for one pair, objects with ``q_rows`` and ``kv_rows`` slices
+        (``Tile``s for aten, ``SegmentPair``s for flex) each handed back to forward/backward, and
+        the key rows they read."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, call, scale: float) -> tuple[Tensor, Tensor]:
         """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (the call's rows) -> (out [B, Hq, Sq, D] in q's dtype,
@@ -58,7 +62,7 @@ class ChunkKernel(Protocol):
         inputs."""
 
 
-KERNELS: dict[str, ChunkKernel] = {"aten": CpuFlashKernel(), "flex": FlexKernel()}
+KERNELS: dict[str, ChunkKernel] = {"aten": AtenKernel(), "flex": FlexKernel()}
 
 
 def default_kernel(device: torch.device) -> str:
@@ -83,6 +87,3 @@ def kernel_for(device: torch.device, name: str = "") -> ChunkKernel | None:
     """The kernel ``name`` ("" = the device's default) for ``device``, or None when it cannot serve it."""
     return None if kernel_problem(name, device) else KERNELS[name or default_kernel(device)]
 
-
-def supported_devices() -> tuple[str, ...]:
-    return tuple(sorted({d for k in KERNELS.values() for d in k.devices}))

@@ -1,4 +1,4 @@
-"""CPU chunk kernel: aten's flash attention for CPU, which returns the LSE and whose backward
+"""The aten chunk kernel: aten's flash attention for CPU, which returns the LSE and whose backward
 takes the merged out and LSE, so each tile's gradient share needs no forward recompute."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..planning.schedule import TileKind
+from ..planning.plan import CallPlan, PairPlan
+from ..planning.tiles import TileKind
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -28,7 +29,7 @@ def backward_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class CpuFlashKernel:
+class AtenKernel:
     """``ChunkKernel`` over aten's CPU flash attention (GQA native, any float dtype): one call per
     dense tile, so unmasked and causal tiles take the kernel's fast paths and additive masks
     cover partial blocks only. The backward returns float32 shares for float16/bfloat16 inputs
@@ -38,8 +39,9 @@ class CpuFlashKernel:
     devices = ("cpu",)
     reads_whole_blocks = False
 
-    def calls(self, plan) -> tuple:
-        return plan.tiles
+    def view(self, plan: PairPlan) -> CallPlan:
+        """The dense tiles, and exactly the key rows they read."""
+        return CallPlan(plan.tiles, plan.kv_rows)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, tile, scale: float) -> tuple[Tensor, Tensor]:
         out, lse = _forward(q, k, v, 0.0, tile.kind is TileKind.CAUSAL, attn_mask=tile.bias, scale=scale)

@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, _apply_kernel_options
 
+from ..planning import context
+from ..planning.flex_calls import block_mask_from_flags
+from ..planning.plan import CallPlan, PairPlan
 from . import flex_hops
 
 # One flex call at a time per process: the flex HOPs trace the mask with torch.fx, whose symbolic
@@ -92,14 +95,12 @@ def cuda_options(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 @lru_cache(maxsize=256)
-def _full_block_mask(q_len: int, kv_len: int, device: torch.device, BLOCK_SIZE: int) -> BlockMask:
+def _full_block_mask(q_len: int, kv_len: int, device: torch.device, block_size: int) -> BlockMask:
     """A BlockMask allowing every entry (for segment pairs no mask applies to)."""
-    from ..planning.schedule import block_mask_from_flags
-
-    q_blocks, kv_blocks = -(-q_len // BLOCK_SIZE), -(-kv_len // BLOCK_SIZE)
-    complete = ((torch.arange(q_blocks, device=device) < q_len // BLOCK_SIZE)[:, None]
-                & (torch.arange(kv_blocks, device=device) < kv_len // BLOCK_SIZE)[None, :])
-    return block_mask_from_flags(torch.ones_like(complete)[None, None], complete[None, None], BLOCK_SIZE,
+    q_blocks, kv_blocks = -(-q_len // block_size), -(-kv_len // block_size)
+    complete = ((torch.arange(q_blocks, device=device) < q_len // block_size)[:, None]
+                & (torch.arange(kv_blocks, device=device) < kv_len // block_size)[None, :])
+    return block_mask_from_flags(torch.ones_like(complete)[None, None], complete[None, None], block_size,
                                  _allow_all, (q_len, kv_len))
 
 
@@ -138,8 +139,9 @@ class FlexKernel:
     def __init__(self, compile_backend=None) -> None:
         self._compiled = None if compile_backend is None else compiled(compile_backend)
 
-    def calls(self, plan) -> tuple:
-        return plan.pairs
+    def view(self, plan: PairPlan) -> CallPlan:
+        """The segment pairs with their BlockMasks, and the whole key blocks they read."""
+        return CallPlan(plan.pairs, plan.pair_rows)
 
     def _functions(self, device: torch.device):
         if self._compiled is not None:
@@ -152,9 +154,7 @@ class FlexKernel:
     def _mask_and_options(q: Tensor, k: Tensor, v: Tensor, pair) -> tuple[BlockMask, dict]:
         block_mask = pair.block_mask
         if block_mask is None:
-            from ..planning.schedule import BLOCK_SIZE
-
-            block_mask = _full_block_mask(q.shape[2], k.shape[2], q.device, BLOCK_SIZE)
+            block_mask = _full_block_mask(q.shape[2], k.shape[2], q.device, context.BLOCK_SIZE)
         options = cuda_options(q.shape[-1], q.dtype) if q.device.type == "cuda" else {}
         # The full option set the HOPs read (what flex_attention derives from user options).
         return block_mask, _apply_kernel_options(q, k, v, True, options, AuxRequest(lse=True))

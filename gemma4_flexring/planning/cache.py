@@ -1,6 +1,6 @@
 """Block-mask plans, cached per batch of metadata.
 
-Three least-recently-used maps:
+Four maps, each trimmed least recently used first:
 
 - generation -> ``Metadata`` (digest and relevant fields), with a stamp of the tensors it was
   computed from. A generation seen again with the same stamp costs no hashing; a changed stamp
@@ -9,13 +9,13 @@ Three least-recently-used maps:
   ``capacity`` most recently used digests are kept; interleaved micro-batches (forward A,
   forward B, backward A, backward B) thus build every plan once. Two batches with equal content
   share their plans.
-
+- digest -> the exchange schedules derived from those plans (``exchange``), dropped with them.
 - layout digest -> the ``Layout`` (segments per rank) rebuilt from the op's layout table. The
   table is hashed at every call (O(S), no data-pointer shortcut: tables are made afresh per call
   and freed memory is reused); its runs are found and checked once per content.
 
 Memory bound: ``capacity`` x (distinct masks x world size) pair plans; each pair plan holds
-additive masks over partially allowed blocks only (see ``schedule.py``), and the generation map
+additive masks over partially allowed blocks only (see ``tiles.py``), and the generation map
 holds ``4 x capacity`` small entries. Plans never depend on data pointers, so a plan can only be
 served for metadata with the same digest.
 """
@@ -45,7 +45,7 @@ class MaskCacheInfo(NamedTuple):
     Attributes:
         generation: the generation looked up last (-1 before any).
         builds: pair plans built; hits: pair plans served from the cache.
-        generations: metadata contents whose plans are live; capacity: the most kept.
+        contents: metadata contents whose plans are live; capacity: the most kept.
         entries: live pair plans.
         described: times a batch's metadata was read and hashed.
     """
@@ -53,10 +53,15 @@ class MaskCacheInfo(NamedTuple):
     generation: int
     builds: int
     hits: int
-    generations: int
+    contents: int
     capacity: int
     entries: int
     described: int
+
+    @property
+    def generations(self) -> int:
+        """``contents`` under its former name (it counts metadata contents, not generations)."""
+        return self.contents
 
 
 def _locked(method):
@@ -81,7 +86,7 @@ class PlanCache:
         self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
         self._layouts: OrderedDict[bytes, Layout] = OrderedDict()
-        self._schedules: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
+        self._exchanges: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
@@ -147,10 +152,10 @@ class PlanCache:
         return value
 
     @_locked
-    def schedule(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
+    def exchange(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
         """A value derived from ``meta``'s plans (an exchange schedule) under (digest, ``key``), built
         on first request and dropped with the digest's plans; not counted in ``info()``."""
-        schedules = self._schedules.setdefault(meta.digest, {})
+        schedules = self._exchanges.setdefault(meta.digest, {})
         if key not in schedules:
             start = time.perf_counter()
             schedules[key] = build()
@@ -159,7 +164,7 @@ class PlanCache:
 
     def _trim(self) -> None:
         while len(self._plans) > self.capacity:
-            self._schedules.pop(self._plans.popitem(last=False)[0], None)
+            self._exchanges.pop(self._plans.popitem(last=False)[0], None)
         while len(self._metadata) > 4 * self.capacity:
             self._metadata.popitem(last=False)
         while len(self._layouts) > 4 * self.capacity:
@@ -184,6 +189,6 @@ def clear_mask_cache() -> None:
     MASK_CACHE.clear()
 
 
-def set_mask_cache_capacity(generations: int) -> None:
+def set_mask_cache_capacity(contents: int) -> None:
     """Keep the plans of this many metadata contents (default ``DEFAULT_CAPACITY``)."""
-    MASK_CACHE.set_capacity(generations)
+    MASK_CACHE.set_capacity(contents)

@@ -1,4 +1,4 @@
-"""A simulated ring: every rank of a group as a thread of this process, exchanging by reference.
+"""A simulated ring: every rank of a group as a thread of this process, exchanging copies.
 
 NCCL cannot run several ranks on one GPU, and spawning gloo processes is slow; a
 ``SimulatedGroup`` runs the same op, planning, agreement, exchange schedule and kernels for all
@@ -14,6 +14,9 @@ sent it. Whichever of the two is posted second copies the message, and both comp
 NCCL's rendezvous does: a sender may reuse its buffer once its send completed. Collectives (the
 agreement) meet at a barrier. Once a rank raises, its peers' waits fail at once (a message it will
 never send, a collective it will never join) instead of running into ``TIMEOUT_S``.
+
+The engine never names this module: importing it registers ``SimulatedGroup`` as a group kind
+with ``comm.register_group_kind`` (name lookup, communicator, all_gather).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
+from ..comm import GroupKind, register_group_kind
 from ..stats import record_send
 
 TIMEOUT_S = 120  # a wait longer than this is a schedule that cannot match: fail, do not hang
@@ -200,7 +204,7 @@ def lookup(group_name: str) -> SimulatedGroup | None:
 
 
 class SimulatedComm:
-    """``RingComm``'s interface over a ``SimulatedGroup``, for the calling thread's rank."""
+    """``comm.Communicator`` over a ``SimulatedGroup``, for the calling thread's rank."""
 
     def __init__(self, group: SimulatedGroup) -> None:
         self.group = group
@@ -214,3 +218,6 @@ class SimulatedComm:
         if sends:
             record_send(sum(t.numel() * t.element_size() for _, t in sends))
         return works
+
+
+register_group_kind(GroupKind(SimulatedGroup, lookup, SimulatedComm, lambda group, obj: group.all_gather(obj)))

@@ -58,7 +58,7 @@ from ..layout import Layout
 from ..planning.masks import MaskSpec, gemma4_mask
 from ..planning.metadata import informative
 from ..testing.launch import local_init_method
-from ..planning.schedule import DENSE_CHUNK, block_indices, evaluate_at
+from ..planning.flags import DENSE_CHUNK, block_indices, evaluate_at
 from ..stats import reset_ring_stats, ring_stats
 
 # The memory phase's processes: buffers of 64 KiB or more are mapped on their own and returned
