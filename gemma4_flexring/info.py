@@ -12,7 +12,7 @@ from torch import Tensor
 def _new_generation(like: Tensor) -> Tensor:
     """A fresh generation from the custom op (registered by ``ops.py``, which the package imports;
     called by name so that this data type sits below the engine in the import graph)."""
-    return torch.ops.gemma4_flexring.new_generation(like)
+    return torch.ops.gemma4_flexring.new_generation.default(like)
 
 
 _FIELDS = ("document_ids", "block_ids", "padding", "generation")
