@@ -15,8 +15,9 @@ from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.kernels import KERNELS
 from gemma4_flexring.ops import kernel_plans
 from gemma4_flexring.planning.schedule import Tile, TileKind, needed_kv_rows, plan_pair, split_tile
-from ring_cases import EXCHANGE_CASES, exchange_traffic
-from strategies import random_plans
+from gemma4_flexring.testing.cases import EXCHANGE_CASES
+from gemma4_flexring.testing.strategies import random_plans
+from gemma4_flexring.testing.workers import exchange_traffic
 
 CPU = torch.device("cpu")
 

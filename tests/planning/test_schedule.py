@@ -11,8 +11,8 @@ from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.exchange import packed_tiles
 from gemma4_flexring.planning.schedule import TileKind, evaluate_mask, needed_kv_rows, plan_pair, ring_owner, used_key_blocks
-from ring_cases import SPECS, make_info
-from strategies import random_plans
+from gemma4_flexring.testing.cases import SPECS, make_info
+from gemma4_flexring.testing.strategies import random_plans
 
 CPU = torch.device("cpu")
 
