@@ -5,7 +5,8 @@ layers), shards a packed, padded batch with image blocks over N ranks, runs two 
 ``torch.compile(fullgraph=True)`` forward and backward through ``attn_implementation=
 "gemma4_flexring"``, and compares logits, loss and every parameter gradient with one process
 running the whole sequence through transformers' sdpa attention. Prints a short report (parity,
-time, bytes sent, ring steps skipped, compiled frames) and exits 1 on a mismatch.
+time, bytes sent, ring steps skipped, compiled frames) and exits 1 on a mismatch. Each phase says
+on stderr when it starts.
 
 Ranks: spawned gloo processes on this machine (``--world-size``, default 2; started by
 ``testing.launch.spawn``, as the tests' ranks are), or the ranks of
@@ -21,6 +22,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -301,12 +303,15 @@ def format_report(setup: Setup, config, batch: Batch, steps: list[Measured], che
 # ----------------------------------------------------------------------------- ranks
 
 def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch.device) -> tuple[bool, str]:
-    """Every rank: the CP steps; rank 0 also the one-process runs. Returns (ok, rank 0's report)."""
+    """Every rank: the CP steps; rank 0 also the one-process runs, and the progress lines. Returns
+    (ok, rank 0's report)."""
     from torch._dynamo.utils import counters
 
     config = demo_config(args.seq_len)
     layout = args.layout if args.layout == "balanced" else Layout(args.layout, world_size)
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    if rank == 0:
+        log(f"building the tiny Gemma 4 on {world_size} rank(s) ({device.type}) and the one-process reference")
     model = make_model(config, device, ring=True)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     reference = make_model(config, device, ring=False) if rank == 0 else None
@@ -314,9 +319,14 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch
     measured, check = [], None
     for step in range(STEPS):
         batch = demo_batch(args.seq_len, step, device)
+        if rank == 0:
+            what = f"compile ({backend!r}), forward and backward" if step == 0 else \
+                "forward and backward on new metadata (no recompile allowed)"
+            log(f"step {step + 1}/{STEPS}: {what}, {world_size} rank(s), {args.layout} layout")
         with torch.compiler.set_stance("default" if step == 0 else "fail_on_recompile"):
             measured.append(cp_step(compiled, model, batch, layout, rank))
         if reference is not None:
+            log(f"step {step + 1}/{STEPS}: one process on the whole sequence (sdpa), for parity")
             step_check = parity(measured[-1].result, one_process(reference, config, batch))
             check = step_check if check is None else check.worst(step_check)
     ok = torch.tensor(int(rank != 0 or check.ok), device=device)
@@ -325,6 +335,11 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch
         return bool(ok), ""
     setup = Setup(world_size, args.layout, device, backend, counters["stats"]["unique_graphs"])
     return bool(ok), format_report(setup, config, batch, measured, check)
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, at once (stdout carries the report)."""
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -348,6 +363,7 @@ def _spawned(rank: int, world_size: int, args: argparse.Namespace) -> tuple[bool
 
 def run_spawned(args: argparse.Namespace, world_size: int) -> int:
     """Run ``world_size`` gloo ranks as local processes; print rank 0's report (or the ranks' errors)."""
+    log(f"spawning {world_size} gloo rank(s) on this machine")
     try:
         (ok, report), *_ = spawn(_spawned, world_size, args, collective_timeout=COLLECTIVE_TIMEOUT)
     except WorkerError as e:

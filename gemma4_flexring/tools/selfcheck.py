@@ -15,7 +15,7 @@ One command that checks this install on whatever device is present:
 
 The features are the scenario catalog's (``testing/cases.py``: ``FEATURES``). Errors are relative
 to max(1, the reference's largest magnitude), bounded by the tolerance table's ``RING`` (parity) and
-``COMPILED`` (compile and export).
+``COMPILED`` (compile and export). Each check says on stderr when it starts; the report follows.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -211,21 +212,28 @@ def compile_and_export(device: torch.device, dtype: torch.dtype, backend: str) -
 
 
 
+def log(message: str) -> None:
+    """A progress line on stderr, at once (stdout carries the report, JSON with ``--json``)."""
+    print(f"[selfcheck] {message}", file=sys.stderr, flush=True)
+
+
 def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "simulated") -> dict:
+    """Every section in turn, each announced by ``log``: the report (see ``format_report``)."""
     started = time.perf_counter()
     timings: dict = {}
     report: dict = {"device": str(device), "kernel": kernel or default_kernel(device), "quick": quick,
                     "torch": torch.__version__, "machine": platform.machine(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     seq_len = 32 if quick else (256 if device.type == "cuda" else 64)
-    parity_rows = []
-    for head_dim in (64, 256, 512):
-        for dtype in (torch.bfloat16, torch.float32):
-            parity_rows += parity(device, head_dim, dtype, seq_len, kernel)["rows"]
+    checks = [(kernel, head_dim, dtype) for head_dim in (64, 256, 512) for dtype in (torch.bfloat16, torch.float32)]
     if device.type == "cpu" and not quick and kernel is None:
         # The flex kernel on CPU runs eagerly (slow): one dtype, every feature, two head dims.
-        for head_dim in (64, 256):
-            parity_rows += parity(device, head_dim, torch.float32, seq_len, "flex")["rows"]
+        checks += [("flex", head_dim, torch.float32) for head_dim in (64, 256)]
+    parity_rows = []
+    for index, (check_kernel, head_dim, dtype) in enumerate(checks, start=1):
+        log(f"parity P=1 {index}/{len(checks)}: {check_kernel or report['kernel']} D={head_dim} "
+            f"{str(dtype).removeprefix('torch.')}, {len(FEATURES)} features, S={seq_len}")
+        parity_rows += parity(device, head_dim, dtype, seq_len, check_kernel)["rows"]
     report["parity"] = parity_rows
     timings["parity_p1"] = time.perf_counter() - started
     multi = []
@@ -236,11 +244,13 @@ def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "si
         on = str(device) if runner == "simulated" else "cpu"  # gloo moves CPU tensors only
         jobs = [Job(f, 64, dtype, 12 * world_size * 2, on, k, layout)
                 for f in features for dtype in dtypes for k in kernels for layout in ("contiguous", "zigzag")]
+        log(f"parity P={world_size} on {runner} ranks: {len(jobs)} cases")
         multi += compare(jobs, RUNNERS[runner](jobs, world_size), world_size)
     report["multi_rank"] = multi
     report["runner"] = runner
     timings["multi_rank"] = time.perf_counter() - started - sum(timings.values())
     backend = "inductor" if device.type == "cuda" else "aot_eager"
+    log(f"compile ({backend}, fullgraph) and export (dynamic length) of a Gemma 4 attention layer")
     try:
         report["compile_export"] = compile_and_export(device, torch.float32, backend)
     except Exception as e:  # noqa: BLE001 - reported, not raised
@@ -248,6 +258,7 @@ def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "si
     timings["compile_export"] = time.perf_counter() - started - sum(timings.values())
     bench_len = 256 if quick else (8192 if device.type == "cuda" else 2048)
     bench_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log(f"speed: ring at P=1 vs SDPA, forward, S={bench_len} D=256 {str(bench_dtype).removeprefix('torch.')}")
     report["speed"] = speed(device, bench_len, 256, bench_dtype, kernel, repeat=2 if quick else 3)
     report["ok"] = (all(r["ok"] for r in parity_rows + multi) and report["compile_export"]["ok"])
     timings["speed"] = time.perf_counter() - started - sum(timings.values())
