@@ -1,25 +1,23 @@
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
+from gemma4_flexring.testing.launch import Cluster
 
-from cluster import Cluster  # noqa: E402
-
-_clusters: dict[int, Cluster] = {}
+# A call that gets no answer from a rank for this long is a hung collective: its cluster is stopped
+# and the test fails (no test measures time).
+HANG_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="session")
 def cluster():
-    """``cluster(world_size)``: a shared gloo Cluster of that size (spawned on first use)."""
+    """``cluster(world_size)``: a shared gloo Cluster of that size (spawned on first use, and again
+    after one was stopped by a hung or failed call)."""
+    clusters: dict[int, Cluster] = {}
 
     def get(world_size: int) -> Cluster:
-        if world_size not in _clusters:
-            _clusters[world_size] = Cluster(world_size)
-        return _clusters[world_size]
+        if world_size not in clusters or clusters[world_size].closed:
+            clusters[world_size] = Cluster(world_size, answer_timeout_s=HANG_TIMEOUT_S)
+        return clusters[world_size]
 
     yield get
-    for c in _clusters.values():
+    for c in clusters.values():
         c.close()
-    _clusters.clear()

@@ -3,7 +3,8 @@
     python benchmarks/bench_planning.py [--world-size 8 2] [--seq-len 8192 16384 32768] [--rank 3]
 
 Masks: "sliding" is a Gemma 4 sliding layer (W=1024, image blocks bidirectional) on packed
-documents with images and trailing padding; "causal" is a global causal layer on the same batch.
+documents with images and trailing padding (the scenario catalog's ``long_row_info``); "causal" is
+a global causal layer on the same batch.
 Prints CPU seconds of this process per (mask, world size, length), which other processes on a
 shared machine disturb less than wall time, and the growth exponent between the first and last
 length. One thread, best of ``--repeats``.
@@ -18,21 +19,11 @@ import time
 import torch
 
 from gemma4_flexring import Layout, MaskSpec
-
 from gemma4_flexring.planning.context import plan_context
 from gemma4_flexring.planning.plan import plan_pair
+from gemma4_flexring.testing.cases import SPECS, long_row_info, with_window
 
-MASKS = {"sliding": MaskSpec(causal=True, sliding_window=1024, block_bidirectional=True),
-         "causal": MaskSpec(causal=True)}
-
-
-def metadata(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[1, S] document_ids (documents of 3000 tokens), block_ids (a 256-token image every
-    2048 tokens) and padding (the last 100 tokens)."""
-    pos = torch.arange(seq_len).view(1, -1)
-    docs = pos // 3000
-    blocks = torch.where(pos % 2048 < 256, pos // 2048, -1)
-    return docs, blocks, pos >= seq_len - 100
+MASKS = {"sliding": with_window(SPECS["sliding_vision"], 1024), "causal": SPECS["causal"]}
 
 
 def plan_rank(spec: MaskSpec, tensors, layout: Layout, seq_len: int, rank: int) -> None:
@@ -55,7 +46,7 @@ def main() -> None:
             rank = max(world // 2 - 1, 0) if args.rank is None else args.rank
             times = []
             for seq_len in args.seq_len:
-                layout, tensors = Layout(args.layout, world), metadata(seq_len)
+                layout, tensors = Layout(args.layout, world), long_row_info(seq_len).tensors()
                 best = math.inf
                 for _ in range(args.repeats):
                     start = time.process_time()

@@ -14,12 +14,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from gemma4_flexring import MaskSpec, SequenceInfo, mask_cache_info, ring_attention
 from gemma4_flexring.testing.reference import reference_attention
-
-from .compile_cases import (LENGTHS, Stack, attend, compile_configs, compiled_ring_steps, dynamo_graphs,
-                            make_info, steps_under_compile)
-
-# Relative to each tensor's largest entry; float32 models.
-TOLERANCE = {"inductor": 1e-4, "aot_eager": 1e-6}
+from gemma4_flexring.testing.cases import training_info
+from gemma4_flexring.testing.compiled import (LENGTHS, Stack, attend, compile_configs, compiled_ring_steps,
+                                              dynamo_graphs, steps_under_compile)
+from gemma4_flexring.testing.tolerances import COMPILED
 
 
 def _run(backend: str, dynamic: bool | None, num_layers: int) -> tuple[dict, CompileCounterWithBackend, int]:
@@ -39,7 +37,7 @@ def test_ten_lengths(backend, dynamic):
     no recompile after warm-up (fail_on_recompile), forward and backward match eager."""
     configs = compile_configs()
     result, counter, graphs = _run(backend, dynamic, num_layers=1)
-    assert result["max_error"] < TOLERANCE[backend]
+    assert result["max_error"] < COMPILED[backend]
     if dynamic:
         assert counter.frame_count == 1
     else:
@@ -55,7 +53,7 @@ def test_op_body_compiles_nothing():
     configs = compile_configs()
     graphs = dynamo_graphs()
     for seq_len in LENGTHS:
-        info = make_info(seq_len)
+        info = training_info(seq_len)
         q, k, v = (torch.randn(2, h, seq_len, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
         grad = torch.randn_like(q)
         out = attend(q, k, v, info)
@@ -124,7 +122,7 @@ def test_two_ranks(cluster, backend, dynamic, num_layers, lengths):
     """Zigzag ring over two gloo ranks under torch.compile: frames, no recompile, matches eager."""
     warmup = 1 if dynamic else 2
     for result in cluster(2).run(compiled_ring_steps, backend, dynamic, warmup, num_layers, lengths):
-        assert result["max_error"] < TOLERANCE[backend]
+        assert result["max_error"] < COMPILED[backend]
         assert (result["frames"] == 1) if dynamic else (1 <= result["frames"] <= 2)
         assert result["graphs"] == result["frames"]
         # Per step and rank: one build per (mask, key/value owner), every other lookup a hit.

@@ -13,19 +13,19 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.export import Dim, ShapesCollection
 
-import hf_cases
 from gemma4_flexring import Layout, SequenceInfo
 from gemma4_flexring.integrations import transformers as hf
-
-from .compile_cases import Stack, compiled_ring_steps, make_hidden, make_info, max_error, run_step
+from gemma4_flexring.testing import tiny_gemma4
+from gemma4_flexring.testing.cases import training_info
+from gemma4_flexring.testing.compiled import Stack, compiled_ring_steps, make_hidden, max_error, run_step
 
 # Which of (documents, image blocks, padding) a batch holds: all 8 patterns.
 PATTERNS = list(itertools.product((False, True), repeat=3))
 
 
 def patterned_info(seq_len: int, pattern: tuple[bool, bool, bool], batch: int = 2) -> SequenceInfo:
-    """``make_info``'s metadata with the fields ``pattern`` leaves out absent (None)."""
-    fields = make_info(seq_len, batch).tensors()
+    """``training_info``'s metadata with the fields ``pattern`` leaves out absent (None)."""
+    fields = training_info(seq_len, batch).tensors()
     return SequenceInfo(*(t if keep else None for t, keep in zip(fields, pattern)), shape=(batch, seq_len))
 
 
@@ -53,7 +53,7 @@ def test_explicit_layouts_differing_every_batch_at_most_two_frames():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     for step, seq_len in enumerate((16, 24, 24, 32, 32, 40, 48, 48, 56, 64, 64, 72)):
-        info = make_info(seq_len, seed=step)
+        info = training_info(seq_len, seed=step)
         layout = Layout.from_positions(torch.randperm(seq_len, generator=torch.Generator().manual_seed(step)), 1)
         hidden = layout.shard(make_hidden(seq_len), 1, 0)
         kwargs = dict(info=info, layout=layout, position_ids=layout.positions(seq_len, 0).expand(2, -1))
@@ -78,7 +78,7 @@ def _gemma4_batch(seq_len: int, pattern: tuple[bool, bool, bool], seed: int) -> 
     """Whole-sequence inputs of the tiny multimodal Gemma 4 with the metadata ``pattern`` holds."""
     documents, images, padding = pattern
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(10, hf_cases.VOCAB, (2, seq_len), generator=g)
+    input_ids = torch.randint(10, tiny_gemma4.VOCAB, (2, seq_len), generator=g)
     batch = {"input_ids": input_ids}
     if documents:
         cut = seq_len // 3 + seed % 5
@@ -121,7 +121,7 @@ def _multimodal_model() -> torch.nn.Module:
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
-    return hf.use_ring_attention(Gemma4ForConditionalGeneration(hf_cases.multimodal_config()).double().eval())
+    return hf.use_ring_attention(Gemma4ForConditionalGeneration(tiny_gemma4.multimodal_config()).double().eval())
 
 
 class _Logits(torch.nn.Module):

@@ -8,8 +8,8 @@ from torch.export import Dim, ShapesCollection
 
 from gemma4_flexring import SequenceInfo, mask_cache_info
 from gemma4_flexring.testing.model import Gemma4Attention
-
-from .compile_cases import make_hidden, make_info
+from gemma4_flexring.testing.cases import training_info
+from gemma4_flexring.testing.compiled import make_hidden
 
 OP = "torch.ops.gemma4_flexring.ring_attention.default"
 
@@ -21,7 +21,7 @@ def _export(layer, with_info: bool, strict: bool):
     shapes[hidden] = {1: seq}
     kwargs = {}
     if with_info:
-        info = make_info(16)
+        info = training_info(16)
         for t in info.tensors():
             shapes[t] = {1: seq}
         kwargs["info"] = info
@@ -31,7 +31,7 @@ def _export(layer, with_info: bool, strict: bool):
 def _step(module, seq_len: int, with_info: bool):
     """Output and gradients (input first, then parameters by name) of one forward + backward."""
     hidden = make_hidden(seq_len, dtype=torch.float64).requires_grad_(True)
-    out = module(hidden, info=make_info(seq_len)) if with_info else module(hidden)
+    out = module(hidden, info=training_info(seq_len)) if with_info else module(hidden)
     names, params = zip(*sorted(module.named_parameters()))
     grads = torch.autograd.grad(out.pow(2).sum(), [hidden, *params])
     return out, dict(zip(("hidden", *names), grads))
@@ -67,7 +67,7 @@ def test_exported_program_uses_each_calls_generation():
     layer = Gemma4Attention().double()
     module = _export(layer, True, False).module()
     hidden = make_hidden(24, dtype=torch.float64)
-    first, second = make_info(24), make_info(24)
+    first, second = training_info(24), training_info(24)
     second.document_ids.fill_(0)
     second = SequenceInfo(second.document_ids, second.block_ids, second.padding)  # fresh generation
     for info in (first, second):

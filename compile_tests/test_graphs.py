@@ -22,8 +22,7 @@ from gemma4_flexring.tools.compile_log import capture_guards
 from gemma4_flexring.tools.graph import main
 from gemma4_flexring.tools.graphs import compile_batches, compiled_graphs, graph_summary, ring_op_calls
 from gemma4_flexring.testing.model import Gemma4Attention
-
-from .compile_cases import attend
+from gemma4_flexring.testing.compiled import attend
 
 RING_OP = torch.ops.gemma4_flexring.ring_attention.default
 
@@ -176,7 +175,7 @@ class TestCli(TestCase):
         self.assertNotIn("True, 8, True", text)  # no positional option tuples
 
     def test_user_factory_static_forward_only(self):
-        text = _run_cli("--model", "compile_tests.compile_cases:attend_example", "--static", "--forward-only")
+        text = _run_cli("--model", "gemma4_flexring.testing.compiled:attend_example", "--static", "--forward-only")
         self.assertIn("frames compiled: 2 over 2 batches", text)
         self.assertIn("size mismatch", text)
         self.assertNotIn("# backward", text)

@@ -9,8 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from gemma4_flexring import MaskSpec, SequenceInfo, mask_cache_info
 from gemma4_flexring.testing.reference import reference_attention
-
-from .compile_cases import LENGTHS, Stack, attend, steps_under_compile
+from gemma4_flexring.testing.compiled import LENGTHS, Stack, attend, steps_under_compile
 
 
 def test_layers_forward_backward_steps_build_exactly_the_distinct_keys():
@@ -94,7 +93,7 @@ def test_generations_differ_across_forked_processes():
     generation, so a batch's metadata sent from a worker cannot hit plans of another batch."""
     import multiprocessing
 
-    from .compile_cases import generations_in_this_process
+    from gemma4_flexring.testing.compiled import generations_in_this_process
 
     SequenceInfo(shape=(1, 1))  # the parent has counted before forking
     with multiprocessing.get_context("fork").Pool(2) as pool:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 
 import gemma4_flexring  # noqa: F401  (registers the ops)
-
-from .compile_cases import METADATA_VARIANTS, OPCHECK_TESTS, opcheck_all
+from gemma4_flexring.testing.compiled import METADATA_VARIANTS, OPCHECK_TESTS, opcheck_all
 
 OPS = ["gemma4_flexring::new_generation", "gemma4_flexring::ring_attention",
        "gemma4_flexring::ring_attention_backward"]

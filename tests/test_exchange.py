@@ -16,8 +16,9 @@ from gemma4_flexring.kernels import KERNELS
 from gemma4_flexring.planning.context import plan_context
 from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
 from gemma4_flexring.planning.tiles import Tile, TileKind, split_tile
-from ring_cases import EXCHANGE_CASES, exchange_traffic
-from strategies import random_plans
+from gemma4_flexring.testing.cases import EXCHANGE_CASES
+from gemma4_flexring.testing.strategies import random_plans
+from gemma4_flexring.testing.workers import exchange_traffic
 
 CPU = torch.device("cpu")
 

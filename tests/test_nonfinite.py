@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gemma4_flexring import Layout
+from gemma4_flexring.testing.cases import Case, make_info
 from gemma4_flexring.testing.reference import reference_mask
-from nonfinite_cases import padding_keys, run_poisoned
-from ring_cases import Case, make_info
+from gemma4_flexring.testing.workers import padding_keys, run_poisoned
 
 NAMES = ("out", "dq", "dk", "dv")
 

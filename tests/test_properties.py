@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gemma4_flexring import MaskSpec
-from gemma4_flexring.testing.reference import reference_attention
-from property_cases import Example, run_examples
+from gemma4_flexring.testing.tolerances import RING
+from gemma4_flexring.testing.workers import Example, run_examples
 
-TOLERANCE = 1e-12  # float64
 PROBLEMS_PER_EXAMPLE = 10
 MAX_SEQ_LEN = 40
 
@@ -67,13 +66,6 @@ def problems(draw) -> Example:
         seed=draw(st.integers(0, 2**16)), piece_rows=draw(st.sampled_from([None, 3, 7, 16])))
 
 
-def reference(example: Example) -> list[torch.Tensor]:
-    q, k, v, grad = example.tensors()
-    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    out = reference_attention(q, k, v, example.mask, example.info(), example.scale)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
-
-
 @settings(max_examples=4, deadline=None, derandomize=True, database=None,
           phases=(Phase.explicit, Phase.generate),  # no shrinking: each step costs ring runs; failures name the problem
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -90,9 +82,9 @@ def test_ring_matches_dense_reference(cluster, examples):
             results = cluster(world_size).run(run_examples, group)
         for index, example in enumerate(group):
             sharding = example.make_layout()
-            for part, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), reference(example))):
+            for part, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), example.reference())):
                 got = sharding.unshard([results[r][index][part] for r in range(world_size)], dim=2)
                 err = (got - want).abs().max().item()
-                if not err <= TOLERANCE:
+                if not err <= RING[torch.float64]:
                     failures.append(f"{name}: max error {err:.3g} for {example}")
     assert not failures, "\n".join(failures)

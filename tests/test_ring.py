@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_flexring.testing.reference import reference_attention
-from ring_cases import (EXCHANGE_CASES, INFOS, SPECS, Case, make_info, make_layout, make_tensors,
-                        mesh_matches_default_group, run_cases)
-
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+from gemma4_flexring.testing.cases import EXCHANGE_CASES, INFOS, SPECS, Case, make_layout
+from gemma4_flexring.testing.tolerances import RING
+from gemma4_flexring.testing.workers import mesh_matches_default_group, reference, run_cases
 
 FLOAT32_CASES = [
     Case("causal", "none", torch.float32),
@@ -53,13 +51,6 @@ ALL_CASES = ([Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_
              + PIECE_CASES + DOCUMENT_CASES)
 
 
-def reference(case: Case) -> list[torch.Tensor]:
-    """Float64 (out, dq, dk, dv) on the whole sequence."""
-    q, k, v, grad = (t.to(torch.float64).requires_grad_(True) for t in make_tensors(case))
-    out = reference_attention(q, k, v, case.mask, make_info(case.info, case.batch, case.seq_len), case.scale)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
-
-
 @pytest.fixture(scope="module")
 def references():
     return [reference(c) for c in ALL_CASES]
@@ -79,7 +70,7 @@ def test_matches_dense_reference(cluster, references, world_size, layout):
             got = sharding.unshard([results[r][index][part] for r in range(world_size)], dim=2)
             assert got.dtype == case.dtype
             err = (got.to(torch.float64) - want).abs().max().item()
-            if not err <= TOLERANCE[case.dtype]:
+            if not err <= RING[case.dtype]:
                 failures.append(f"{case} {name}: max error {err:.3g}")
     assert not failures, "\n".join(failures)
 

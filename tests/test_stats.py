@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ring_cases import causal_step_stats
+from gemma4_flexring.testing.workers import agreements_over_layers, causal_step_stats
 
 CHUNK_BYTES = 2 * 1 * 2 * 8 * 8 * 4  # K and V, [B=1, Hkv=2, L=8, D=8], float32
 
@@ -24,6 +24,4 @@ def test_causal_contiguous_counters(cluster, world_size):
 
 def test_ranks_agree_once_per_batch_and_kind_of_layer(cluster):
     """Three layer calls with two masks: two agreements (all_gathers) per batch, not three."""
-    from ring_cases import agreements_over_layers
-
     assert cluster(2).run(agreements_over_layers) == [[2, 2], [2, 2]]

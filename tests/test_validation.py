@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import misuse_cases
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+from gemma4_flexring.testing import misuse
+from gemma4_flexring.testing.launch import Cluster
 
 
 def qkv(b=1, hq=4, hkv=2, s=8, d=8, dtype=torch.float32):
@@ -78,37 +79,37 @@ def test_fully_masked_input_gives_zeros_not_nans():
 
 
 @pytest.mark.parametrize("worker, match", [
-    (misuse_cases.lengths_differ, "ranks disagree on local_len"),
-    (misuse_cases.one_rank_bad_dtype, "rank 1: q, k, v must share one dtype"),
-    (misuse_cases.metadata_differs, "ranks disagree on metadata (document_ids, block_ids, padding)"),
-    (misuse_cases.rows_permuted, "ranks disagree on metadata (document_ids, block_ids, padding)"),
-    (misuse_cases.scales_differ, "ranks disagree on scale: rank 0: 1.0, rank 1: 0.5"),
-    (misuse_cases.masks_differ, "ranks disagree on sliding_window"),
+    (misuse.lengths_differ, "ranks disagree on local_len"),
+    (misuse.one_rank_bad_dtype, "rank 1: q, k, v must share one dtype"),
+    (misuse.metadata_differs, "ranks disagree on metadata (document_ids, block_ids, padding)"),
+    (misuse.rows_permuted, "ranks disagree on metadata (document_ids, block_ids, padding)"),
+    (misuse.scales_differ, "ranks disagree on scale: rank 0: 1.0, rank 1: 0.5"),
+    (misuse.masks_differ, "ranks disagree on sliding_window"),
 ])
 def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
     errors = cluster(2).errors(worker)
     for name, message in errors:
         assert name == "ValueError", errors
         assert match in message and "no exchange was started" in message
-    assert len(cluster(2).run(misuse_cases.then_works)) == 2
+    assert len(cluster(2).run(misuse.then_works)) == 2
 
 
 @pytest.mark.parametrize("worker, match", [
-    (misuse_cases.one_rank_wrong_mask_type, "rank 1: mask must be a MaskSpec, got dict"),
-    (misuse_cases.one_rank_layout_for_another_world, "rank 1: layout is for 3 ranks, the group has 2"),
-    (misuse_cases.one_rank_meta_keys, "rank 1: q, k, v must be on one device, got cpu, meta, meta"),
+    (misuse.one_rank_wrong_mask_type, "rank 1: mask must be a MaskSpec, got dict"),
+    (misuse.one_rank_layout_for_another_world, "rank 1: layout is for 3 ranks, the group has 2"),
+    (misuse.one_rank_meta_keys, "rank 1: q, k, v must be on one device, got cpu, meta, meta"),
 ])
 def test_argument_errors_on_one_rank_raise_on_every_rank(cluster, worker, match):
     """Found before the op on one rank only: that rank joins the others' agreement as failed."""
     errors = cluster(2).errors(worker)
     for name, message in errors:
         assert name == "ValueError" and match in message, errors
-    assert len(cluster(2).run(misuse_cases.then_works)) == 2
+    assert len(cluster(2).run(misuse.then_works)) == 2
 
 
 @pytest.mark.parametrize("worker, match", [
-    (misuse_cases.shard_with_wrong_rank, "rank 1: rank 0 is not this process's rank 1 in the CP group"),
-    (misuse_cases.shard_for_a_model_without_the_ring, "the model's attention is not 'gemma4_flexring'"),
+    (misuse.shard_with_wrong_rank, "rank 1: rank 0 is not this process's rank 1 in the CP group"),
+    (misuse.shard_for_a_model_without_the_ring, "the model's attention is not 'gemma4_flexring'"),
 ])
 def test_shard_inputs_errors_raise_on_every_rank(cluster, worker, match):
     errors = cluster(2).errors(worker)
@@ -155,11 +156,9 @@ def test_a_peer_failing_after_the_agreement_is_reported_within_the_timeout():
     """Rank 1 raises after the agreement; rank 0, waiting in the exchange, gets an error that names
     the exchange once the group's timeout (here 3 s, not the default 30 minutes) has passed. Its
     own processes: the failed exchange leaves that group unusable."""
-    from cluster import Cluster
-
     cluster = Cluster(2)
     try:
-        (name0, message0, seconds0), (name1, message1, _) = cluster.run(misuse_cases.peer_fails_after_agreement, 3.0)
+        (name0, message0, seconds0), (name1, message1, _) = cluster.run(misuse.peer_fails_after_agreement, 3.0)
     finally:
         cluster.close()
     assert (name1, message1) == ("RuntimeError", "simulated: out of memory in the chunk kernel")

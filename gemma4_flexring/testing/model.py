@@ -12,6 +12,7 @@ from ..api import ring_attention
 from ..info import SequenceInfo
 from ..layout import Layout
 from ..planning.masks import MaskSpec
+from .cases import make_info
 
 
 class RMSNorm(nn.Module):
@@ -86,28 +87,17 @@ class Gemma4Attention(nn.Module):
 
 
 def example() -> tuple[Gemma4Attention, list[tuple[tuple, dict]]]:
-    """The built-in example of ``python -m gemma4_flexring graph`` (a factory, see ``graph_cli``).
+    """The built-in example of ``python -m gemma4_flexring graph`` (a factory, see ``tools/graph.py``).
 
-    A sliding layer (window 8) and four batches of two rows: 16 and 24 tokens with packed
-    documents and an image block, 20 tokens with padding only (another metadata pattern, same
-    compiled code), then 20 tokens with no SequenceInfo at all (a new argument type: dynamo
-    recompiles).
+    A sliding layer (window 8) and four batches of two rows (the catalog's metadata): 16 and 24
+    tokens with packed documents, image blocks and padding, 20 tokens with padding only (another
+    metadata pattern, same compiled code), then 20 tokens with no SequenceInfo at all (a new
+    argument type: dynamo recompiles).
     """
     torch.manual_seed(0)
     layer = Gemma4Attention()
 
-    def batch(seq_len: int, info: SequenceInfo | None) -> tuple[tuple, dict]:
-        return (torch.randn(2, seq_len, 32),), {"info": info}
+    def batch(seq_len: int, kind: str) -> tuple[tuple, dict]:
+        return (torch.randn(2, seq_len, 32),), {"info": make_info(kind, 2, seq_len)}
 
-    padded = torch.zeros(2, 20, dtype=torch.bool)
-    padded[1, -3:] = True
-    return layer, [batch(16, _packed(16)), batch(24, _packed(24)), batch(20, SequenceInfo(padding=padded)),
-                   batch(20, None)]
-
-
-def _packed(seq_len: int) -> SequenceInfo:
-    """Two documents and an image block across the middle, on both rows ([2, seq_len])."""
-    documents = torch.arange(seq_len) * 2 // seq_len
-    blocks = torch.full((seq_len,), -1)
-    blocks[seq_len // 4: seq_len // 2] = 0
-    return SequenceInfo(document_ids=documents.repeat(2, 1), block_ids=blocks.repeat(2, 1))
+    return layer, [batch(16, "all"), batch(24, "all"), batch(20, "padding"), batch(20, "none")]

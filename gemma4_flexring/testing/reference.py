@@ -54,3 +54,12 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, info: S
     row_alive = allowed.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~row_alive, 0.0), dim=-1) * row_alive
     return probs @ v64
+
+
+def reference_gradients(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, spec: MaskSpec,
+                        info: SequenceInfo | None = None, scale: float | None = None) -> list[Tensor]:
+    """Float64 ``[out, dq, dk, dv]`` of ``reference_attention`` for the output gradient ``grad``
+    [B, Hq, S, D] (q, k, v as there; their dtype is raised to float64 first)."""
+    q, k, v = (t.detach().to(torch.float64).requires_grad_(True) for t in (q, k, v))
+    out = reference_attention(q, k, v, spec, info, scale)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad.to(torch.float64))]

@@ -3,13 +3,14 @@
     python -m gemma4_flexring bench --world-size 8 --seq-len 131072 --heads 2 --kv-heads 1 \\
         --mask causal sliding packed vision --layout zigzag --json out.json
 
-Spawns ``--world-size`` gloo ranks on this machine (one torch thread each by default), or, with
-``--device cuda``, one rank on the GPU (the flex kernel by default; times taken once the GPU has
-finished, memory from the CUDA allocator's peak). Every
-figure is one layer (or, with ``--stack N``, a Gemma-4-like stack of N layers: five sliding
-layers to one global one) timed forward and backward, median of ``--repeats`` steps after one
-warm-up. Every step builds a fresh ``SequenceInfo`` and empties the plan cache, so planning is
-part of the step. Per figure:
+Spawns ``--world-size`` gloo ranks on this machine (``testing.launch.spawn``; one torch thread
+each by default), or, with ``--device cuda``, one rank on the GPU (the flex kernel by default; times
+taken once the GPU has finished, memory from the CUDA allocator's peak). Every figure is one layer
+(or, with ``--stack N``, a Gemma-4-like stack of N layers: five sliding layers to one global one)
+timed forward and backward, median of ``--repeats`` steps after one warm-up. Every step builds a
+fresh ``SequenceInfo`` and empties the plan cache, so planning is part of the step. Masks and
+metadata are the scenario catalog's bench figures (``testing/cases.py``: ``FIGURES``,
+``figure_masks``, ``figure_info``). Per figure:
 
 - step: forward + backward of the slowest rank; plan: the planning time and its share of the step;
 - sent/bound: bytes sent per rank per layer (mean over ranks) against the lower bound, 3x the K/V
@@ -38,17 +39,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..planning.blocks import EMPTY, FULL, PARTIAL, Blocks
 from ..planning.cache import clear_mask_cache
@@ -57,63 +55,17 @@ from ..kernels import KERNELS, default_kernel
 from ..layout import Layout
 from ..planning.masks import MaskSpec, gemma4_mask
 from ..planning.metadata import informative
-from ..testing.launch import local_init_method
 from ..planning.flags import DENSE_CHUNK, block_indices, evaluate_at
 from ..stats import reset_ring_stats, ring_stats
+from ..testing.cases import FIGURES, PACKINGS, figure_info, figure_masks, layout_of
+from ..testing.launch import spawn
 
 # The memory phase's processes: buffers of 64 KiB or more are mapped on their own and returned
 # when freed, so the resident high-water mark follows live memory.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-MASKS = ("causal", "sliding", "packed", "vision")
 TARGETS = {"sdpa": 1.10, "allgather": 1.1, "bytes": 1.25, "memory_p8": 0.4, "balance": 1.10}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BASELINE_MASK_LIMIT = 1 << 28  # dense mask entries (per rank) the baseline may build
-
-
-def layer_masks(name: str, window: int, stack: int) -> list[tuple[str, MaskSpec]]:
-    """(kind, mask) of each layer of a figure: one layer, or a Gemma-4-like stack."""
-    sliding = MaskSpec(causal=True, sliding_window=window, block_bidirectional=name == "vision")
-    one = MaskSpec(causal=True) if name in ("causal", "packed") else sliding
-    if not stack:
-        return [(name, one)]
-    return [("global", MaskSpec(causal=True)) if i % 6 == 5 else ("sliding", sliding) for i in range(stack)]
-
-
-# Packed rows with uneven documents: document lengths per row at PACKING_BASE tokens, scaled to the
-# sequence length (the last document takes what is left). "equal" is --documents equal documents.
-PACKING_BASE = 16384
-PACKINGS = {
-    "long_tail": [[14000]],                                   # one long document and a short tail
-    "long_four": [[12000, 1100, 1500, 900]],                  # a long document and four short ones
-    "six_uneven": [[5000, 3000, 2500, 1884, 2500]],           # six uneven documents
-    "four_equal": [[4096, 4096, 4096]],                       # four equal documents
-    "two_rows": [[14000], [5000, 3000, 2500, 1884, 2500]],    # B=2, rows packed differently
-}
-
-
-def packed_documents(packing: str, batch: int, seq_len: int, documents: int) -> torch.Tensor:
-    """[B, S] document ids of the named packing (its own row count for the uneven ones)."""
-    if packing == "equal":
-        return (torch.arange(seq_len) * documents // seq_len).expand(batch, -1).contiguous()
-    rows = []
-    for lengths in PACKINGS[packing]:
-        cuts = [n * seq_len // PACKING_BASE for n in lengths]
-        cuts.append(seq_len - sum(cuts))
-        rows.append(torch.cat([torch.full((n,), i) for i, n in enumerate(cuts) if n > 0]))
-    return torch.stack(rows)
-
-
-def make_info(name: str, batch: int, seq_len: int, documents: int, packing: str = "equal") -> SequenceInfo:
-    """The batch's metadata: packed documents for "packed", image blocks for "vision"."""
-    if name == "packed":
-        return SequenceInfo(document_ids=packed_documents(packing, batch, seq_len, documents))
-    if name == "vision":  # an image of 1/16 of the sequence every quarter
-        blocks = torch.full((batch, seq_len), -1, dtype=torch.long)
-        for n in range(4):
-            start = n * seq_len // 4 + seq_len // 8
-            blocks[:, start:start + seq_len // 16] = n
-        return SequenceInfo(block_ids=blocks)
-    return SequenceInfo(shape=(batch, seq_len))
 
 
 def mask_figures(spec: MaskSpec, info: SequenceInfo, layout: Layout, seq_len: int, rank: int,
@@ -225,13 +177,13 @@ class Figure:
 
 
 def _info(name: str, args) -> SequenceInfo:
-    """The batch metadata of mask ``name`` under the command's options (``make_info``)."""
-    return make_info(name, args.batch, args.seq_len, args.documents, args.packing)
+    """The batch metadata of figure ``name`` under the command's options (``figure_info``)."""
+    return figure_info(name, args.batch, args.seq_len, args.documents, args.packing)
 
 
-def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
-    """One rank of the "time" or the "memory" phase; rank 0 puts one row per figure and rank in
-    ``results[phase]``.
+def run_rank(rank: int, world: int, args, phase: str) -> list[list[dict]] | None:
+    """One rank of the "time" or the "memory" phase; rank 0 returns the rows of every rank, one
+    per figure (``[rank][figure]``), the others None.
 
     Time: figures are timed in rounds, one step of each figure (and of its baseline) per round,
     so that the machine's drifts in speed, measured here at up to 1.5x over a minute, fall on
@@ -239,9 +191,6 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
     after a warm-up step, in processes started with ``MEMORY_ENV``.
     """
     torch.set_num_threads(args.threads)
-    world = args.world_size
-    if world > 1:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(rank)
     local = args.seq_len // world
@@ -251,7 +200,8 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
         if rank == 0:
             print(f"[bench] {phase}: {msg}", file=sys.stderr, flush=True)
 
-    figures = [Figure(name, kind, figure_layout(kind, _info(name, args), world), layer_masks(name, args.window, args.stack))
+    figures = [Figure(name, kind, layout_of(kind, world, _info(name, args), args.batch, args.seq_len),
+                      figure_masks(name, args.window, args.stack))
                for name, kind in itertools.product(args.mask, args.layout)]
     for figure in figures:
         layers = len(figure.layers) if phase == "time" else 1
@@ -274,10 +224,7 @@ def run_rank(rank: int, args, init_method: str, results, phase: str) -> None:
         rows.append(_figure_row(rank, figure, args) if phase == "time" else _measure_memory(rank, figure, args))
         figure.tensors.clear()
     per_rank = _all_gather(rows, world) if world > 1 else [rows]
-    if rank == 0:
-        results[phase] = per_rank
-    if world > 1:
-        dist.destroy_process_group()
+    return per_rank if rank == 0 else None
 
 
 def _ring_step(figure: Figure, args) -> tuple:
@@ -393,10 +340,6 @@ def _baseline_step(rank: int, figure: Figure, args):
     return step
 
 
-def figure_layout(kind: str, info: SequenceInfo, world: int) -> Layout:
-    return Layout.balanced(info, world) if kind == "balanced" else Layout(kind, world)
-
-
 def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
     n = len(layers)
     slowest = max(r["step"] for r in per_rank)
@@ -465,7 +408,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--mask", nargs="+", choices=MASKS, default=["causal"], help="one figure per mask")
+    p.add_argument("--mask", nargs="+", choices=FIGURES, default=["causal"], help="one figure per mask")
     p.add_argument("--window", type=int, default=1024, help="sliding window of sliding layers")
     p.add_argument("--documents", type=int, default=5, help="packed documents of the packed mask")
     p.add_argument("--layout", nargs="+", choices=["contiguous", "zigzag", "balanced"], default=["zigzag"],
@@ -494,19 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.packing != "equal":
         args.batch = len(PACKINGS[args.packing])
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        for phase, env in (("time", {}), ("memory", MEMORY_ENV)):
-            # spawned ranks start with env; restored after
-            with mock.patch.dict(os.environ, env), local_init_method() as init_method:
-                mp.start_processes(run_rank, args=(args, init_method, results, phase), nprocs=args.world_size,
-                                   start_method="spawn")
-        whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * DTYPES[args.dtype].itemsize
-        figures = [summarize(name, kind, layer_masks(name, args.window, args.stack),
-                             [{**timed[i], **measured[i]} for timed, measured in zip(results["time"], results["memory"])],
-                             args, whole_kv)
-                   for i, (name, kind) in enumerate(itertools.product(args.mask, args.layout))]
+    # A world of one runs in a process of its own too (the memory phase's environment), without a group.
+    results = {phase: spawn(run_rank, args.world_size, args, phase, env=env, join_group=args.world_size > 1)[0]
+               for phase, env in (("time", {}), ("memory", MEMORY_ENV))}
+    whole_kv = 2 * args.batch * args.kv_heads * args.seq_len * args.head_dim * DTYPES[args.dtype].itemsize
+    figures = [summarize(name, kind, figure_masks(name, args.window, args.stack),
+                         [{**timed[i], **measured[i]} for timed, measured in zip(results["time"], results["memory"])],
+                         args, whole_kv)
+               for i, (name, kind) in enumerate(itertools.product(args.mask, args.layout))]
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
           f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads} "
           f"device={args.device} kernel={args.kernel or default_kernel(torch.device(args.device))}"

@@ -5,9 +5,11 @@ layers), shards a packed, padded batch with image blocks over N ranks, runs two 
 ``torch.compile(fullgraph=True)`` forward and backward through ``attn_implementation=
 "gemma4_flexring"``, and compares logits, loss and every parameter gradient with one process
 running the whole sequence through transformers' sdpa attention. Prints a short report (parity,
-time, bytes sent, ring steps skipped, compiled frames) and exits 1 on a mismatch.
+time, bytes sent, ring steps skipped, compiled frames) and exits 1 on a mismatch. Each phase says
+on stderr when it starts.
 
-Ranks: spawned gloo processes on this machine (``--world-size``, default 2), or the ranks of
+Ranks: spawned gloo processes on this machine (``--world-size``, default 2; started by
+``testing.launch.spawn``, as the tests' ranks are), or the ranks of
 ``torchrun --nproc-per-node N -m gemma4_flexring demo`` (NCCL on GPUs that have a chunk kernel,
 gloo on CPU otherwise).
 
@@ -20,6 +22,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,15 +35,12 @@ from ..info import SequenceInfo, blocks_from_token_types
 from ..kernels import kernel_for
 from ..layout import FIXED_LAYOUTS, Layout
 from ..planning.masks import MaskSpec
-from ..testing.reference import reference_mask
-from ..testing.launch import local_init_method
 from ..stats import reset_ring_stats, ring_stats
+from ..testing.launch import WorkerError, spawn
+from ..testing.reference import reference_mask
+from ..testing.tolerances import TRANSFORMERS_COMPILED, relative_error
 
 DTYPE = torch.float64
-# Relative. transformers computes RMSNorm and the loss in float32, which bounds float64 parity near
-# 1e-7 eagerly and near 2e-5 under inductor (its fused float32 arithmetic rounds differently);
-# a wrong mask shows up above 1e-1.
-TOLERANCE = 1e-4
 STEPS = 2  # step 1 compiles, step 2 (a new batch) must reuse the compiled frame
 ROWS = 2
 IMAGE_TOKEN, PAD_TOKEN, VOCAB = 5, 0, 256
@@ -81,38 +81,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
 
 # ----------------------------------------------------------------------------- model and data
 
-TINY_LAYER_TYPES = ("sliding_attention", "full_attention") * 2
-
-
-def tiny_text_config(hidden_size: int, head_dim: int, window: int, bidirectional: str | None = None,
-                     vocab_size: int = VOCAB, pad_token_id: int = PAD_TOKEN, **overrides):
-    """A tiny Gemma 4 text stack: 4 layers (sliding, global, sliding, global), 4 query and 2 K/V
-    heads, global heads twice as wide, per-layer inputs; ``overrides`` replace any field."""
-    from transformers import Gemma4TextConfig
-
-    fields = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=len(TINY_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-        global_head_dim=2 * head_dim, sliding_window=window, layer_types=list(TINY_LAYER_TYPES),
-        vocab_size_per_layer_input=vocab_size, hidden_size_per_layer_input=hidden_size // 4,
-        final_logit_softcapping=30.0, pad_token_id=pad_token_id, use_bidirectional_attention=bidirectional)
-    return Gemma4TextConfig(**{**fields, **overrides})
-
-
-def tiny_config(text, image_token_id: int = IMAGE_TOKEN):
-    """``text`` (a ``tiny_text_config``) with a one-layer vision tower: a multimodal Gemma 4."""
-    from transformers import Gemma4Config, Gemma4VisionConfig
-
-    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
-                                position_embedding_size=64)
-    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token_id,
-                        boi_token_id=6, eoi_token_id=7, video_token_id=8, audio_token_id=9)
-
-
 def demo_config(seq_len: int):
-    """The demo's Gemma 4: the tiny stack (sliding W = S/8, images bidirectional) with a vision tower."""
-    return tiny_config(tiny_text_config(hidden_size=64, head_dim=16, window=seq_len // 8, bidirectional="vision"))
+    """The demo's Gemma 4: the tiny stack of the tests (``testing.tiny_gemma4``; sliding W = S/8,
+    images bidirectional) with a vision tower."""
+    from ..testing.tiny_gemma4 import tiny_config, tiny_text_config
+
+    text = tiny_text_config(hidden_size=64, head_dim=16, window=seq_len // 8, vocab_size=VOCAB,
+                            bidirectional="vision", pad_token_id=PAD_TOKEN)
+    return tiny_config(text, image_token_id=IMAGE_TOKEN)
 
 
 def make_model(config, device: torch.device, ring: bool) -> torch.nn.Module:
@@ -272,7 +248,7 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return not self.missing and max(self.logits, self.loss, self.grads) <= TOLERANCE
+        return not self.missing and max(self.logits, self.loss, self.grads) <= TRANSFORMERS_COMPILED
 
     def worst(self, other: "Parity") -> "Parity":
         return Parity(max(self.logits, other.logits), max(self.loss, other.loss), max(self.grads, other.grads),
@@ -284,12 +260,6 @@ def parity(cp: StepResult, ref: StepResult) -> Parity:
     grads = [relative_error(cp.grads[n], g) for n, g in ref.grads.items() if n in cp.grads]
     return Parity(relative_error(cp.logits, ref.logits), relative_error(cp.loss, ref.loss), max(grads, default=0.0),
                   tuple(sorted(set(cp.grads) ^ set(ref.grads))))
-
-
-def relative_error(got: Tensor, want: Tensor) -> float:
-    """max |got - want| / max |want| (plain max |got - want| when want is all zero)."""
-    scale = want.abs().max().item() or 1.0
-    return (got.double() - want.double()).abs().max().item() / scale
 
 
 @dataclass(frozen=True)
@@ -322,7 +292,7 @@ def format_report(setup: Setup, config, batch: Batch, steps: list[Measured], che
         f"(K/V forward, K/V and dK/dV backward); {sum(m.ring_steps_skipped for m in steps) // per_rank} of "
         f"{sum(m.ring_steps for m in steps) // per_rank} ring steps per rank and step skipped (no visible key)",
         f"  parity:   against one process (sdpa, whole sequence), relative max error: logits {check.logits:.1e}, "
-        f"loss {check.loss:.1e}, gradients {check.grads:.1e} (tolerance {TOLERANCE:.0e})",
+        f"loss {check.loss:.1e}, gradients {check.grads:.1e} (tolerance {TRANSFORMERS_COMPILED:.0e})",
     ]
     if check.missing:
         lines.append(f"  gradients in one run only: {', '.join(check.missing)}")
@@ -333,12 +303,15 @@ def format_report(setup: Setup, config, batch: Batch, steps: list[Measured], che
 # ----------------------------------------------------------------------------- ranks
 
 def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch.device) -> tuple[bool, str]:
-    """Every rank: the CP steps; rank 0 also the one-process runs. Returns (ok, rank 0's report)."""
+    """Every rank: the CP steps; rank 0 also the one-process runs, and the progress lines. Returns
+    (ok, rank 0's report)."""
     from torch._dynamo.utils import counters
 
     config = demo_config(args.seq_len)
     layout = args.layout if args.layout == "balanced" else Layout(args.layout, world_size)
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    if rank == 0:
+        log(f"building the tiny Gemma 4 on {world_size} rank(s) ({device.type}) and the one-process reference")
     model = make_model(config, device, ring=True)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     reference = make_model(config, device, ring=False) if rank == 0 else None
@@ -346,9 +319,14 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch
     measured, check = [], None
     for step in range(STEPS):
         batch = demo_batch(args.seq_len, step, device)
+        if rank == 0:
+            what = f"compile ({backend!r}), forward and backward" if step == 0 else \
+                "forward and backward on new metadata (no recompile allowed)"
+            log(f"step {step + 1}/{STEPS}: {what}, {world_size} rank(s), {args.layout} layout")
         with torch.compiler.set_stance("default" if step == 0 else "fail_on_recompile"):
             measured.append(cp_step(compiled, model, batch, layout, rank))
         if reference is not None:
+            log(f"step {step + 1}/{STEPS}: one process on the whole sequence (sdpa), for parity")
             step_check = parity(measured[-1].result, one_process(reference, config, batch))
             check = step_check if check is None else check.worst(step_check)
     ok = torch.tensor(int(rank != 0 or check.ok), device=device)
@@ -359,6 +337,11 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, device: torch
     return bool(ok), format_report(setup, config, batch, measured, check)
 
 
+def log(message: str) -> None:
+    """A progress line on stderr, at once (stdout carries the report)."""
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
 def pick_device(local_rank: int) -> torch.device:
     """This rank's GPU when the ring has a kernel for it, else the CPU."""
     if torch.cuda.is_available() and kernel_for(torch.device("cuda")) is not None:
@@ -366,56 +349,28 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _init(device: torch.device, **kwargs) -> None:
+def _init(device: torch.device) -> None:
+    """Join torchrun's group: NCCL on a GPU, gloo on the CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT, **kwargs)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
-def _spawned(rank: int, world_size: int, init_method: str, args: argparse.Namespace, reports) -> None:
-    """Body of one spawned rank; rank 0 puts (ok, report) on ``reports``."""
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    _init(device, init_method=init_method, rank=rank, world_size=world_size)
+def _spawned(rank: int, world_size: int, args: argparse.Namespace) -> tuple[bool, str]:
+    """One spawned rank, on the CPU."""
+    return run_rank(rank, world_size, args, torch.device("cpu"))
+
+
+def run_spawned(args: argparse.Namespace, world_size: int) -> int:
+    """Run ``world_size`` gloo ranks as local processes; print rank 0's report (or the ranks' errors)."""
+    log(f"spawning {world_size} gloo rank(s) on this machine")
     try:
-        ok, report = run_rank(rank, world_size, args, device)
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        reports.put((ok, report))
-
-
-def spawn(args: argparse.Namespace, world_size: int) -> int:
-    """Run ``world_size`` gloo ranks as local processes; print rank 0's report."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    reports = ctx.SimpleQueue()
-    with local_init_method() as init_method:
-        procs = [ctx.Process(target=_spawned, args=(r, world_size, init_method, args, reports))
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        _join(procs)
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed or reports.empty():
-        print(f"demo: rank(s) {failed} failed (see the traceback above)")
+        (ok, report), *_ = spawn(_spawned, world_size, args, collective_timeout=COLLECTIVE_TIMEOUT)
+    except WorkerError as e:
+        print(f"demo: rank(s) failed:\n{e}")
         return 1
-    ok, report = reports.get()
     print(report)
     return 0 if ok else 1
-
-
-def _join(procs: list) -> None:
-    """Wait for every process; once one fails, stop the others (they would wait on it forever)."""
-    while any(p.is_alive() for p in procs):
-        for p in procs:
-            p.join(timeout=0.5)
-            if p.exitcode not in (None, 0):
-                for other in procs:
-                    if other.is_alive():
-                        other.terminate()
-                break
 
 
 def under_torchrun(args: argparse.Namespace) -> int:
@@ -446,4 +401,4 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"demo: {e}")
         return 2
-    return under_torchrun(args) if torchrun else spawn(args, world_size)
+    return under_torchrun(args) if torchrun else run_spawned(args, world_size)

@@ -13,7 +13,9 @@ One command that checks this install on whatever device is present:
 - speed: the chunk kernel (the ring at P = 1) against ``F.scaled_dot_product_attention`` with
   the same dense mask, forward, in TFLOP/s counted over allowed (query, key) pairs only.
 
-Errors are relative to the reference's largest magnitude; tolerances per dtype (``TOLERANCE``).
+The features are the scenario catalog's (``testing/cases.py``: ``FEATURES``). Errors are relative
+to max(1, the reference's largest magnitude), bounded by the tolerance table's ``RING`` (parity) and
+``COMPILED`` (compile and export). Each check says on stderr when it starts; the report follows.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
-import traceback
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
@@ -35,39 +37,11 @@ from ..api import ring_attention
 from ..info import SequenceInfo
 from ..kernels import default_kernel
 from ..layout import Layout
-from ..planning.masks import MaskSpec
-from ..testing.reference import reference_attention, reference_mask
-from ..testing.launch import local_init_method
+from ..testing.cases import FEATURES, feature
+from ..testing.launch import spawn
+from ..testing.reference import reference_gradients, reference_mask
 from ..testing.simulated import SimulatedGroup
-
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float64: 1e-10}
-FEATURES = ("causal", "sliding", "bidirectional", "bidirectional_window", "vision", "documents",
-            "padding", "all")
-
-
-def feature(name: str, batch: int, seq_len: int) -> tuple[MaskSpec, SequenceInfo | None]:
-    """The mask and metadata exercising one feature; windows, documents, image blocks and padding
-    are placed relative to ``seq_len`` so they cross rank boundaries."""
-    s, window = seq_len, max(2, seq_len // 8)
-    docs = torch.zeros(batch, s, dtype=torch.long)
-    docs[:, s * 3 // 8:] = 1
-    docs[:, s * 7 // 8:] = 2
-    blocks = torch.full((batch, s), -1, dtype=torch.long)
-    blocks[:, s // 5: s * 3 // 5] = 0  # an image longer than the window
-    padding = torch.zeros(batch, s, dtype=torch.bool)
-    padding[-1, s * 7 // 8:] = True  # a whole padded document: queries with no key at all
-    return {
-        "causal": (MaskSpec(causal=True), None),
-        "sliding": (MaskSpec(causal=True, sliding_window=window), None),
-        "bidirectional": (MaskSpec(causal=False), None),
-        "bidirectional_window": (MaskSpec(causal=False, sliding_window=window), None),
-        "vision": (MaskSpec(causal=True, sliding_window=window, block_bidirectional=True),
-                   SequenceInfo(block_ids=blocks)),
-        "documents": (MaskSpec(causal=True), SequenceInfo(document_ids=docs)),
-        "padding": (MaskSpec(causal=True), SequenceInfo(document_ids=docs, padding=padding)),
-        "all": (MaskSpec(causal=True, sliding_window=window, block_bidirectional=True),
-                SequenceInfo(document_ids=docs, block_ids=blocks, padding=padding)),
-    }[name]
+from ..testing.tolerances import COMPILED, RING, relative_error
 
 
 @dataclass(frozen=True)
@@ -123,40 +97,15 @@ def local_runner(jobs: list[Job], world_size: int) -> list:
     return [[run_rank(0, 1, job) for job in jobs]]
 
 
-def _gloo_worker(rank: int, world_size: int, init_method: str, jobs: list[Job], queue) -> None:
+def _run_jobs(rank: int, world_size: int, jobs: list[Job]) -> list[list[torch.Tensor]]:
+    """One gloo rank: ``run_rank`` of every job."""
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        # numpy arrays travel by value; tensors would travel as shared-memory handles that die with us.
-        queue.put((rank, "ok", [[t.numpy() for t in run_rank(rank, world_size, job)] for job in jobs]))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        torch.distributed.destroy_process_group()
+    return [run_rank(rank, world_size, job) for job in jobs]
 
 
-def gloo_runner(jobs: list[Job], world_size: int, timeout_s: float = 300) -> list:
-    """``world_size`` gloo ranks spawned on the CPU (jobs must be on the CPU)."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue, results = ctx.Queue(), [None] * world_size
-    with local_init_method() as init_method:
-        procs = [ctx.Process(target=_gloo_worker, args=(r, world_size, init_method, jobs, queue), daemon=True)
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        try:
-            for _ in range(world_size):
-                rank, status, payload = queue.get(timeout=timeout_s)
-                if status != "ok":
-                    raise RuntimeError(f"rank {rank} failed:\n{payload}")
-                results[rank] = [[torch.from_numpy(a) for a in parts] for parts in payload]
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return results
+def gloo_runner(jobs: list[Job], world_size: int) -> list:
+    """``world_size`` gloo ranks spawned on the CPU (``testing.launch.spawn``; jobs must be on the CPU)."""
+    return spawn(_run_jobs, world_size, jobs)
 
 
 def simulated_runner(jobs: list[Job], world_size: int) -> list:
@@ -170,10 +119,8 @@ RUNNERS: dict[str, RingRunner] = {"local": local_runner, "gloo": gloo_runner, "s
 
 
 def reference(job: Job) -> list[torch.Tensor]:
-    spec, info = feature(job.feature, job.batch, job.seq_len)
-    q, k, v, grad = (t.requires_grad_(True) for t in make_tensors(job))
-    out = reference_attention(q, k, v, spec, info)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+    """Float64 (out, dq, dk, dv) of ``job`` on the whole sequence."""
+    return reference_gradients(*make_tensors(job), *feature(job.feature, job.batch, job.seq_len))
 
 
 def compare(jobs: list[Job], results: list, world_size: int) -> list[dict]:
@@ -187,7 +134,7 @@ def compare(jobs: list[Job], results: list, world_size: int) -> list[dict]:
             errors[name] = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
         worst = max(errors.values())
         rows.append({**asdict(job), "world_size": world_size, "max_rel_error": worst, "errors": errors,
-                     "ok": worst <= TOLERANCE[job.torch_dtype]})
+                     "ok": worst <= RING[job.torch_dtype]})
     return rows
 
 
@@ -252,34 +199,41 @@ def compile_and_export(device: torch.device, dtype: torch.dtype, backend: str) -
     errors = []
     for seq_len in (16, 24):
         hidden = torch.randn(2, seq_len, 32, device=device, dtype=dtype)
-        errors.append(float((compiled(hidden) - layer(hidden)).detach().abs().max()))
+        errors.append(relative_error(compiled(hidden), layer(hidden)))
     result["compile_s"], result["compile_max_error"] = time.perf_counter() - start, max(errors)
     start = time.perf_counter()
     hidden = torch.randn(2, 16, 32, device=device, dtype=dtype)
     program = torch.export.export(layer, (hidden,), dynamic_shapes=({1: Dim("seq", min=4, max=4096)},))
     other = torch.randn(2, 40, 32, device=device, dtype=dtype)
     result["export_s"] = time.perf_counter() - start
-    result["export_max_error"] = float((program.module()(other) - layer(other)).detach().abs().max())
-    tolerance = TOLERANCE[dtype] if dtype != torch.float32 else 1e-5
-    result["ok"] = max(result["compile_max_error"], result["export_max_error"]) <= tolerance
+    result["export_max_error"] = relative_error(program.module()(other), layer(other))
+    result["ok"] = max(result["compile_max_error"], result["export_max_error"]) <= COMPILED[backend]
     return result
 
 
+
+def log(message: str) -> None:
+    """A progress line on stderr, at once (stdout carries the report, JSON with ``--json``)."""
+    print(f"[selfcheck] {message}", file=sys.stderr, flush=True)
+
+
 def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "simulated") -> dict:
+    """Every section in turn, each announced by ``log``: the report (see ``format_report``)."""
     started = time.perf_counter()
     timings: dict = {}
     report: dict = {"device": str(device), "kernel": kernel or default_kernel(device), "quick": quick,
                     "torch": torch.__version__, "machine": platform.machine(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     seq_len = 32 if quick else (256 if device.type == "cuda" else 64)
-    parity_rows = []
-    for head_dim in (64, 256, 512):
-        for dtype in (torch.bfloat16, torch.float32):
-            parity_rows += parity(device, head_dim, dtype, seq_len, kernel)["rows"]
+    checks = [(kernel, head_dim, dtype) for head_dim in (64, 256, 512) for dtype in (torch.bfloat16, torch.float32)]
     if device.type == "cpu" and not quick and kernel is None:
         # The flex kernel on CPU runs eagerly (slow): one dtype, every feature, two head dims.
-        for head_dim in (64, 256):
-            parity_rows += parity(device, head_dim, torch.float32, seq_len, "flex")["rows"]
+        checks += [("flex", head_dim, torch.float32) for head_dim in (64, 256)]
+    parity_rows = []
+    for index, (check_kernel, head_dim, dtype) in enumerate(checks, start=1):
+        log(f"parity P=1 {index}/{len(checks)}: {check_kernel or report['kernel']} D={head_dim} "
+            f"{str(dtype).removeprefix('torch.')}, {len(FEATURES)} features, S={seq_len}")
+        parity_rows += parity(device, head_dim, dtype, seq_len, check_kernel)["rows"]
     report["parity"] = parity_rows
     timings["parity_p1"] = time.perf_counter() - started
     multi = []
@@ -290,11 +244,13 @@ def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "si
         on = str(device) if runner == "simulated" else "cpu"  # gloo moves CPU tensors only
         jobs = [Job(f, 64, dtype, 12 * world_size * 2, on, k, layout)
                 for f in features for dtype in dtypes for k in kernels for layout in ("contiguous", "zigzag")]
+        log(f"parity P={world_size} on {runner} ranks: {len(jobs)} cases")
         multi += compare(jobs, RUNNERS[runner](jobs, world_size), world_size)
     report["multi_rank"] = multi
     report["runner"] = runner
     timings["multi_rank"] = time.perf_counter() - started - sum(timings.values())
     backend = "inductor" if device.type == "cuda" else "aot_eager"
+    log(f"compile ({backend}, fullgraph) and export (dynamic length) of a Gemma 4 attention layer")
     try:
         report["compile_export"] = compile_and_export(device, torch.float32, backend)
     except Exception as e:  # noqa: BLE001 - reported, not raised
@@ -302,6 +258,7 @@ def run(quick: bool, device: torch.device, kernel: str | None, runner: str = "si
     timings["compile_export"] = time.perf_counter() - started - sum(timings.values())
     bench_len = 256 if quick else (8192 if device.type == "cuda" else 2048)
     bench_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log(f"speed: ring at P=1 vs SDPA, forward, S={bench_len} D=256 {str(bench_dtype).removeprefix('torch.')}")
     report["speed"] = speed(device, bench_len, 256, bench_dtype, kernel, repeat=2 if quick else 3)
     report["ok"] = (all(r["ok"] for r in parity_rows + multi) and report["compile_export"]["ok"])
     timings["speed"] = time.perf_counter() - started - sum(timings.values())

@@ -1,11 +1,12 @@
-"""Hypothesis strategies for random sequence metadata."""
+"""Hypothesis strategies for random sequence metadata and plans (hypothesis is a test-only
+dependency: this is the one module of the package that imports it)."""
 
 from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+from .. import Layout, MaskSpec, SequenceInfo
 
 
 @st.composite

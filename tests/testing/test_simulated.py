@@ -10,8 +10,9 @@ import torch
 from gemma4_flexring import Layout, ops, ring_attention
 from gemma4_flexring.testing import simulated
 from gemma4_flexring.testing.simulated import SimulatedGroup
-from ring_cases import SPECS, Case, make_info, make_tensors
-from test_ring import TOLERANCE, reference
+from gemma4_flexring.testing.cases import SPECS, Case, make_info, make_tensors
+from gemma4_flexring.testing.tolerances import RING
+from gemma4_flexring.testing.workers import reference
 
 CASES = [Case(spec, "all") for spec in SPECS] + [Case("sliding_vision", "packed_padded", torch.float32),
                                                  Case("causal", "none", q_heads=6, kv_heads=1)]
@@ -41,7 +42,7 @@ def test_simulated_ring_matches_dense_reference(world_size, layout_kind):
         for part, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), reference(case))):
             got = layout.unshard([r[part] for r in results], dim=2)
             err = (got.double() - want).abs().max().item()
-            if not err <= TOLERANCE[case.dtype]:
+            if not err <= RING[case.dtype]:
                 failures.append(f"{case} {name}: {err:.3g}")
     assert not failures, "\n".join(failures)
 
@@ -84,7 +85,7 @@ def test_a_rank_failing_after_the_agreement_fails_its_peers_at_once(monkeypatch)
     results = group.run(_rank_step(group, case, layout))
     for part, want in enumerate(reference(case)):
         got = layout.unshard([r[part] for r in results], dim=2)
-        assert (got.double() - want).abs().max().item() <= TOLERANCE[case.dtype], part
+        assert (got.double() - want).abs().max().item() <= RING[case.dtype], part
 
 
 def _waiter(barrier) -> tuple[threading.Thread, list]:
@@ -164,4 +165,4 @@ def test_flex_kernel_through_the_simulated_ring():
         results = group.run(step)
         for part, want in enumerate(reference(case)):
             got = layout.unshard([r[part] for r in results], dim=2)
-            assert (got - want).abs().max().item() <= TOLERANCE[case.dtype], (case, part)
+            assert (got - want).abs().max().item() <= RING[case.dtype], (case, part)

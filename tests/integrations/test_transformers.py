@@ -16,17 +16,12 @@ from transformers import AttentionInterface, Gemma4ForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
-
 from gemma4_flexring.integrations import transformers as hf
-from gemma4_flexring.tools.demo import relative_error
-from hf_cases import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp, shard_kwargs,
-                      text_config)
+from gemma4_flexring.testing.tiny_gemma4 import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp,
+                                                 shard_kwargs, text_config)
+from gemma4_flexring.testing.tolerances import TRANSFORMERS, relative_error
 
-# transformers computes RMSNorm and the loss in float32, so float64 runs agree to ~1e-7 relative
-# on gradients and the loss; the logits go through the same float32 rounding and come out equal.
-LOGITS_TOLERANCE = 1e-10
-LOSS_RTOL = 1e-6
-GRAD_RTOL = 2e-6
+LOGITS_TOLERANCE, LOSS_RTOL, GRAD_RTOL = TRANSFORMERS["logits"], TRANSFORMERS["loss"], TRANSFORMERS["grads"]
 
 
 @pytest.fixture(scope="module")

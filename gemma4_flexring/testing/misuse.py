@@ -1,13 +1,15 @@
-"""Workers that hand the ring inconsistent inputs on purpose."""
+"""Rank workers that hand the ring inconsistent inputs on purpose (the validation tests): each
+raises on every rank, or, with ``then_works``, shows the group still serves."""
 
 from __future__ import annotations
 
 import torch
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
+from .. import Layout, MaskSpec, SequenceInfo, ring_attention
 
 
 def _qkv(local_len: int, dtype=torch.float32, q_heads: int = 4):
+    """q [1, Hq, L, 8], k, v [1, 2, L, 8]."""
     return (torch.randn(1, q_heads, local_len, 8, dtype=dtype), torch.randn(1, 2, local_len, 8, dtype=dtype),
             torch.randn(1, 2, local_len, 8, dtype=dtype))
 
@@ -63,6 +65,11 @@ def one_rank_layout_for_another_world(rank: int, world_size: int) -> None:
     ring_attention(*_qkv(8), layout=Layout("contiguous", world_size + rank))
 
 
+def bad_kernel_on_rank_zero(rank: int, world_size: int, name: str) -> None:
+    """Rank 0 asks for kernel ``name``, the others for the default: all must raise."""
+    ring_attention(*_qkv(8), layout=Layout("contiguous", world_size), kernel=name if rank == 0 else None)
+
+
 def one_rank_meta_keys(rank: int, world_size: int) -> None:
     q, k, v = _qkv(8)
     if rank == 1:
@@ -71,8 +78,8 @@ def one_rank_meta_keys(rank: int, world_size: int) -> None:
 
 
 def _shard(rank: int, world_size: int, ring: bool, rank_given: int) -> None:
-    from gemma4_flexring.integrations import transformers as hf
-    from hf_cases import CASES, make_model
+    from ..integrations import transformers as hf
+    from .tiny_gemma4 import CASES, make_model
 
     hf.shard_inputs(make_model(CASES["packed"], ring=ring), input_ids=torch.zeros(1, 8, dtype=torch.long),
                     layout=Layout("zigzag", world_size), rank=rank_given)
@@ -94,7 +101,7 @@ def peer_fails_after_agreement(rank: int, world_size: int, timeout_s: float) -> 
 
     import torch.distributed as dist
 
-    from gemma4_flexring import ops
+    from .. import ops
 
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     real_forward = ops.ring_forward

@@ -13,7 +13,7 @@ from gemma4_flexring import MaskSpec
 from gemma4_flexring.planning.blocks import EMPTY, FULL, PARTIAL, Blocks
 from gemma4_flexring.planning.masks import causal, gemma4_mask, sliding_window
 from gemma4_flexring.planning.flags import evaluate_at, segment_flags
-from strategies import runs
+from gemma4_flexring.testing.strategies import runs
 
 CPU = torch.device("cpu")
 

@@ -1,7 +1,10 @@
-"""Tiny random Gemma 4 models, whole-sequence batches and the per-rank worker for the HF tests.
+"""Tiny random Gemma 4 models (transformers), whole-sequence batches and the per-rank worker of the
+transformers tests; the tiny configs are the demo's too.
 
 Every process builds the same float64 model from the same seed, so the gloo workers and the
 one-process reference in the test process hold identical weights without sending any.
+
+Shape legend: B batch rows, S whole sequence, L = S / P this rank's tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -10,14 +13,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
+from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
+                          Gemma4VisionConfig)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+from .. import Layout, MaskSpec, SequenceInfo
+from ..integrations import transformers as hf
+from .reference import reference_mask
 
-from gemma4_flexring.integrations import transformers as hf
-from gemma4_flexring.tools.demo import tiny_config, tiny_text_config
-from gemma4_flexring.testing.reference import reference_mask
+TINY_LAYER_TYPES = ("sliding_attention", "full_attention") * 2
+
+
+def tiny_text_config(hidden_size: int, head_dim: int, window: int, vocab_size: int, bidirectional: str | None = None,
+                     pad_token_id: int = 0, **overrides) -> Gemma4TextConfig:
+    """A tiny Gemma 4 text stack: 4 layers (sliding, global, sliding, global), 4 query and 2 K/V
+    heads, global heads twice as wide, per-layer inputs; ``overrides`` replace any field."""
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=len(TINY_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        global_head_dim=2 * head_dim, sliding_window=window, layer_types=list(TINY_LAYER_TYPES),
+        vocab_size_per_layer_input=vocab_size, hidden_size_per_layer_input=hidden_size // 4,
+        final_logit_softcapping=30.0, pad_token_id=pad_token_id, use_bidirectional_attention=bidirectional)
+    return Gemma4TextConfig(**{**fields, **overrides})
+
+
+def tiny_config(text: Gemma4TextConfig, image_token_id: int) -> Gemma4Config:
+    """``text`` (a ``tiny_text_config``) with a one-layer vision tower: a multimodal Gemma 4."""
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
+                                position_embedding_size=64)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token_id,
+                        boi_token_id=6, eoi_token_id=7, video_token_id=8, audio_token_id=9)
+
 
 SEQ_LEN = 48  # splits into 4 and 6 equal pieces: zigzag over 2 and 3 ranks
 BATCH = 2
@@ -27,9 +54,9 @@ IMAGE_TOKEN = 5
 
 
 def text_config(bidirectional: str | None = None, **overrides) -> Gemma4TextConfig:
-    """The tiny stack (``demo.tiny_text_config``) at the tests' sizes and vocabulary."""
-    return tiny_text_config(hidden_size=32, head_dim=8, window=WINDOW, bidirectional=bidirectional,
-                            vocab_size=VOCAB, pad_token_id=0, **overrides)
+    """The tiny stack at the tests' sizes and vocabulary."""
+    return tiny_text_config(hidden_size=32, head_dim=8, window=WINDOW, vocab_size=VOCAB, bidirectional=bidirectional,
+                            **overrides)
 
 
 def multimodal_config() -> Gemma4Config:

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from gemma4_flexring.tools.bench import layer_masks, main, make_info
+from gemma4_flexring.testing.cases import figure_info, figure_masks
 from gemma4_flexring.testing.reference import reference_mask
+from gemma4_flexring.tools.bench import main
 
 
 def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsys):
@@ -19,8 +20,8 @@ def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsy
     figures = json.loads(out.read_text())["figures"]
     assert [f["figure"] for f in figures] == ["causal", "sliding", "packed"]
     for f in figures:
-        spec = layer_masks(f["figure"], 64, 0)[0][1]
-        info = make_info(f["figure"], 1, seq_len, 5)
+        spec = figure_masks(f["figure"], 64, 0)[0][1]
+        info = figure_info(f["figure"], 1, seq_len, 5)
         assert f["allowed_pairs"] == int(reference_mask(spec, info, 1, seq_len).sum())
         assert f["bytes_sent_per_rank_layer"] == 0 and f["bytes_ratio"] == 1.0  # one rank sends nothing
         assert f["step_s"] > 0 and f["baseline"] == "sdpa" and f["baseline_s"] > 0

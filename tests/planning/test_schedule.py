@@ -15,8 +15,8 @@ from gemma4_flexring.planning.flags import evaluate_mask
 from gemma4_flexring.planning.flex_calls import used_key_blocks
 from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
 from gemma4_flexring.planning.tiles import TileKind
-from ring_cases import SPECS, make_info
-from strategies import random_plans
+from gemma4_flexring.testing.cases import SPECS, make_info
+from gemma4_flexring.testing.strategies import random_plans
 
 CPU = torch.device("cpu")
 

@@ -1,52 +1,22 @@
-"""Workers and inputs for the numerics tests: the ring's error against one device's, and
-PyTorch's context-parallel SDPA test setting."""
+"""Inputs and rank workers of the numerics tests: the ring's error against one device's
+(``cases.ErrorCase``), and PyTorch's context-parallel SDPA test setting.
+
+Shape legend: B batch rows, S whole sequence, Hq query heads, Hkv key/value heads, D head dim.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, ring_attention
-from gemma4_flexring.testing.reference import reference_attention, reference_mask
-
-ERROR_SPECS = {
-    "causal": MaskSpec(causal=True),
-    "window_documents": MaskSpec(causal=True, sliding_window=100),
-}
+from .. import Layout, MaskSpec, ring_attention
+from .cases import ErrorCase
+from .reference import reference_gradients, reference_mask
 
 
-@dataclass(frozen=True)
-class ErrorCase:
-    """One error comparison. ``draw``: "rand" (PyTorch's CP test draws torch.rand: all-positive
-    scores and a large LSE, where a float32 merge hurt most) or "randn"."""
-
-    spec: str
-    dtype: torch.dtype
-    draw: str = "rand"
-    batch: int = 1
-    q_heads: int = 4
-    kv_heads: int = 2
-    seq_len: int = 288  # splits into 2, 3 and 4 ranks' zigzag pieces
-    head_dim: int = 32
-    seed: int = 0
-
-    @property
-    def mask(self) -> MaskSpec:
-        return ERROR_SPECS[self.spec]
-
-    def info(self) -> SequenceInfo | None:
-        if self.spec != "window_documents":
-            return None
-        docs = torch.zeros(self.batch, self.seq_len, dtype=torch.long)
-        docs[:, self.seq_len // 3:] = 1
-        docs[:, self.seq_len * 3 // 4:] = 2
-        return SequenceInfo(document_ids=docs)
-
-
-def error_inputs(case: ErrorCase) -> list[torch.Tensor]:
-    """Whole-sequence q, k, v and an output gradient in ``case.dtype``."""
+def error_inputs(case: ErrorCase) -> list[Tensor]:
+    """Whole-sequence q [B, Hq, S, D], k, v [B, Hkv, S, D] and an output gradient in ``case.dtype``."""
     g = torch.Generator().manual_seed(case.seed)
     draw = torch.rand if case.draw == "rand" else torch.randn
     b, s, d = case.batch, case.seq_len, case.head_dim
@@ -56,15 +26,12 @@ def error_inputs(case: ErrorCase) -> list[torch.Tensor]:
     return [t.to(case.dtype) for t in (*qkv, grad)]
 
 
-def golden(case: ErrorCase) -> list[torch.Tensor]:
+def golden(case: ErrorCase) -> list[Tensor]:
     """Float64 (out, dq, dk, dv) of the same (rounded) inputs."""
-    *qkv, grad = (t.to(torch.float64) for t in error_inputs(case))
-    qkv = [t.requires_grad_(True) for t in qkv]
-    out = reference_attention(*qkv, case.mask, case.info())
-    return [out.detach(), *torch.autograd.grad(out, qkv, grad)]
+    return reference_gradients(*error_inputs(case), case.mask, case.info())
 
 
-def one_device(case: ErrorCase) -> list[torch.Tensor]:
+def one_device(case: ErrorCase) -> list[Tensor]:
     """(out, dq, dk, dv) of ``F.scaled_dot_product_attention`` on the whole sequence, in ``case.dtype``."""
     *qkv, grad = error_inputs(case)
     qkv = [t.requires_grad_(True) for t in qkv]
@@ -91,17 +58,18 @@ def ring_errors_rank(rank: int, world_size: int, cases: list[ErrorCase], layout_
 
 # PyTorch's test_ring_attention_sdpa (test/distributed/tensor/test_attention.py): causal,
 # load-balanced (zigzag), float32, torch.rand inputs, out.sum().backward(), compared with
-# non-CP SDPA by torch.allclose(atol=2e-6) (rtol default 1e-5).
+# non-CP SDPA by torch.allclose (``tolerances.SDPA_PORT``).
 SDPA_PORT = dict(heads=8, seq_len=4096, head_dim=32, world_size=4, seed=10)
 
 
-def sdpa_port_inputs(batch: int) -> list[torch.Tensor]:
+def sdpa_port_inputs(batch: int) -> list[Tensor]:
+    """q, k, v [B, 8, 4096, 32], float32, torch.rand."""
     g = torch.Generator().manual_seed(SDPA_PORT["seed"])
     shape = (batch, SDPA_PORT["heads"], SDPA_PORT["seq_len"], SDPA_PORT["head_dim"])
     return [torch.rand(shape, generator=g) for _ in range(3)]
 
 
-def sdpa_port_rank(rank: int, world_size: int, batch: int) -> tuple[torch.Tensor, ...]:
+def sdpa_port_rank(rank: int, world_size: int, batch: int) -> tuple[Tensor, ...]:
     layout = Layout("zigzag", world_size)
     local = [layout.shard(t, 2, rank).requires_grad_(True) for t in sdpa_port_inputs(batch)]
     out = ring_attention(*local, mask=MaskSpec(causal=True), layout=layout)
@@ -109,7 +77,7 @@ def sdpa_port_rank(rank: int, world_size: int, batch: int) -> tuple[torch.Tensor
     return (out.detach(), *(t.grad for t in local))
 
 
-def sdpa_port_one_device(batch: int) -> tuple[torch.Tensor, ...]:
+def sdpa_port_one_device(batch: int) -> tuple[Tensor, ...]:
     qkv = [t.requires_grad_(True) for t in sdpa_port_inputs(batch)]
     out = F.scaled_dot_product_attention(*qkv, is_causal=True)
     out.sum().backward()

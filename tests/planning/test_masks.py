@@ -10,7 +10,7 @@ from gemma4_flexring import MaskSpec
 from gemma4_flexring.planning.masks import gemma4_mask
 from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.planning.flags import evaluate_mask
-from ring_cases import INFOS, SPECS, make_info
+from gemma4_flexring.testing.cases import INFOS, SPECS, make_info
 
 B, S = 2, 48
 

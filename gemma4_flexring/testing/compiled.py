@@ -1,7 +1,11 @@
-"""Inputs, models and per-rank workers shared by the compile tests.
+"""Inputs, models and per-rank workers of the compile tests (``compile_tests/``).
 
-Workers are module-level functions ``fn(rank, world_size, ...)`` for ``Cluster.run``; they
-return plain numbers so that tests assert in the parent process.
+Workers are module-level functions ``fn(rank, world_size, ...)`` for ``launch.Cluster.run``; they
+return plain numbers so that tests assert in the parent process. Batches' metadata is the
+catalog's ``cases.training_info``.
+
+Shape legend: B batch rows, S whole sequence, L this rank's tokens, Hq query heads, Hkv key/value
+heads, D head dim.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-import gemma4_flexring
-from gemma4_flexring import Layout, MaskSpec, SequenceInfo, mask_cache_info, ring_attention
-from gemma4_flexring.testing.model import Gemma4Attention
+from .. import Layout, MaskSpec, SequenceInfo, clear_mask_cache, mask_cache_info, ring_attention
+from .cases import training_info
+from .model import Gemma4Attention
 
 # Ten lengths, every one a multiple of 4 (zigzag over 2 ranks needs 2 * 2 equal pieces).
 LENGTHS = (16, 24, 32, 40, 48, 56, 64, 72, 88, 112)
@@ -23,24 +27,8 @@ HIDDEN = 32
 BATCH = 2
 
 
-def make_info(seq_len: int, batch: int = BATCH, seed: int = 0) -> SequenceInfo:
-    """Documents, an image block longer than the window and a padded tail, all length-dependent
-    (and seed-dependent: the image's start and the first document boundary)."""
-    g = torch.Generator().manual_seed(seed + seq_len)
-    s = seq_len
-    documents = torch.zeros(batch, s, dtype=torch.long)
-    documents[:, s // 3 + seed % 5:] = 1  # the seed moves a boundary: same length, another packing
-    documents[:, s * 3 // 4:] = 2
-    documents[-1, : s // 4] = 3
-    blocks = torch.full((batch, s), -1, dtype=torch.long)
-    start = int(torch.randint(0, s // 4, (), generator=g))
-    blocks[:, start: start + s // 3] = 0
-    padding = torch.zeros(batch, s, dtype=torch.bool)
-    padding[-1, s - 3:] = True
-    return SequenceInfo(documents, blocks, padding)
-
-
 def make_hidden(seq_len: int, batch: int = BATCH, dtype: torch.dtype = torch.float32, seed: int = 0) -> Tensor:
+    """Hidden states [B, S, 32], drawn in float64 from the seed and the length."""
     g = torch.Generator().manual_seed(1000 + seed + seq_len)
     return torch.randn(batch, seq_len, HIDDEN, generator=g, dtype=torch.float64).to(dtype)
 
@@ -105,7 +93,7 @@ def steps_under_compile(model: nn.Module, compiled: nn.Module, lengths, warmup: 
     """
     errors, builds, hits, entries, generations, tables = [], [], [], [], [], []
     for step, seq_len in enumerate(lengths):
-        info = make_info(seq_len, seed=step if vary_packing else 0)
+        info = training_info(seq_len, seed=step if vary_packing else 0)
         hidden = make_hidden(seq_len, dtype=dtype)
         layout = None if layout_of is None else layout_of(info)
         kwargs = {"info": info}
@@ -138,7 +126,7 @@ def compiled_ring_steps(rank: int, world_size: int, backend: str, dynamic: bool 
                         num_layers: int = 3, lengths=LENGTHS, layout: str = "zigzag") -> dict:
     """A compiled layer stack over the ring, ``lengths`` steps: frames, errors, cache counts.
     ``layout="balanced"``: each step's layout is built from its batch, whose packing changes."""
-    gemma4_flexring.clear_mask_cache()
+    clear_mask_cache()
     torch._dynamo.reset()
     model = Stack(num_layers)
     counter = CompileCounterWithBackend(backend)
@@ -171,7 +159,7 @@ def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 
     g = torch.Generator().manual_seed(7)
     full = [torch.randn(BATCH, h, seq_len, 8, generator=g, dtype=torch.float64).to(dtype) for h in (4, 2, 2, 4)]
     q, k, v, grad_out = (layout.shard(t, 2, rank) for t in full)
-    metadata = make_info(seq_len).tensors()
+    metadata = training_info(seq_len).tensors()
     group = "" if layout.world_size == 1 else torch.distributed.group.WORLD.group_name
     cases = []
     for variant, present in METADATA_VARIANTS.items():

@@ -1,0 +1,50 @@
+"""The tolerance table: how close every comparison of the tests and the tools must come.
+
+Each entry says what it compares and why its bound is what it is; a test or a tool that compares
+the same things takes its bound from here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The ring against the float64 dense reference (out, dq, dk, dv), by the inputs' dtype: the largest
+# error, absolute in the ring tests (unit-scale values at head dim 8), relative to max(1, the
+# reference's largest magnitude) in the flex tests and selfcheck (head dims up to 512). float64 runs
+# float64 kernels and merges: rounding only. float32: the LSE merge in float64 keeps one device's
+# accuracy (selfcheck measured at most 1.2e-6 on the CPU, head dims 64-512). bfloat16 and float16:
+# the inputs' and outputs' rounding (2^-8 and 2^-11 relative) over hundreds of terms (selfcheck:
+# at most 8.3e-3 in bfloat16).
+RING = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+# The ring's error over one device's (``F.scaled_dot_product_attention``), both against float64,
+# mean absolute error. The max error is one element's rounding luck; bounded more loosely, it still
+# catches a systematic loss (an fp32 LSE merge gave 2-2.8x on dq in max and mean).
+ERROR_RATIO = 1.5
+MAX_ERROR_RATIO = 2.0
+
+# PyTorch's context-parallel ``test_ring_attention_sdpa``: torch.allclose of the ring (float32)
+# with non-CP SDPA.
+SDPA_PORT = {"atol": 2e-6, "rtol": 1e-5}
+
+# A compiled step against the same step run eagerly, by compile backend: largest error relative to
+# each tensor's largest entry. aot_eager runs the eager kernels (only the graph's order of
+# operations differs); inductor fuses float32 arithmetic and rounds differently.
+COMPILED = {"inductor": 1e-4, "aot_eager": 1e-6}
+
+# Gemma 4 through transformers under CP against one transformers process (sdpa, whole sequence),
+# float64. transformers computes RMSNorm and the loss in float32, so the loss and the summed
+# gradients agree to about 1e-7 relative; the logits go through the same float32 rounding and come
+# out equal. Logits: absolute; loss and gradients: relative.
+TRANSFORMERS = {"logits": 1e-10, "loss": 1e-6, "grads": 2e-6}
+# The same comparison for the demo's compiled step (relative, logits included): near 1e-7 eagerly,
+# near 2e-5 under inductor (its fused float32 arithmetic rounds differently); a wrong mask shows
+# up above 1e-1.
+TRANSFORMERS_COMPILED = 1e-4
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want| (plain max |got - want| when want is all zero), in float64."""
+    scale = want.detach().abs().max().item() or 1.0
+    return (got.detach().double() - want.detach().double()).abs().max().item() / scale
