@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .comm import all_gather_ints, all_gather_object
 from .kernels import kernel_problem
+from .layout import LAYOUTS
 from .planning.metadata import Metadata, digest_words
 from .stats import record_agreement
 
@@ -30,6 +31,16 @@ _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "hea
                      "scale",
                      "metadata (document_ids, block_ids, padding)",
                      "metadata (document_ids, block_ids, padding)")  # a 128-bit digest in two words
+
+# What most often makes ranks disagree on a field whose values are digests, said with the digests.
+_LIKELY_CAUSES = {
+    "metadata": "every rank must pass the whole batch's metadata; ranks of one CP group given different "
+                "batches (a sampler or data loader that splits the batch over them) disagree here",
+    "layout (positions)": "every rank must pass the same layout; a balanced one must be built from the same batch",
+    "batch content": "every rank of the CP group must pass the same whole-sequence batch; a sampler or data "
+                     "loader that gives the ranks of one CP group different batches (as data-parallel ranks get) "
+                     "causes this",
+}
 
 
 def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sliding_window: int | None,
@@ -96,7 +107,9 @@ def _readable(field: str, value: int) -> object:
         return None if value == -1 else value
     if field in ("causal", "block_bidirectional"):
         return bool(value)
-    if field.startswith("metadata") or field.startswith("layout"):
+    if field == "layout kind":
+        return LAYOUTS[value]
+    if field.startswith(("metadata", "layout (positions)", "batch content")):
         return f"digest {value & (2**64 - 1):016x}..."
     return value
 
@@ -124,7 +137,8 @@ def check_inputs(problems: list[str], group: dist.ProcessGroup | None, sign: Cal
             values = [r[i] for r in rows]
             if len(set(values)) > 1 and not any(field in line for line in lines):
                 shown = ", ".join(f"rank {r}: {_readable(field, v)}" for r, v in enumerate(values))
-                lines.append(f"ranks disagree on {field}: {shown}")
+                cause = next((c for prefix, c in _LIKELY_CAUSES.items() if field.startswith(prefix)), None)
+                lines.append(f"ranks disagree on {field}: {shown}" + (f" ({cause})" if cause else ""))
     raise ValueError(f"{caller}: bad input, no exchange was started:\n  " + "\n  ".join(lines))
 
 

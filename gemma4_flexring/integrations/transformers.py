@@ -32,6 +32,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ from ..comm import process_group, resolve_group
 from ..info import SequenceInfo
 from ..layout import LAYOUTS, Layout
 from ..planning.masks import MaskSpec
+from ..planning.metadata import content_digest, digest_words
 from ..validate import Problem, agree
 
 ATTN_IMPLEMENTATION = "gemma4_flexring"
@@ -165,17 +167,41 @@ def register() -> None:
 def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Route a Gemma 4 model's text attention through the ring, in place; returns ``model``.
 
-    A multimodal model keeps its vision and audio towers on their own implementation (they
-    attend within one image or clip, unsharded). A forward pre-hook rejects options that cannot
-    work on a sharded sequence (``logits_to_keep``).
+    The model first gets config objects of its own (``_own_configs``): transformers keeps the
+    attention implementation in the config, which models built from one config object share, so
+    switching it in place would switch a reference model built from the same config too. A
+    multimodal model keeps its vision and audio towers on their own implementation (they attend
+    within one image or clip, unsharded). A forward pre-hook rejects options that cannot work on
+    a sharded sequence (``logits_to_keep``).
     """
     register()
-    multimodal = "text_config" in getattr(model.config, "sub_configs", {})
-    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION} if multimodal else ATTN_IMPLEMENTATION)
     if not getattr(model, "_gemma4_flexring_hooked", False):
+        _own_configs(model)
         model.register_forward_pre_hook(_check_model_kwargs, with_kwargs=True)
         model._gemma4_flexring_hooked = True
+    multimodal = "text_config" in getattr(model.config, "sub_configs", {})
+    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION} if multimodal else ATTN_IMPLEMENTATION)
     return model
+
+
+def _own_configs(model: torch.nn.Module) -> None:
+    """Give ``model`` a copy of its config (sub-configs included) and point every submodule that
+    held one of the old config objects at its copy."""
+    from transformers import PretrainedConfig
+
+    copies: dict[int, PretrainedConfig] = {}
+
+    def pair(old: PretrainedConfig, new: PretrainedConfig) -> None:
+        copies[id(old)] = new
+        for name, value in vars(old).items():
+            if isinstance(value, PretrainedConfig):
+                pair(value, getattr(new, name))
+
+    pair(model.config, copy.deepcopy(model.config))
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in copies:
+            module.config = copies[id(config)]
 
 
 def _check_model_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -213,7 +239,8 @@ def uses_ring_attention(model: torch.nn.Module) -> bool:
     return getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
-_SHARD_FIELDS = ("failed", "batch", "seq_len", "balanced", "layout", "world_size")
+_SHARD_FIELDS = ("failed", "batch", "seq_len", "balanced", "layout kind", "world_size",
+                 *("batch content (input_ids, position_ids, attention_mask, mm_token_type_ids, labels)",) * 2)
 
 
 def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Tensor | None = None,
@@ -222,8 +249,9 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
     """Keyword arguments of one rank's ``model(**kwargs)`` for a whole-sequence batch.
 
     Every argument is the whole sequence, identical on every rank. Every rank of the group must
-    call this for each batch: the ranks agree on the batch's shape and on every check below
-    (one small all_gather), so that a mistake on one rank raises on all of them.
+    call this for each batch: the ranks agree on the batch's shape, on a digest of its content
+    and on every check below (one small all_gather), so that a mistake on one rank, or ranks
+    handed different batches, raises on all of them.
 
     Args:
         layout: a ``Layout``, or ``"balanced"`` for ``Layout.balanced`` of this batch over the
@@ -255,7 +283,7 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
         ValueError (TypeError for a wrong type in a world of one), on every rank: a model that does
             not use the ring, bad shapes, a length the layout cannot split, a rank outside the
             layout or not this process's rank in the group, a layout whose world size is not the
-            group's, or ranks that disagree on the batch's shape or layout.
+            group's, or ranks that disagree on the batch's shape, content or layout.
     """
     group = process_group(group)
     balanced = isinstance(layout, str) and layout == "balanced"
@@ -267,7 +295,9 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
         problems.append((ValueError, f"the model's attention is not {ATTN_IMPLEMENTATION!r}, so it would ignore "
                                      "the ring context; call gemma4_flexring.hf.use_ring_attention(model) first"))
     agree(problems, group, lambda: [0, *input_ids.shape, int(balanced), LAYOUTS.index(placement.kind),
-                                    placement.world_size], _SHARD_FIELDS, "shard_inputs")
+                                    placement.world_size, *digest_words(_batch_digest(
+                                        input_ids, position_ids, attention_mask, mm_token_type_ids, labels))],
+          _SHARD_FIELDS, "shard_inputs")
     batch, seq_len = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
@@ -288,6 +318,14 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
         kwargs["labels"] = kwargs["shift_labels"] = local(targets)
         kwargs["num_items_in_batch"] = (targets != IGNORE_INDEX).sum()
     return kwargs
+
+
+def _batch_digest(*tensors: Tensor | None) -> bytes:
+    """128-bit digest of a batch's content: which of ``shard_inputs``' tensors are given, their
+    shapes and values. Ranks compare it, so a rank handed other tokens with the same packing
+    cannot pass unnoticed."""
+    given = [t for t in tensors if t is not None]
+    return content_digest(tuple(None if t is None else tuple(t.shape) for t in tensors), given)
 
 
 def shard_token_features(features: Tensor, token_mask: Tensor, layout: Layout, rank: int) -> Tensor:

@@ -224,3 +224,52 @@ def test_balanced_context_is_a_pytree_with_its_permutation_as_a_leaf():
     back = pytree.tree_unflatten(leaves, pytree.treespec_loads(pytree.treespec_dumps(spec)))
     assert back.layout == context.layout and back.layout.kind == "balanced"
     assert torch.equal(context.layout.unshard([kwargs["input_ids"]], dim=1), batch.input_ids)
+
+
+def test_switching_one_model_switches_no_other_built_from_its_config():
+    """transformers keeps the attention implementation in the config, which models built from one
+    config object share: the ring model gets configs of its own, so a reference model built from
+    the same config before or after stays on its attention and runs without a ring context."""
+    config = text_config()
+    before = Gemma4ForCausalLM(config)
+    ring = hf.use_ring_attention(Gemma4ForCausalLM(config))
+    after = Gemma4ForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (1, 16))
+    for model in (before, after):
+        assert not hf.uses_ring_attention(model)
+        assert model(input_ids=ids, use_cache=False).logits.shape == (1, 16, config.vocab_size)
+    assert config._attn_implementation != hf.ATTN_IMPLEMENTATION
+    attention = [m for m in ring.modules() if isinstance(getattr(m, "config", None), type(config))]
+    assert attention and all(m.config._attn_implementation == hf.ATTN_IMPLEMENTATION for m in attention)
+    assert hf.use_ring_attention(ring) is ring and hf.uses_ring_attention(ring)  # again: no second copy
+
+
+def _shard_other_tokens(rank: int, world_size: int, group, model) -> dict:
+    """Rank 1 gets other tokens with the same packing, padding and labels' positions."""
+    batch = _batch()
+    ids = batch.input_ids if rank == 0 else (batch.input_ids + 1) % text_config().vocab_size
+    return hf.shard_inputs(model, input_ids=ids, labels=batch.labels, position_ids=batch.position_ids,
+                           attention_mask=batch.attention_mask, layout=Layout("zigzag", world_size), rank=rank,
+                           group=group)
+
+
+def test_ranks_handed_different_tokens_raise_together_naming_the_likely_cause():
+    """A CP group whose ranks got different batches with the same packing (a sampler that splits
+    the batch over CP ranks) raises on every rank before any step, and says what likely happened."""
+    from gemma4_flexring.testing.simulated import SimulatedGroup
+
+    group, model = SimulatedGroup(2), make_model(CASES["packed"], ring=True)
+    errors = []
+
+    def step(rank: int, world_size: int):
+        try:
+            _shard_other_tokens(rank, world_size, group, model)
+        except ValueError as e:
+            errors.append(str(e))
+
+    group.run(step)
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert "ranks disagree on batch content" in errors[0] and "sampler or data loader" in errors[0]
+    same = group.run(lambda rank, world_size: hf.shard_inputs(
+        model, **_batch().model_kwargs(), layout=Layout("zigzag", world_size), rank=rank, group=group))
+    assert [kwargs["input_ids"].shape for kwargs in same] == [(2, SEQ_LEN // 2)] * 2
