@@ -1,4 +1,4 @@
-"""Command line: ``python -m gemma4_flexring {demo,bench,selfcheck,graph} [options]``."""
+"""Command line: ``python -m gemma4_flexring {demo,train,bench,selfcheck,graph} [options]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "demo": ("gemma4_flexring.tools.demo",
              "a context-parallel Gemma 4 training step on N gloo ranks, checked against one process"),
+    "train": ("gemma4_flexring.tools.train",
+              "train a small Gemma 4 on real text packed into long rows, dp x cp ranks; --check against one process"),
     "bench": ("gemma4_flexring.tools.bench",
               "ring attention speed, traffic and memory on gloo ranks (or one rank on a GPU)"),
     "selfcheck": ("gemma4_flexring.tools.selfcheck",

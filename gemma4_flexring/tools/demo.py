@@ -8,10 +8,9 @@ running the whole sequence through transformers' sdpa attention. Prints a short 
 time, bytes sent, ring steps skipped, compiled frames) and exits 1 on a mismatch. Each phase says
 on stderr when it starts.
 
-Ranks: spawned gloo processes on this machine (``--world-size``, default 2; started by
-``testing.launch.spawn``, as the tests' ranks are), or the ranks of
-``torchrun --nproc-per-node N -m gemma4_flexring demo`` (NCCL on GPUs that have a chunk kernel,
-gloo on CPU otherwise).
+Ranks (``tools/ranks.py``): spawned gloo processes on this machine (``--world-size``, default 2),
+or the ranks of ``torchrun --nproc-per-node N -m gemma4_flexring demo`` (NCCL on GPUs that have a
+chunk kernel, gloo on CPU otherwise).
 
 Shape legend: B batch rows, S whole sequence, P ranks, L = S / P local tokens, V vocabulary.
 """
@@ -21,24 +20,21 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..info import SequenceInfo, blocks_from_token_types
-from ..kernels import kernel_for
 from ..layout import FIXED_LAYOUTS, Layout
 from ..planning.masks import MaskSpec
 from ..stats import reset_ring_stats, ring_stats
-from ..testing.launch import WorkerError, spawn
 from ..testing.reference import reference_mask
 from ..testing.tolerances import TRANSFORMERS_COMPILED, relative_error
+from . import ranks
 
 DTYPE = torch.float64
 STEPS = 2  # step 1 compiles, step 2 (a new batch) must reuse the compiled frame
@@ -46,7 +42,6 @@ ROWS = 2
 IMAGE_TOKEN, PAD_TOKEN, VOCAB = 5, 0, 256
 MIN_SEQ_LEN = 32
 DEMO_LAYOUTS = ("balanced", *FIXED_LAYOUTS)
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # compiling on a busy machine takes minutes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -342,55 +337,10 @@ def log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def pick_device(local_rank: int) -> torch.device:
-    """This rank's GPU when the ring has a kernel for it, else the CPU."""
-    if torch.cuda.is_available() and kernel_for(torch.device("cuda")) is not None:
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _init(device: torch.device) -> None:
-    """Join torchrun's group: NCCL on a GPU, gloo on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-
-
-def _spawned(rank: int, world_size: int, args: argparse.Namespace) -> tuple[bool, str]:
-    """One spawned rank, on the CPU."""
-    return run_rank(rank, world_size, args, torch.device("cpu"))
-
-
-def run_spawned(args: argparse.Namespace, world_size: int) -> int:
-    """Run ``world_size`` gloo ranks as local processes; print rank 0's report (or the ranks' errors)."""
-    log(f"spawning {world_size} gloo rank(s) on this machine")
-    try:
-        (ok, report), *_ = spawn(_spawned, world_size, args, collective_timeout=COLLECTIVE_TIMEOUT)
-    except WorkerError as e:
-        print(f"demo: rank(s) failed:\n{e}")
-        return 1
-    print(report)
-    return 0 if ok else 1
-
-
-def under_torchrun(args: argparse.Namespace) -> int:
-    """This process is one rank of a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK set)."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-    _init(device)
-    try:
-        ok, report = run_rank(rank, world_size, args, device)
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        print(report)
-    return 0 if ok else 1
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 2 if args.world_size is None else args.world_size
+    torchrun = ranks.torchrun_world_size() is not None
+    world_size = ranks.torchrun_world_size() if torchrun else 2 if args.world_size is None else args.world_size
     if importlib.util.find_spec("transformers") is None:
         print("demo: needs transformers: pip install 'gemma4-flexring[hf]'")
         return 2
@@ -401,4 +351,13 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"demo: {e}")
         return 2
-    return under_torchrun(args) if torchrun else run_spawned(args, world_size)
+    if not torchrun:
+        log(f"spawning {world_size} gloo rank(s) on this machine")
+    try:
+        ok, report = ranks.run(run_rank, args, world_size)
+    except ranks.WorkerError as e:
+        print(f"demo: rank(s) failed:\n{e}")
+        return 1
+    if report:
+        print(report)
+    return 0 if ok else 1
