@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -339,25 +338,14 @@ def log(message: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    torchrun = ranks.torchrun_world_size() is not None
-    world_size = ranks.torchrun_world_size() if torchrun else 2 if args.world_size is None else args.world_size
-    if importlib.util.find_spec("transformers") is None:
-        print("demo: needs transformers: pip install 'gemma4-flexring[hf]'")
-        return 2
-    try:
+    torchrun = ranks.torchrun_world_size()
+    world_size = torchrun or (2 if args.world_size is None else args.world_size)
+
+    def check_then_announce() -> None:
         if torchrun and args.world_size not in (None, world_size):
             raise ValueError(f"--world-size {args.world_size} but torchrun started {world_size} ranks")
         check_args(args, world_size)
-    except ValueError as e:
-        print(f"demo: {e}")
-        return 2
-    if not torchrun:
-        log(f"spawning {world_size} gloo rank(s) on this machine")
-    try:
-        ok, report = ranks.run(run_rank, args, world_size)
-    except ranks.WorkerError as e:
-        print(f"demo: rank(s) failed:\n{e}")
-        return 1
-    if report:
-        print(report)
-    return 0 if ok else 1
+        if not torchrun:
+            log(f"spawning {world_size} gloo rank(s) on this machine")
+
+    return ranks.command("demo", run_rank, args, world_size, check_then_announce)

@@ -8,6 +8,7 @@ failed rank's error when spawned ranks failed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import timedelta
 from typing import Callable
@@ -21,7 +22,7 @@ from ..testing.launch import WorkerError, spawn
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # compiling on a busy machine takes minutes
 RankFn = Callable[[int, int, object, torch.device], tuple[bool, str]]
 
-__all__ = ["COLLECTIVE_TIMEOUT", "WorkerError", "run", "torchrun_world_size"]
+__all__ = ["COLLECTIVE_TIMEOUT", "WorkerError", "command", "run", "torchrun_world_size"]
 
 
 def torchrun_world_size() -> int | None:
@@ -66,3 +67,25 @@ def run(run_rank: RankFn, args, world_size: int) -> tuple[bool, str]:
         return _under_torchrun(run_rank, args)
     (ok, report), *_ = spawn(_spawned, world_size, run_rank, args, collective_timeout=COLLECTIVE_TIMEOUT)
     return ok, report
+
+
+def command(name: str, run_rank: RankFn, args, world_size: int, check: Callable[[], None]) -> int:
+    """A transformers-based command end to end: its exit code (2: bad arguments or no transformers,
+    1: a rank failed or the run did not pass, 0: it did). ``check`` raises ValueError on arguments
+    no rank could run; it runs before any rank starts. Prints rank 0's report."""
+    if importlib.util.find_spec("transformers") is None:
+        print(f"{name}: needs transformers: pip install 'gemma4-flexring[hf]'")
+        return 2
+    try:
+        check()
+    except ValueError as e:
+        print(f"{name}: {e}")
+        return 2
+    try:
+        ok, report = run(run_rank, args, world_size)
+    except WorkerError as e:
+        print(f"{name}: rank(s) failed:\n{e}")
+        return 1
+    if report:
+        print(report)
+    return 0 if ok else 1

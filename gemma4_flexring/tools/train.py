@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import sys
@@ -321,19 +320,4 @@ def report(summary: dict, documents: int) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     world_size = ranks.torchrun_world_size() or args.dp * args.cp
-    if importlib.util.find_spec("transformers") is None:
-        print("train: needs transformers: pip install 'gemma4-flexring[hf]'")
-        return 2
-    try:
-        check_args(args, world_size)
-    except ValueError as e:
-        print(f"train: {e}")
-        return 2
-    try:
-        ok, text = ranks.run(run_rank, args, world_size)
-    except ranks.WorkerError as e:
-        print(f"train: rank(s) failed:\n{e}")
-        return 1
-    if text:
-        print(text)
-    return 0 if ok else 1
+    return ranks.command("train", run_rank, args, world_size, lambda: check_args(args, world_size))
