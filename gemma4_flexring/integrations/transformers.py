@@ -13,6 +13,9 @@ Every rank of the CP group runs the same model on its shard of the same whole-se
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)                # SUM: the shares add up
 
+With data parallelism and FSDP2 (``cp_mesh``, ``fully_shard_model``, ``scale_loss_to_global_batch``,
+from ``integrations/fsdp.py``), FSDP2 reduces the gradients itself: no all_reduce of your own.
+
 How it fits transformers:
 
 - ``register()`` adds the attention function and a mask hook under ``ATTN_IMPLEMENTATION``; the
@@ -48,6 +51,7 @@ from ..layout import LAYOUTS, Layout
 from ..planning.masks import MaskSpec
 from ..planning.metadata import content_digest, digest_words
 from ..validate import Problem, agree
+from .fsdp import CPMesh, cp_mesh, fully_shard_model, scale_loss_to_global_batch  # noqa: F401 - hf's names
 
 ATTN_IMPLEMENTATION = "gemma4_flexring"
 CONTEXT_KWARG = "ring_context"

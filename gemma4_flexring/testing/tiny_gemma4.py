@@ -1,5 +1,5 @@
-"""Tiny random Gemma 4 models (transformers), whole-sequence batches and the per-rank worker of the
-transformers tests; the tiny configs are the demo's too.
+"""Tiny random Gemma 4 models (transformers), whole-sequence batches and the per-rank workers of the
+transformers and FSDP2 tests; the tiny configs are the demo's too.
 
 Every process builds the same float64 model from the same seed, so the gloo workers and the
 one-process reference in the test process hold identical weights without sending any.
@@ -9,17 +9,21 @@ Shape legend: B batch rows, S whole sequence, L = S / P this rank's tokens, V vo
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
                           Gemma4VisionConfig)
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
 from .. import Layout, MaskSpec, SequenceInfo
 from ..integrations import transformers as hf
 from .reference import reference_mask
+from .tolerances import relative_norm_error
 
 TINY_LAYER_TYPES = ("sliding_attention", "full_attention") * 2
 
@@ -262,3 +266,115 @@ def shard_kwargs(rank: int, world_size: int, layout_kind: str) -> dict:
     kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank)
     kwargs["layout"] = kwargs.pop(hf.CONTEXT_KWARG).layout
     return kwargs
+
+
+def keep_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model``'s float32 islands compute in its own dtype, on this model only; returns it.
+
+    transformers runs two steps of a float64 Gemma 4 in float32: every ``Gemma4RMSNorm``
+    (``hidden_states.float()``, ``weight.float()``) and the causal-LM loss (``logits.float()``).
+    Their float32 rounding differs with the way a batch is split (a norm weight's gradient is a
+    float32 sum over the tokens, the loss a float32 sum over the targets), which leaves one process
+    and a correct data × context parallel run about 1e-7 apart. A comparison at 1e-9 patches both,
+    on both sides: the norms' ``forward`` (instance attribute) and the model's ``loss_function``.
+    """
+    for module in model.modules():
+        if isinstance(module, Gemma4RMSNorm):
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+    model.loss_function = _causal_lm_loss_in_logits_dtype
+    return model
+
+
+def _rms_norm_in_input_dtype(self: Gemma4RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Gemma4RMSNorm.forward`` without its float32 casts."""
+    normed = self._norm(hidden_states)
+    return normed * self.weight if self.with_scale else normed
+
+
+def _causal_lm_loss_in_logits_dtype(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                    num_items_in_batch: torch.Tensor | None = None, ignore_index: int = -100,
+                                    shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` without its ``logits.float()``.
+
+    Shapes: logits [B, S, V]; labels, shift_labels [B, S] (unshifted, shifted).
+    """
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return fixed_cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                               num_items_in_batch, ignore_index)
+
+
+def data_parallel_batch(dp_rank: int) -> Batch:
+    """The packed batch of CP group ``dp_rank`` (its own tokens, the ``packed`` case's packing)."""
+    return make_batch(packed=True, padded=False, images=False, seed=1 + dp_rank)
+
+
+def fsdp_reference(dp: int) -> Result:
+    """One process on the global batch (every CP group's rows, [dp * B, S]): the model's mean loss
+    over all targets, float64 throughout (``keep_float64``), transformers' document masks from the
+    packed ``position_ids`` (no attention_mask, no cache)."""
+    batches = [data_parallel_batch(d).model_kwargs() for d in range(dp)]
+    kwargs = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    model = keep_float64(make_model(CASES["packed"], ring=False))
+    with single_thread():
+        return _result(model, model(**kwargs, use_cache=False))
+
+
+@dataclass
+class FsdpStep:
+    """One rank's step of the FSDP2 recipe.
+
+    Attributes:
+        loss: this rank's loss share (0-dim); the world's shares add up to the global mean loss.
+        grads: every parameter's full gradient by name, gathered from the shards.
+        attention_runs: how many times the first decoder layer's attention ran (2 with activation
+            checkpointing: the forward and the recompute).
+        frames: graphs dynamo compiled on this rank (0 eagerly).
+    """
+
+    loss: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    attention_runs: int
+    frames: int
+
+
+def run_fsdp(rank: int, world_size: int, dp: int, cp: int, checkpointing: bool, compile: bool | str) -> FsdpStep:
+    """One step of the FSDP2 recipe (``hf.fully_shard_model``) on a dp × cp mesh, CP group d on
+    ``data_parallel_batch(d)``, float64 throughout (``keep_float64``)."""
+    torch._dynamo.reset()  # a rank that stays up: earlier calls' frames would count toward the recompile limit
+    mesh = hf.cp_mesh(dp, cp)
+    model = keep_float64(make_model(CASES["packed"], ring=True))
+    runs = torch.zeros((), dtype=torch.long)  # a tensor: compiled code counts without a guard on the count
+
+    def count(module, args) -> None:
+        runs.add_(1)
+
+    model.model.layers[0].self_attn.register_forward_pre_hook(count)
+    hf.fully_shard_model(model, mesh, checkpointing=checkpointing, compile=compile)
+    batch = data_parallel_batch(mesh.dp_rank)
+    kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout="balanced", rank=mesh.cp_rank,
+                             group=mesh.cp_group)
+    with single_thread():
+        out = model(**hf.scale_loss_to_global_batch(kwargs, mesh))
+        out.loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return FsdpStep(out.loss.detach(), grads, int(runs), torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def fsdp_errors(steps: list[FsdpStep], want: Result) -> tuple[float, dict[str, float]]:
+    """How far the FSDP2 ranks are from one process: the relative error of the ranks' summed loss,
+    and per parameter the largest ``relative_norm_error`` of a rank's full gradient."""
+    loss = sum(step.loss for step in steps)
+    grads = {n: max(relative_norm_error(step.grads[n], g) for step in steps) for n, g in want.grads.items()}
+    return abs(loss.item() - want.loss.item()) / abs(want.loss.item()), grads
+
+
+def mesh_ranks(rank: int, world_size: int, dp: int, cp: int) -> dict:
+    """``hf.cp_mesh(dp, cp)`` as this rank sees it: the global ranks of its CP and dp groups and of
+    the mesh FSDP2 shards over, its CP and dp rank."""
+    import torch.distributed as dist
+
+    mesh = hf.cp_mesh(dp, cp)
+    return {"cp_group": dist.get_process_group_ranks(mesh.cp_group),
+            "dp_group": dist.get_process_group_ranks(mesh.dp_group),
+            "shard_mesh": mesh.shard_mesh.mesh.tolist(), "cp_rank": mesh.cp_rank, "dp_rank": mesh.dp_rank}
