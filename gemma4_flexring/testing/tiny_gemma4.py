@@ -341,7 +341,10 @@ class FsdpStep:
 def run_fsdp(rank: int, world_size: int, dp: int, cp: int, checkpointing: bool, compile: bool | str) -> FsdpStep:
     """One step of the FSDP2 recipe (``hf.fully_shard_model``) on a dp × cp mesh, CP group d on
     ``data_parallel_batch(d)``, float64 throughout (``keep_float64``)."""
-    torch._dynamo.reset()  # a rank that stays up: earlier calls' frames would count toward the recompile limit
+    # A rank that stays up: earlier calls' frames would count toward the recompile limit, and toward
+    # the frame count returned (dynamo's counters outlive ``reset``).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     mesh = hf.cp_mesh(dp, cp)
     model = keep_float64(make_model(CASES["packed"], ring=True))
     runs = torch.zeros((), dtype=torch.long)  # a tensor: compiled code counts without a guard on the count
