@@ -204,19 +204,14 @@ def progress(step: int, steps: int, record: Step) -> str:
             f"{record.tokens / record.seconds:,.0f} tok/s")
 
 
-def _cp_groups(dp: int, cp: int):
-    """This rank's CP group (every rank creates every group, in the same order)."""
-    groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp)] if dp > 1 else [None]
-    return groups[dist.get_rank() // cp] if dp > 1 else dist.group.WORLD
-
-
 def ring_steps(rank: int, args: argparse.Namespace, device: torch.device, data: Rows) -> list[Step]:
     """Every step of the CP run on this rank; the logged loss is the sum over every rank."""
     from ..integrations import transformers as hf
 
     model = make_model(args, device, ring=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    group, cp_rank, dp_rank = _cp_groups(args.dp, args.cp), rank % args.cp, rank // args.cp
+    mesh = hf.cp_mesh(args.dp, args.cp, device.type)  # each CP group: consecutive ranks
+    group, cp_rank, dp_rank = mesh.cp_group, mesh.cp_rank, mesh.dp_rank
     layout = args.layout if args.layout == "balanced" else Layout(args.layout, args.cp)
     rows_per_step, records = args.dp * args.batch, []
     for step in range(args.steps):
