@@ -338,9 +338,11 @@ class FsdpStep:
     frames: int
 
 
-def run_fsdp(rank: int, world_size: int, dp: int, cp: int, checkpointing: bool, compile: bool | str) -> FsdpStep:
-    """One step of the FSDP2 recipe (``hf.fully_shard_model``) on a dp × cp mesh, CP group d on
-    ``data_parallel_batch(d)``, float64 throughout (``keep_float64``)."""
+def run_fsdp(rank: int, world_size: int, dp: int, cp: int, checkpointing: bool, compile: bool | str,
+             wrap: str = "fsdp") -> FsdpStep:
+    """One step of the data × context parallel recipe on a dp × cp mesh, CP group d on
+    ``data_parallel_batch(d)``, float64 throughout (``keep_float64``). ``wrap``: "fsdp"
+    (``hf.fully_shard_model``, with ``checkpointing`` and ``compile``) or "ddp" (``hf.replicate_model``)."""
     # A rank that stays up: earlier calls' frames would count toward the recompile limit, and toward
     # the frame count returned (dynamo's counters outlive ``reset``).
     torch._dynamo.reset()
@@ -353,14 +355,18 @@ def run_fsdp(rank: int, world_size: int, dp: int, cp: int, checkpointing: bool, 
         runs.add_(1)
 
     model.model.layers[0].self_attn.register_forward_pre_hook(count)
-    hf.fully_shard_model(model, mesh, checkpointing=checkpointing, compile=compile)
+    if wrap == "fsdp":
+        wrapped = hf.fully_shard_model(model, mesh, checkpointing=checkpointing, compile=compile)
+    else:
+        wrapped = hf.replicate_model(model, mesh)
     batch = data_parallel_batch(mesh.dp_rank)
     kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout="balanced", rank=mesh.cp_rank,
                              group=mesh.cp_group)
     with single_thread():
-        out = model(**hf.scale_loss_to_global_batch(kwargs, mesh))
+        out = wrapped(**hf.scale_loss_to_global_batch(kwargs, mesh))
         out.loss.backward()
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.full_tensor() if wrap == "fsdp" else p.grad
+             for n, p in model.named_parameters() if p.grad is not None}
     return FsdpStep(out.loss.detach(), grads, int(runs), torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 

@@ -16,6 +16,7 @@ from transformers import AttentionInterface, Gemma4ForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
+from gemma4_flexring.integrations import attention
 from gemma4_flexring.integrations import transformers as hf
 from gemma4_flexring.testing.tiny_gemma4 import (CASES, SEQ_LEN, WINDOW, Batch, make_batch, make_model, reference, run_cp,
                                                  shard_kwargs, text_config)
@@ -97,7 +98,7 @@ def test_a_wrong_mask_is_caught(monkeypatch, case_name, wrong):
     """The comparison is sensitive: one image block seen causally, or a window one token wider, fails it."""
     want = reference(CASES[case_name])
     right = hf.mask_spec
-    monkeypatch.setattr(hf, "mask_spec", lambda module: wrong(right(module)))
+    monkeypatch.setattr(attention, "mask_spec", lambda module: wrong(right(module)))
     got, = run_cp(0, 1, [case_name], "zigzag")
     assert (got.logits - want.logits).abs().max().item() > 1e-3
 

@@ -1,5 +1,5 @@
-"""FSDP2 over data × context parallelism (``hf.cp_mesh``, ``hf.fully_shard_model``,
-``hf.scale_loss_to_global_batch``): on 4 gloo ranks, dp = 2 CP groups of cp = 2 ranks, each group on
+"""FSDP2 and DDP over data × context parallelism (``hf.cp_mesh``, ``hf.fully_shard_model``,
+``hf.replicate_model``, ``hf.scale_loss_to_global_batch``): on 4 gloo ranks, dp = 2 CP groups of cp = 2 ranks, each group on
 its own packed batch, one step of a tiny float64 ``Gemma4ForCausalLM`` gives every parameter the
 gradient of one transformers process on the global batch (both groups' rows, mean loss over all
 targets), and the ranks' losses add up to its loss. Both sides keep float64 throughout
@@ -39,6 +39,13 @@ def test_gradients_equal_one_process_on_the_global_batch(cluster, one_process, c
     ranks = cluster(DP * CP).run(run_fsdp, DP, CP, checkpointing, False)
     assert_matches_one_process(ranks, one_process)
     assert [r.attention_runs for r in ranks] == [2 if checkpointing else 1] * (DP * CP)
+
+
+def test_ddp_gradients_equal_one_process_on_the_global_batch(cluster, one_process):
+    """``hf.replicate_model``: DDP over the world with summed gradients; every rank holds the
+    whole gradient."""
+    ranks = cluster(DP * CP).run(run_fsdp, DP, CP, False, False, "ddp")
+    assert_matches_one_process(ranks, one_process)
 
 
 def test_cp_groups_are_consecutive_ranks(cluster):

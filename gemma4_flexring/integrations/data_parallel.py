@@ -1,4 +1,4 @@
-"""FSDP2 over data × context parallelism, in your own loop (``gemma4_flexring.hf`` re-exports it).
+"""Data × context parallelism in your own loop, with FSDP2 or DDP (``gemma4_flexring.hf`` re-exports it).
 
 The world is a 2-D mesh ``("dp", "cp")``: each row is one CP group (consecutive ranks) that runs
 one batch through the ring; the rows are data parallel, each with its own batch. FSDP2 shards
@@ -17,6 +17,10 @@ Why the gradients come out as one process's on the global batch (both halves are
   world's losses add up to the one-process mean loss.
 - FSDP2 reduces gradients over every rank it shards across, and by default divides by their
   number (dp × cp); ``fully_shard_model`` sets the divide factor to 1, a plain sum.
+
+DDP instead of FSDP2 (every rank keeps whole parameters): ``model = hf.replicate_model(model, mesh)``
+in place of ``fully_shard_model``; it all-reduces gradients over the world as a SUM (DDP's own
+hook averages), and ``p.grad`` is then the whole one-process gradient on every rank.
 
 FSDP2 already reduces: an ``all_reduce`` of the gradients on top of it (the CP-only recipe's
 last step) would add each rank's reduced shard to the other ranks' unrelated shards.
@@ -39,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -137,6 +142,33 @@ def fully_shard_model(model: torch.nn.Module, mesh: CPMesh, *, checkpointing: bo
     for unit in (*layers, model):
         unit.set_gradient_divide_factor(1.0)
     return model
+
+
+def replicate_model(model: torch.nn.Module, mesh: CPMesh, **ddp_kwargs) -> DistributedDataParallel:
+    """``model`` under DDP over every rank of the dp × cp mesh, gradients reduced as a SUM.
+
+    DDP's default hook averages over the world; with ``scale_loss_to_global_batch`` each rank's
+    loss already is its share of the global mean, so the sum is one process's gradient.
+
+    Args:
+        ddp_kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...);
+            ``process_group`` is ours (the world, the mesh's ranks).
+
+    Returns:
+        The DDP module; call it as the model (``ddp.module`` is ``model``).
+    """
+    group = mesh.shard_mesh.get_group()
+    ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
+    ddp.register_comm_hook(group, _sum_gradients)
+    return ddp
+
+
+def _sum_gradients(group, bucket):
+    """DDP comm hook: all_reduce a gradient bucket (``dist.GradBucket``) over ``group`` as a SUM
+    (DDP's default divides); returns the future of the reduced buffer. No annotations: DDP checks
+    them against its types, and this module's are strings (``from __future__ import annotations``)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _checkpointed(forward: Callable) -> Callable:

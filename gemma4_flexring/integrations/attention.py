@@ -1,0 +1,199 @@
+"""The ring as a transformers attention implementation: ``attn_implementation="gemma4_flexring"``.
+
+- ``register()`` adds the attention function and a mask hook under ``ATTN_IMPLEMENTATION``; the
+  hook returns None, so transformers builds no [B, 1, S, S] mask at all.
+- ``RingContext`` (whole-sequence ``SequenceInfo``, layout, group) reaches every attention call
+  through the model's kwargs under ``CONTEXT_KWARG`` (``inputs.shard_inputs`` puts it there).
+- The attention function reads each layer's mask from the module: ``sliding_window``,
+  ``is_causal`` and ``config.use_bidirectional_attention`` (see ``mask_spec``).
+
+Shape legend: B batch, S whole sequence, L = S / P local tokens, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ..api import ring_attention
+from ..comm import resolve_group
+from ..info import SequenceInfo
+from ..layout import Layout
+from ..planning.masks import MaskSpec
+
+ATTN_IMPLEMENTATION = "gemma4_flexring"
+CONTEXT_KWARG = "ring_context"
+
+
+@dataclass(frozen=True)
+class RingContext:
+    """What the attention function needs besides q, k, v; the same object for every layer.
+
+    Args:
+        info: whole-sequence metadata (documents, image blocks, padding), identical on every rank.
+        layout: how the sequence is sharded over the group.
+        group: the context-parallel ProcessGroup; None for a world of one (no torch.distributed).
+    """
+
+    info: SequenceInfo
+    layout: Layout
+    group: dist.ProcessGroup | None = None
+
+
+def _context_flatten(context: RingContext):
+    return _context_children(context), _context_meta(context)
+
+
+def _context_flatten_with_keys(context: RingContext):
+    keys = [pytree.GetAttrKey("info"), pytree.GetAttrKey("layout_permutation")]
+    return list(zip(keys, _context_children(context))), _context_meta(context)
+
+
+def _context_children(context: RingContext) -> list:
+    """The SequenceInfo, then a table layout's permutation (a tensor that changes every batch)."""
+    permutation = context.layout.permutation
+    return [context.info] if permutation is None else [context.info, permutation]
+
+
+def _context_meta(context: RingContext) -> tuple[str, int, str]:
+    group = "" if context.group is None else context.group.group_name
+    return (context.layout.kind, context.layout.world_size, group)
+
+
+def _context_unflatten(values, meta: tuple[str, int, str]) -> RingContext:
+    kind, world_size, group = meta
+    pg = resolve_group(group)
+    layout = Layout(kind, world_size, *values[1:])
+    return RingContext(values[0], layout, pg)
+
+
+# A pytree node (children: the SequenceInfo and, for a balanced layout, its permutation tensor; the
+# layout's kind and world size and the group by name in its context), so that ``torch.export``
+# takes a model's ``ring_context`` kwarg and ``torch.export.save`` stores it, and a compiled model
+# sees a new balanced layout as new tensor values, not new constants.
+pytree.register_pytree_node(
+    RingContext, _context_flatten, _context_unflatten, serialized_type_name="gemma4_flexring.hf.RingContext",
+    flatten_with_keys_fn=_context_flatten_with_keys,
+    to_dumpable_context=lambda meta: json.dumps(meta), from_dumpable_context=lambda text: tuple(json.loads(text)))
+# ``torch.export.save`` pickles the example inputs; ``load`` unpickles them with weights_only.
+torch.serialization.add_safe_globals([RingContext, Layout])
+
+
+def mask_spec(module: torch.nn.Module) -> MaskSpec:
+    """The MaskSpec of one Gemma 4 text attention layer, read from the module.
+
+    Sliding layers (``module.sliding_window`` set) get block-bidirectional image blocks when
+    ``config.use_bidirectional_attention == "vision"``; global layers stay causal, as in
+    transformers' ``create_masks_for_vision_model``. With ``"all"``, ``module.is_causal`` is False.
+    """
+    window = module.sliding_window
+    vision = getattr(module.config, "use_bidirectional_attention", None) == "vision"
+    return MaskSpec(causal=bool(module.is_causal), sliding_window=window,
+                    block_bidirectional=vision and window is not None)
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      ring_context: RingContext | None = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers attention function (the ``AttentionInterface`` signature).
+
+    Shapes:
+        query: [B, Hq, L, D]; key, value: [B, Hkv, L, D], this rank's tokens in layout order.
+        returns: ([B, L, Hq, D], None), as ``sdpa_attention_forward``.
+
+    Args:
+        attention_mask: ignored (the mask hook makes it None); masks come from ``ring_context``.
+        dropout: must be 0 (attention dropout is not supported).
+        scaling: score scale (Gemma 4 passes 1.0).
+        ring_context: the CP context from ``shard_inputs``, passed down through the model's kwargs.
+
+    Raises:
+        ValueError: dropout > 0 or no ``ring_context``, before any exchange.
+    """
+    if dropout:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: attention dropout is not supported, got dropout={dropout}; "
+                         "set config.attention_dropout = 0.0 or call model.eval()")
+    if ring_context is None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: no {CONTEXT_KWARG!r} among the model's kwargs; "
+                         "call model(**gemma4_flexring.hf.shard_inputs(model, ...))")
+    out = ring_attention(query, key, value, mask=mask_spec(module), info=ring_context.info,
+                         layout=ring_context.layout, group=ring_context.group, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def no_mask(*args, **kwargs) -> None:
+    """Mask hook: transformers builds no whole-sequence mask, the ring builds its own per tile."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="gemma4_flexring"`` available to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, no_mask)
+
+
+def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Route a Gemma 4 model's text attention through the ring, in place; returns ``model``.
+
+    The model first gets config objects of its own (``_own_configs``): transformers keeps the
+    attention implementation in the config, which models built from one config object share, so
+    switching it in place would switch a reference model built from the same config too. A
+    multimodal model keeps its vision and audio towers on their own implementation (they attend
+    within one image or clip, unsharded). A forward pre-hook rejects options that cannot work on
+    a sharded sequence (``logits_to_keep``).
+    """
+    register()
+    if not getattr(model, "_gemma4_flexring_hooked", False):
+        _own_configs(model)
+        model.register_forward_pre_hook(_check_model_kwargs, with_kwargs=True)
+        model._gemma4_flexring_hooked = True
+    multimodal = "text_config" in getattr(model.config, "sub_configs", {})
+    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION} if multimodal else ATTN_IMPLEMENTATION)
+    return model
+
+
+def _own_configs(model: torch.nn.Module) -> None:
+    """Give ``model`` a copy of its config (sub-configs included) and point every submodule that
+    held one of the old config objects at its copy."""
+    from transformers import PretrainedConfig
+
+    copies: dict[int, PretrainedConfig] = {}
+
+    def pair(old: PretrainedConfig, new: PretrainedConfig) -> None:
+        copies[id(old)] = new
+        for name, value in vars(old).items():
+            if isinstance(value, PretrainedConfig):
+                pair(value, getattr(new, name))
+
+    pair(model.config, copy.deepcopy(model.config))
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in copies:
+            module.config = copies[id(config)]
+
+
+def _check_model_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: options that a sharded sequence cannot honour fail with a clear error."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if CONTEXT_KWARG in kwargs and not (isinstance(keep, int) and keep == 0):
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: logits_to_keep={keep!r} is not supported under context "
+                         "parallelism (the sequence's last tokens live on one rank, each rank holds a shard); "
+                         "leave it at 0 and select the positions you need from the logits")
+
+
+def uses_ring_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text attention goes through the ring (see ``use_ring_attention``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
