@@ -126,13 +126,21 @@ def _planned(args: RingArgs, call: _Call, comm: Communicator, kernel: ChunkKerne
     return Prepared(comm, kernel, _exchange(call, comm, kernel, plans, args.q), key_padding)
 
 
+def plan_call(args: RingArgs, comm: Communicator) -> Prepared:
+    """What ``prepare`` plans for ``args`` on ``comm``'s rank, without checks or agreement: the
+    backward's lookup, and ``plan_ahead``'s thread (which gets the caller's communicator: a
+    simulated rank is known by its thread)."""
+    kernel = kernel_for(args.q.device, args.kernel_name)
+    return _planned(args, _context(args, *MASK_CACHE.layout(args.layout, comm.world_size), comm.world_size),
+                    comm, kernel)
+
+
 def prepare(args: RingArgs, check: bool) -> Prepared:
     """Communicator, kernel, exchange schedule and key padding for one call (see the module doc)."""
     comm = communicator(resolve_group(args.group_name))
-    kernel = kernel_for(args.q.device, args.kernel_name)
     if not check:
-        return _planned(args, _context(args, *MASK_CACHE.layout(args.layout, comm.world_size), comm.world_size),
-                        comm, kernel)
+        return plan_call(args, comm)
+    kernel = kernel_for(args.q.device, args.kernel_name)
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
                               comm.world_size, args.scale, args.kernel_name)
     prepared = call = None

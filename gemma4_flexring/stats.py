@@ -10,7 +10,10 @@ grow until ``reset_ring_stats()``.
 from __future__ import annotations
 
 import dataclasses
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass
@@ -22,8 +25,9 @@ class RingStats:
         steps: ring steps run, one per (call, step), forward and backward.
         steps_skipped: steps whose pair plan had no tile: the owner's chunk holds no key any
             local query may see, so no kernel ran and no row of it was received.
-        planning_s: seconds spent planning: describing metadata and building plans and
-            exchange schedules (cache misses only).
+        planning_s: seconds spent planning on the ring's path: describing metadata and building
+            plans and exchange schedules (cache misses only).
+        planning_ahead_s: the same work done off the path, on ``plan_ahead``'s thread.
         wait_forward_s, wait_backward_s: seconds spent waiting for exchanges to complete (time
             the exchange was not hidden behind computation), in forward and backward calls.
         agreements: cross-rank agreements held before a first exchange (one small all_gather
@@ -34,12 +38,24 @@ class RingStats:
     steps: int = 0
     steps_skipped: int = 0
     planning_s: float = 0.0
+    planning_ahead_s: float = 0.0
     wait_forward_s: float = 0.0
     wait_backward_s: float = 0.0
     agreements: int = 0
 
 
 _STATS = RingStats()
+_AHEAD = threading.local()  # .active: this thread plans ahead (``planning_ahead``)
+
+
+@contextmanager
+def planning_ahead() -> Iterator[None]:
+    """Count the planning this thread does in the block as ``planning_ahead_s``."""
+    _AHEAD.active = True
+    try:
+        yield
+    finally:
+        _AHEAD.active = False
 
 
 def record_send(nbytes: int) -> None:
@@ -67,8 +83,11 @@ def record_wait(seconds: float, backward: bool) -> None:
 
 
 def record_planning(seconds: float) -> None:
-    """Count ``seconds`` spent planning."""
-    _STATS.planning_s += seconds
+    """Count ``seconds`` spent planning (on the path, or ahead: ``planning_ahead``)."""
+    if getattr(_AHEAD, "active", False):
+        _STATS.planning_ahead_s += seconds
+    else:
+        _STATS.planning_s += seconds
 
 
 def ring_stats() -> RingStats:

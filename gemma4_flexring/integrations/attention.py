@@ -98,6 +98,15 @@ def mask_spec(module: torch.nn.Module) -> MaskSpec:
                     block_bidirectional=vision and window is not None)
 
 
+def ring_masks(model: torch.nn.Module) -> list[MaskSpec]:
+    """The distinct masks of ``model``'s attention layers that go through the ring (``mask_spec``
+    of each), in layer order: what a batch needs planned (``plan_ahead``)."""
+    specs = [mask_spec(m) for m in model.modules()
+             if hasattr(m, "is_causal") and getattr(getattr(m, "config", None), "_attn_implementation", None)
+             == ATTN_IMPLEMENTATION]
+    return list(dict.fromkeys(specs))
+
+
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       ring_context: RingContext | None = None, **kwargs) -> tuple[Tensor, None]:

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ahead import plan_ahead as start_planning
 from ..comm import process_group
 from ..info import SequenceInfo
 from ..layout import LAYOUTS, Layout
 from ..planning.metadata import content_digest, digest_words
 from ..validate import Problem, agree
-from .attention import ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, uses_ring_attention
+from .attention import ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, ring_masks, uses_ring_attention
 
 IGNORE_INDEX = -100
 
@@ -50,7 +51,8 @@ _SHARD_FIELDS = ("failed", "batch", "seq_len", "balanced", "layout kind", "world
 
 def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Tensor | None = None,
                  attention_mask: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
-                 labels: Tensor | None = None, layout: Layout | str, rank: int, group=None) -> dict:
+                 labels: Tensor | None = None, layout: Layout | str, rank: int, group=None,
+                 plan_ahead: bool = False) -> dict:
     """Keyword arguments of one rank's ``model(**kwargs)`` for a whole-sequence batch.
 
     Every argument is the whole sequence, identical on every rank. Every rank of the group must
@@ -74,6 +76,11 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
         model: the model these inputs are for; its text attention must go through the ring
             (``use_ring_attention``): any other attention would ignore the ring context and attend
             within this rank's shard only.
+        plan_ahead: start building the batch's plans and exchange schedules on a background
+            thread (``gemma4_flexring.plan_ahead``, for each distinct mask of the model's layers, in
+            its parameters' dtype). Call ``shard_inputs`` for the next batch before running the
+            current one, and its planning overlaps the current step; its ``model(**kwargs)`` then
+            finds the plans ready (or plans what is missing itself, exactly).
 
     Returns:
         A dict for ``model(**kwargs)``: ``input_ids``, ``position_ids`` (global positions) and, if
@@ -114,6 +121,9 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
     def local(t: Tensor) -> Tensor:
         return layout.shard(t, 1, rank).contiguous()
 
+    if plan_ahead:
+        dtype = next(model.parameters()).dtype
+        start_planning(info, ring_masks(model), layout=layout, group=group, dtype=dtype, device=input_ids.device)
     kwargs = {"input_ids": local(input_ids), "position_ids": local(position_ids), "use_cache": False,
               CONTEXT_KWARG: RingContext(info, layout, group)}
     if mm_token_type_ids is not None:

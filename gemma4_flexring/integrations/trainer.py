@@ -19,6 +19,9 @@ What the mixin changes, each for the numbers of one process on the same global b
   whole-sequence batch with ``shard_inputs``: packed rows (``position_ids`` restarts) stay apart,
   keys that describe the whole row (``ROW_KEYS``) are dropped, and a row length the layout cannot
   split is padded (padding tokens, no targets).
+- Planning ahead: each training batch is sharded when it is fetched, one batch ahead of the step
+  that runs it (``Lookahead``), and its plans are built on a background thread (``shard_inputs(...,
+  plan_ahead=True)``) while the current step runs.
 - Loss: ``num_items_in_batch`` is the global batch's target count (its accumulation steps, every
   CP group), taken on the whole sequences; each rank's loss is its summed cross entropy over it.
   transformers then multiplies each rank's loss by the world size and DDP / FSDP average over the
@@ -60,6 +63,8 @@ SEQUENCE_KEYS = ("input_ids", "position_ids", "attention_mask", "mm_token_type_i
 # Keys that describe the whole row (TRL's padding-free collator): meaningless on a shard, dropped.
 ROW_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 LAYOUT_KINDS = ("balanced", "zigzag", "contiguous")
+# Where a training batch carries its model kwargs, sharded (and planned) when it was fetched.
+SHARDED_KEY = "_gemma4_flexring_sharded"
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,34 @@ def _cp_data_loader(accelerator, cp: CPGroups, data_loader, device_placement=Non
     return prepared
 
 
+class Lookahead:
+    """An iterator over ``source``'s batches that fetches one batch ahead and hands every batch it
+    fetches to ``prepare`` at once, so that the batch after the one being trained on is prepared
+    (sharded, its plans building in the background) while the current step runs.
+
+    Every rank of a CP group draws the same batches at the same points (``prepare`` agrees within
+    the group), and the order of the batches is unchanged.
+    """
+
+    def __init__(self, source, prepare) -> None:
+        self.source, self._prepare = source, prepare
+        self._next = self._fetch()
+
+    def _fetch(self):
+        batch = next(self.source, None)
+        return None if batch is None else self._prepare(batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, self._next = self._next, None
+        if batch is None:
+            raise StopIteration
+        self._next = self._fetch()
+        return batch
+
+
 class RingTrainerMixin:
     """Context parallelism through the ring for ``transformers.Trainer`` and trainers built on it;
     put it first among the bases (see the module docstring).
@@ -189,6 +222,7 @@ class RingTrainerMixin:
         use_ring_attention(self.accelerator.unwrap_model(self.model))
         self.model_accepts_loss_kwargs = True
         self.accelerator.prepare_data_loader = functools.partial(_cp_data_loader, self.accelerator, self.cp)
+        self._lookahead: Lookahead | None = None
         if getattr(self.accelerator, "parallelism_config", None) is not None:
             self.accelerator._prepare_cp = lambda *prepared: prepared  # the ring replaces torch's CP
 
@@ -232,6 +266,17 @@ class RingTrainerMixin:
             count = count // self.cp.size  # every rank of a CP group counted the same batches
         return count
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step, drawn one batch ahead (``Lookahead``):
+        each is sharded and its planning started when it is drawn."""
+        if self._lookahead is None or self._lookahead.source is not epoch_iterator:
+            self._lookahead = Lookahead(epoch_iterator, self._sharded_ahead)
+        return super().get_batch_samples(self._lookahead, num_batches, device)
+
+    def _sharded_ahead(self, batch: dict) -> dict:
+        """``batch`` carrying its model kwargs (``SHARDED_KEY``), its plans building in the background."""
+        return {**batch, SHARDED_KEY: self.shard_batch(batch, plan_ahead=True)}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The trainer's loss on this rank's shard of ``inputs``, normalized by the global target
         count. A caller that passes no count (TRL's ``prediction_step``) gets the batch's: without
@@ -239,16 +284,19 @@ class RingTrainerMixin:
         batch's mean."""
         if num_items_in_batch is None:
             num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
-        return super().compute_loss(model, self.shard_batch(inputs), return_outputs=return_outputs,
+        sharded = inputs[SHARDED_KEY] if SHARDED_KEY in inputs else self.shard_batch(inputs)
+        return super().compute_loss(model, sharded, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
-    def shard_batch(self, inputs: dict) -> dict:
-        """This rank's model kwargs for a whole-sequence batch (``shard_inputs``), rows padded to
-        a length the layout splits, ``ROW_KEYS`` dropped, other non-tensor entries kept.
+    def shard_batch(self, inputs: dict, plan_ahead: bool = False) -> dict:
+        """This rank's model kwargs for a whole-sequence batch (``shard_inputs``, planning on a
+        background thread with ``plan_ahead``), rows padded to a length the layout splits,
+        ``ROW_KEYS`` dropped, other non-tensor entries kept.
 
         Raises:
             ValueError: a tensor under a key that cannot be sharded (``pixel_values``: images).
         """
+        inputs = {k: v for k, v in inputs.items() if k != SHARDED_KEY}
         unknown = [k for k, v in inputs.items() if isinstance(v, Tensor) and k not in (*SEQUENCE_KEYS, *ROW_KEYS)]
         if unknown:
             raise ValueError(f"RingTrainer: cannot shard the batch's {unknown}; it shards the whole-sequence keys "
@@ -257,7 +305,8 @@ class RingTrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         text = model.config.get_text_config()
         batch = pad_rows({k: inputs.get(k) for k in SEQUENCE_KEYS}, self._row_multiple, text.pad_token_id or 0)
-        kwargs = shard_inputs(model, **batch, layout=self.ring_layout, rank=self.cp.rank, group=self.cp.group)
+        kwargs = shard_inputs(model, **batch, layout=self.ring_layout, rank=self.cp.rank, group=self.cp.group,
+                              plan_ahead=plan_ahead)
         kwargs.pop("num_items_in_batch", None)  # the trainer passes the global batch's
         rest = {k: v for k, v in inputs.items() if k not in (*SEQUENCE_KEYS, *ROW_KEYS)}
         return {**rest, **kwargs}

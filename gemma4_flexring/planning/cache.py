@@ -14,6 +14,10 @@ Four maps, each trimmed least recently used first:
   table is hashed at every call (O(S), no data-pointer shortcut: tables are made afresh per call
   and freed memory is reused); its runs are found and checked once per content.
 
+Every build (hashing metadata, a plan, a schedule) runs outside the cache's lock, once: a thread
+planning the next batch ahead (``plan_ahead``) never holds up this batch's lookups, and a thread
+that needs what another is building waits for it rather than building it again.
+
 Memory bound: ``capacity`` x (distinct masks x world size) pair plans; each pair plan holds
 additive masks over partially allowed blocks only (see ``tiles.py``), and the generation map
 holds ``4 x capacity`` small entries. Plans never depend on data pointers, so a plan can only be
@@ -22,10 +26,11 @@ served for metadata with the same digest.
 
 from __future__ import annotations
 
-import time
 import functools
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Callable, Hashable, NamedTuple, TypeVar
 
 from torch import Tensor
@@ -87,6 +92,7 @@ class PlanCache:
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
         self._layouts: OrderedDict[bytes, Layout] = OrderedDict()
         self._exchanges: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
+        self._pending: dict[Hashable, Future] = {}  # builds under way (``_once``), by what they build
         self._generation = -1
         self._builds = self._hits = self._described = 0
 
@@ -97,23 +103,25 @@ class PlanCache:
         self.capacity = capacity
         self._trim()
 
-    @_locked
     def metadata(self, generation: int, tensors: tuple[Tensor, Tensor, Tensor]) -> Metadata:
         """The ``Metadata`` of ``tensors`` (the batch of ``generation``), hashed once per stamp."""
-        self._generation = generation
         now = stamp(tensors)
-        known = self._metadata.get(generation)
-        if known is not None and now is not None and known[0] == now:
+
+        def lookup() -> Metadata | None:
+            self._generation = generation
+            known = self._metadata.get(generation)
+            if known is not None and now is not None and known[0] == now:
+                self._metadata.move_to_end(generation)
+                return known[1]
+            return None
+
+        def store(meta: Metadata) -> Metadata:
+            self._described += 1
+            self._metadata[generation] = (now, meta)
             self._metadata.move_to_end(generation)
-            return known[1]
-        start = time.perf_counter()
-        meta = describe(*tensors)
-        record_planning(time.perf_counter() - start)
-        self._described += 1
-        self._metadata[generation] = (now, meta)
-        self._metadata.move_to_end(generation)
-        self._trim()
-        return meta
+            return meta
+
+        return self._once(("metadata", generation, now), lookup, lambda: describe(*tensors), store)
 
     @_locked
     def layout(self, table: Tensor, world_size: int) -> tuple[bytes, Layout]:
@@ -133,34 +141,72 @@ class PlanCache:
         self._trim()
         return digest, layout
 
-    @_locked
     def plan(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
-        """The plan under (``meta``'s digest, ``key``), built on first request."""
-        plans = self._plans.get(meta.digest)
-        if plans is not None:
+        """The plan under (``meta``'s digest, ``key``), built on first request (see ``_once``)."""
+
+        def lookup() -> T | None:
+            plans = self._plans.get(meta.digest)
+            if plans is None:
+                return None
             self._plans.move_to_end(meta.digest)
             if key in plans:
                 self._hits += 1
-                return plans[key]  # type: ignore[return-value]
-        start = time.perf_counter()
-        value = build()  # raises before anything is stored: no half-built entry
-        record_planning(time.perf_counter() - start)
-        self._builds += 1
-        self._plans.setdefault(meta.digest, {})[key] = value
-        self._plans.move_to_end(meta.digest)
-        self._trim()
-        return value
+            return plans.get(key)
 
-    @_locked
+        def store(value: T) -> T:
+            self._builds += 1
+            self._plans.setdefault(meta.digest, {})[key] = value
+            self._plans.move_to_end(meta.digest)
+            return value
+
+        return self._once(("plan", meta.digest, key), lookup, build, store)
+
     def exchange(self, meta: Metadata, key: Hashable, build: Callable[[], T]) -> T:
         """A value derived from ``meta``'s plans (an exchange schedule) under (digest, ``key``), built
-        on first request and dropped with the digest's plans; not counted in ``info()``."""
-        schedules = self._exchanges.setdefault(meta.digest, {})
-        if key not in schedules:
-            start = time.perf_counter()
-            schedules[key] = build()
-            record_planning(time.perf_counter() - start)
-        return schedules[key]  # type: ignore[return-value]
+        on first request (see ``_once``) and dropped with the digest's plans; not counted in ``info()``."""
+
+        def store(value: T) -> T:
+            self._exchanges.setdefault(meta.digest, {})[key] = value
+            return value
+
+        return self._once(("exchange", meta.digest, key), lambda: self._exchanges.get(meta.digest, {}).get(key),
+                          build, store)
+
+    def _once(self, name: Hashable, lookup: Callable[[], T | None], build: Callable[[], T],
+              store: Callable[[T], T]) -> T:
+        """``lookup()``'s value, or the value ``build()`` makes, stored with ``store``; the lookup
+        and the store run under the lock, the build outside it (counted as planning).
+
+        Outside the lock: a thread planning another batch ahead (``plan_ahead``) never holds up a
+        lookup of this one. A thread that asks for what another thread is building waits for that
+        build (``name`` identifies it) instead of repeating it, and gets its error if it fails; a
+        failed build stores nothing.
+        """
+        with self._lock:
+            value = lookup()
+            if value is not None:
+                return value
+            pending = self._pending.get(name)
+            building = pending is None
+            if building:
+                pending = self._pending[name] = Future()
+        if not building:
+            return pending.result()
+        start = time.perf_counter()
+        try:
+            value = build()
+        except BaseException as error:
+            with self._lock:
+                self._pending.pop(name, None)  # gone if the cache was cleared meanwhile
+            pending.set_exception(error)
+            raise
+        record_planning(time.perf_counter() - start)
+        with self._lock:
+            value = store(value)
+            self._pending.pop(name, None)  # gone if the cache was cleared meanwhile
+            self._trim()
+        pending.set_result(value)
+        return value
 
     def _trim(self) -> None:
         while len(self._plans) > self.capacity:

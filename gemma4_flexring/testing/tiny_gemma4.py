@@ -20,7 +20,8 @@ from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
-from .. import Layout, MaskSpec, SequenceInfo
+from .. import Layout, MaskSpec, SequenceInfo, clear_mask_cache, ring_stats
+from ..ahead import wait_for_planning
 from ..integrations import transformers as hf
 from .reference import reference_mask
 from .tolerances import relative_norm_error
@@ -191,6 +192,7 @@ class Result:
     loss: torch.Tensor
     grads: dict[str, torch.Tensor]
     layout: Layout | None = None  # the layout a CP rank's inputs were sharded with
+    planning_s: float = 0.0  # seconds a CP rank's forward and backward spent planning (on the path)
 
 
 def image_features(batch: Batch) -> torch.Tensor:
@@ -237,23 +239,28 @@ def reference(case: Case) -> Result:
         return _result(model, model(**kwargs, use_cache=False), features)
 
 
-def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str) -> list[Result]:
+def run_cp(rank: int, world_size: int, names: list[str], layout_kind: str, plan_ahead: bool = False
+           ) -> list[Result]:
     """This rank's logits [B, L, V], loss share and gradient share for each named case; "balanced"
-    lets ``shard_inputs`` build the layout from each batch."""
+    lets ``shard_inputs`` build the layout from each batch. ``plan_ahead``: the batch is planned
+    by ``shard_inputs(plan_ahead=True)``, waited for, before the model runs."""
     results = []
     for name in names:
         case, batch = CASES[name], CASES[name].batch()
         model = make_model(case, ring=True)
         layout = "balanced" if layout_kind == "balanced" else Layout(layout_kind, world_size)
-        kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank)
+        clear_mask_cache()
+        kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout=layout, rank=rank, plan_ahead=plan_ahead)
+        wait_for_planning()
         layout = kwargs[hf.CONTEXT_KWARG].layout
         features = image_features(batch) if case.image_features else None
         if features is not None:
             local = hf.shard_token_features(features, batch.input_ids == IMAGE_TOKEN, layout, rank)
             kwargs["mm_encoder_outputs"] = image_outputs(local)
+        before = ring_stats().planning_s
         with single_thread():
             result = _result(model, model(**kwargs), features)
-        results.append(Result(result.logits, result.loss, result.grads, layout))
+        results.append(Result(result.logits, result.loss, result.grads, layout, ring_stats().planning_s - before))
     return results
 
 

@@ -214,13 +214,23 @@ def ring_steps(rank: int, args: argparse.Namespace, device: torch.device, data: 
     group, cp_rank, dp_rank = mesh.cp_group, mesh.cp_rank, mesh.dp_rank
     layout = args.layout if args.layout == "balanced" else Layout(args.layout, args.cp)
     rows_per_step, records = args.dp * args.batch, []
-    for step in range(args.steps):
-        start = time.perf_counter()
+
+    def shard(step: int) -> dict:
+        """This rank's kwargs for ``step``, its plans built on a background thread (``plan_ahead``)."""
         global_rows = data[slice(step * rows_per_step, (step + 1) * rows_per_step)]
         mine = global_rows[slice(dp_rank * args.batch, (dp_rank + 1) * args.batch)]
         kwargs = hf.shard_inputs(model, input_ids=mine.input_ids.to(device), position_ids=mine.position_ids.to(device),
-                                 labels=mine.labels.to(device), layout=layout, rank=cp_rank, group=group)
+                                 labels=mine.labels.to(device), layout=layout, rank=cp_rank, group=group,
+                                 plan_ahead=True)
         kwargs["num_items_in_batch"] = torch.tensor(global_rows.targets(), device=device)
+        return kwargs
+
+    upcoming = shard(0)
+    for step in range(args.steps):
+        start = time.perf_counter()
+        kwargs = upcoming
+        if step + 1 < args.steps:
+            upcoming = shard(step + 1)  # planned while this step runs
         loss = model(**kwargs).loss
         loss.backward()
         for p in model.parameters():

@@ -60,6 +60,21 @@ def test_matches_one_process(references, cp_results, name, world_size, layout):
     assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.1e}"
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "balanced"])
+def test_a_batch_planned_ahead_matches_one_process_without_planning_on_the_path(references, cluster, layout):
+    """``shard_inputs(plan_ahead=True)``: every mask of the model planned on the background thread
+    (the sliding layers' with image blocks, the global layers'), the step plans nothing itself."""
+    names = ["vision_packed_padded", "packed"]
+    ranks = cluster(2).run(run_cp, names, layout, True)
+    for i, name in enumerate(names):
+        want, got = references[name], [r[i] for r in ranks]
+        assert [r.planning_s for r in got] == [0.0, 0.0]
+        logits = got[0].layout.unshard([r.logits for r in got], dim=1)
+        assert (logits - want.logits).abs().max().item() <= LOGITS_TOLERANCE
+        errors = {n: relative_error(sum(r.grads[n] for r in got), g) for n, g in want.grads.items()}
+        assert max(errors.values()) <= GRAD_RTOL
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous", "balanced"])
 def test_shard_inputs_on_ranks(cluster, layout):
     """Local tokens in layout order, global positions, labels shifted before sharding."""

@@ -71,3 +71,44 @@ def test_capacity_is_settable_and_checked():
     assert c.info().generations == 3 and c.info().capacity == 3
     with pytest.raises(ValueError, match="positive int"):
         c.set_capacity(0)
+
+
+def test_a_plan_being_built_is_waited_for_not_built_again():
+    """Two threads ask for one plan: the second waits for the first one's build (a thread planning
+    ahead and the ring asking for the same batch), and a lookup of another plan meanwhile is not
+    held up by that build."""
+    import threading
+
+    c = cache.PlanCache()
+    meta = _meta(c, _info(3))
+    started, release, builds = threading.Event(), threading.Event(), []
+
+    def slow_build():
+        builds.append(1)
+        started.set()
+        release.wait(timeout=30)
+        return "plan"
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(c.plan(meta, "k", slow_build)))
+    first.start()
+    started.wait(timeout=30)
+    assert c.plan(meta, "other", lambda: "quick") == "quick"  # not blocked by the slow build
+    second = threading.Thread(target=lambda: results.append(c.plan(meta, "k", slow_build)))
+    second.start()
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert results == ["plan", "plan"] and len(builds) == 1
+
+
+def test_a_failed_build_raises_and_stores_nothing():
+    c = cache.PlanCache()
+    meta = _meta(c, _info(3))
+
+    def broken():
+        raise RuntimeError("planning failed")
+
+    with pytest.raises(RuntimeError, match="planning failed"):
+        c.plan(meta, "k", broken)
+    assert c.plan(meta, "k", lambda: "second try") == "second try"
