@@ -14,7 +14,7 @@ a step's global batch is ``dp * batch`` rows (times ``accumulation`` micro-batch
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +42,8 @@ class TrainerSetup:
         seq_len: tokens per row (46: not a multiple of 4, so zigzag over 2 ranks pads).
         batch: rows per CP group and micro-batch.
         steps: optimizer steps.
+        parallelism: the ring's CP size given as accelerate's ``ParallelismConfig(cp_size=cp,
+            dp_shard_size=dp)`` in the arguments instead of ``cp_size`` (see ``accelerate_cp_on_cpu``).
         trainer: "trainer" (``hf.RingTrainer`` / ``Trainer`` on ``packed_rows``) or "sft" (TRL:
             ``RingSFTTrainer`` / ``SFTTrainer`` with ``padding_free=True`` on ``documents``, each
             micro-batch's documents flattened into one row).
@@ -57,11 +59,12 @@ class TrainerSetup:
     seq_len: int = 48
     batch: int = 1
     steps: int = 5
+    parallelism: bool = False
     trainer: str = "trainer"
 
     def one_process(self) -> TrainerSetup:
         """The same training on one process: the global batch per micro-batch."""
-        return replace(self, dp=1, cp=0, batch=self.dp * self.batch)
+        return replace(self, dp=1, cp=0, batch=self.dp * self.batch, parallelism=False)
 
     @property
     def rows(self) -> int:
@@ -123,6 +126,10 @@ def training_arguments(setup: TrainerSetup, output_dir: str, cls: type | None = 
                   dataloader_num_workers=0, disable_tqdm=True)
     if setup.cp:
         fields["ddp_backend"] = "gloo"
+    if setup.parallelism:
+        from accelerate import ParallelismConfig
+
+        fields["parallelism_config"] = ParallelismConfig(cp_size=setup.cp, dp_shard_size=setup.dp)
 
     return (cls or TrainingArguments)(**{**fields, **overrides})
 
@@ -156,6 +163,24 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(before)
 
 
+@contextmanager
+def accelerate_cp_on_cpu():
+    """accelerate's ``ParallelismConfig`` with CP on CPU ranks, in the block.
+
+    accelerate runs a ``ParallelismConfig`` with ``cp_size > 1`` only with FSDP2, which it enables
+    on accelerator devices only (``ParallelismConfig._validate_accelerator`` refuses gloo ranks).
+    Without that check it builds the config's mesh on the CPU and wraps the model in DDP; the
+    trainer's part (the CP groups from the mesh's "cp" dimension, accelerate's own CP kept off the
+    model, the data per CP group, the loss) is the same as under FSDP2, which averages gradients
+    over the same dp_shard x cp ranks as DDP does here."""
+    from unittest import mock
+
+    from accelerate import ParallelismConfig
+
+    with mock.patch.object(ParallelismConfig, "_validate_accelerator", lambda self, accelerator: None):
+        yield
+
+
 def join_world(rank: int, world_size: int) -> None:
     """Tell accelerate the world this rank is in (its gloo group is already up), as torchrun does,
     and forget the state of an earlier run in this process."""
@@ -172,6 +197,11 @@ def run_trainer(rank: int, world_size: int, setup: TrainerSetup, output_dir: str
     ring = setup.cp > 0
     if ring:
         join_world(rank, world_size)
+    with accelerate_cp_on_cpu() if setup.parallelism else nullcontext():
+        return _train(setup, output_dir, ring)
+
+
+def _train(setup: TrainerSetup, output_dir: str, ring: bool) -> TrainerRun:
     model = trainer_model(setup, ring)
     if setup.trainer == "sft":
         trainer = _sft_trainer(setup, model, output_dir, ring)
@@ -181,7 +211,8 @@ def run_trainer(rank: int, world_size: int, setup: TrainerSetup, output_dir: str
         rows = packed_rows(setup.rows, setup.seq_len)
         common = dict(model=model, args=training_arguments(setup, output_dir), data_collator=collate,
                       train_dataset=RowStream(rows) if setup.iterable else rows, eval_dataset=rows)
-        trainer = hf.RingTrainer(**common, cp_size=setup.cp, layout=setup.layout) if ring else Trainer(**common)
+        cp_size = None if setup.parallelism else setup.cp  # a ParallelismConfig's CP size is the trainer's
+        trainer = hf.RingTrainer(**common, cp_size=cp_size, layout=setup.layout) if ring else Trainer(**common)
     with single_thread(), default_dtype(getattr(torch, setup.dtype)):
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]

@@ -74,6 +74,14 @@ def test_what_it_cannot_honour_raises_on_every_rank(cluster, tmp_path, what, mes
     assert all(re.search(message, text) for _, text in errors), errors
 
 
+def test_with_an_accelerate_parallelism_config_it_trains_as_one_process(cluster, tmp_path):
+    """``args.parallelism_config = ParallelismConfig(cp_size=2, dp_shard_size=2)`` and no
+    ``cp_size``: the CP groups are the mesh's "cp" dimension, and accelerate's own CP hook (which
+    refuses Gemma 4) stays off the model. On CPU ranks DDP stands in for FSDP2
+    (``accelerate_cp_on_cpu``)."""
+    assert_trains_as_one_process(cluster, TrainerSetup(dp=2, cp=2, accumulation=2, parallelism=True), tmp_path)
+
+
 def test_an_accelerate_parallelism_config_gives_the_cp_groups(cluster):
     """With ``args.parallelism_config`` (accelerate's mesh, "cp" innermost) the trainer's CP groups
     are the mesh's; a ``cp_size`` that is not the config's is refused."""
