@@ -86,24 +86,58 @@ torch.serialization.add_safe_globals([RingContext, Layout])
 
 
 def mask_spec(module: torch.nn.Module) -> MaskSpec:
-    """The MaskSpec of one Gemma 4 text attention layer, read from the module.
+    """The MaskSpec of one decoder attention layer, read from the module and its config.
 
-    Sliding layers (``module.sliding_window`` set) get block-bidirectional image blocks when
-    ``config.use_bidirectional_attention == "vision"``; global layers stay causal, as in
+    Gemma 4: sliding layers (``module.sliding_window`` set) get block-bidirectional image blocks
+    when ``config.use_bidirectional_attention == "vision"``; global layers stay causal, as in
     transformers' ``create_masks_for_vision_model``. With ``"all"``, ``module.is_causal`` is False.
+    Other decoders (Llama, Mistral, Qwen 3, Gemma 3, ...): causal, with the layer's
+    ``sliding_window`` attribute as its window, or, on layers that have none (Mistral), the
+    config's ``sliding_window``, which then holds for every layer.
+
+    Raises:
+        ValueError: a layer whose attention the ring cannot compute exactly (``unservable``).
     """
-    window = module.sliding_window
+    problem = unservable(module)
+    if problem is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: {type(module).__name__} {problem}; the ring computes plain "
+                         "softmax attention under causal, sliding-window, document, padding and Gemma 4 image masks")
+    window = module.sliding_window if hasattr(module, "sliding_window") else getattr(module.config, "sliding_window", None)
     vision = getattr(module.config, "use_bidirectional_attention", None) == "vision"
     return MaskSpec(causal=bool(module.is_causal), sliding_window=window,
                     block_bidirectional=vision and window is not None)
 
 
+def unservable(module: torch.nn.Module) -> str | None:
+    """Why the ring cannot serve ``module``'s attention exactly, or None: attention sinks, logit
+    softcapping, chunked attention, and bidirectional attention outside Gemma 4's variants (an
+    unknown mask: the ring would not know which keys to send)."""
+    config = module.config
+    gemma4 = str(getattr(config, "model_type", "")).startswith("gemma4")
+    softcap = getattr(module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
+    if getattr(module, "sinks", None) is not None:
+        return "has attention sinks (a learned logit per head joins every softmax)"
+    if softcap is not None:
+        return f"caps its attention logits (attn_logit_softcapping={softcap})"
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return f"uses chunked attention (attention_chunk_size={config.attention_chunk_size})"
+    if not gemma4 and (getattr(config, "use_bidirectional_attention", None) or not module.is_causal):
+        return "attends bidirectionally, a mask only Gemma 4's variants of it are served with"
+    return None
+
+
+def text_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of ``model``'s text decoder: those holding its text config and an
+    ``is_causal`` flag (a multimodal model's vision and audio towers hold configs of their own)."""
+    text = model.config.get_text_config()
+    return [m for m in model.modules() if hasattr(m, "is_causal") and getattr(m, "config", None) is text]
+
+
 def ring_masks(model: torch.nn.Module) -> list[MaskSpec]:
     """The distinct masks of ``model``'s attention layers that go through the ring (``mask_spec``
     of each), in layer order: what a batch needs planned (``plan_ahead``)."""
-    specs = [mask_spec(m) for m in model.modules()
-             if hasattr(m, "is_causal") and getattr(getattr(m, "config", None), "_attn_implementation", None)
-             == ATTN_IMPLEMENTATION]
+    specs = [mask_spec(m) for m in text_attention_layers(model)
+             if getattr(m.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION]
     return list(dict.fromkeys(specs))
 
 
@@ -131,7 +165,14 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if ring_context is None:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: no {CONTEXT_KWARG!r} among the model's kwargs; "
                          "call model(**gemma4_flexring.hf.shard_inputs(model, ...))")
-    out = ring_attention(query, key, value, mask=mask_spec(module), info=ring_context.info,
+    spec = mask_spec(module)
+    extra = {name: kwargs[name] for name in ("s_aux", "softcap") if kwargs.get(name) is not None}
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != spec.sliding_window:
+        extra["sliding_window"] = kwargs["sliding_window"]
+    if extra:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: {type(module).__name__} asks for {sorted(extra)} the ring does not "
+                         f"compute (its mask: {spec})")
+    out = ring_attention(query, key, value, mask=spec, info=ring_context.info,
                          layout=ring_context.layout, group=ring_context.group, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -151,7 +192,13 @@ def register() -> None:
 
 
 def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Route a Gemma 4 model's text attention through the ring, in place; returns ``model``.
+    """Route a decoder's text attention through the ring, in place; returns ``model``.
+
+    Served: Gemma 4 (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``) with all its
+    masks, and decoders whose layers are causal, with or without a sliding window (Gemma 3, Llama,
+    Mistral, Qwen 3; see ``mask_spec``). Refused, before anything changes: layers the ring cannot
+    compute exactly (``unservable``: attention sinks, logit softcapping, chunked attention, other
+    bidirectional masks).
 
     The model first gets config objects of its own (``_own_configs``): transformers keeps the
     attention implementation in the config, which models built from one config object share, so
@@ -159,7 +206,15 @@ def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     multimodal model keeps its vision and audio towers on their own implementation (they attend
     within one image or clip, unsharded). A forward pre-hook rejects options that cannot work on
     a sharded sequence (``logits_to_keep``).
+
+    Raises:
+        ValueError: the model has a layer the ring cannot serve exactly, or no attention layer.
     """
+    layers = text_attention_layers(model)
+    refused = {f"{type(m).__name__} {problem}" for m in layers if (problem := unservable(m)) is not None}
+    if refused or not layers:
+        reason = "; ".join(sorted(refused)) or "no attention layers with an is_causal flag were found"
+        raise ValueError(f"use_ring_attention: {type(model).__name__} cannot be served exactly by the ring: {reason}")
     register()
     if not getattr(model, "_gemma4_flexring_hooked", False):
         _own_configs(model)

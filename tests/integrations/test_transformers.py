@@ -107,10 +107,11 @@ def test_world_of_one_matches_one_process():
 
 @pytest.mark.parametrize("case_name, wrong", [
     ("vision_padded", lambda spec: MaskSpec(spec.causal, spec.sliding_window, False)),
-    ("packed", lambda spec: MaskSpec(spec.causal, spec.sliding_window and spec.sliding_window + 1)),
+    ("packed", lambda spec: MaskSpec(False, spec.sliding_window)),
 ])
 def test_a_wrong_mask_is_caught(monkeypatch, case_name, wrong):
-    """The comparison is sensitive: one image block seen causally, or a window one token wider, fails it."""
+    """The comparison is sensitive: one image block seen causally, or layers seen bidirectionally,
+    fail it (a window other than the layer's raises: ``test_decoders.py``)."""
     want = reference(CASES[case_name])
     right = hf.mask_spec
     monkeypatch.setattr(attention, "mask_spec", lambda module: wrong(right(module)))
