@@ -1,4 +1,4 @@
-"""Command line: ``python -m gemma4_flexring {demo,train,bench,selfcheck,graph} [options]``."""
+"""Command line: ``python -m gemma4_flexring {demo,train,bench,selfcheck,graph,plan} [options]``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ COMMANDS = {
                   "check this install on the device present: parity, compile and export, kernel speed"),
     "graph": ("gemma4_flexring.tools.graph",
               "what torch.compile makes of a model over a few batches: frames, guards, graphs"),
+    "plan": ("gemma4_flexring.tools.plan",
+             "draw a batch's mask per rank for a layout: block classes and the rows each rank sends (PNG)"),
 }
 
 

@@ -18,8 +18,8 @@ def test_help_lists_every_command_on_one_line_each():
                           env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "usage: python -m gemma4_flexring {demo,train,bench,selfcheck,graph} [options]"
-    assert set(COMMANDS) == {"demo", "train", "bench", "selfcheck", "graph"}
+    assert lines[0] == "usage: python -m gemma4_flexring {demo,train,bench,selfcheck,graph,plan} [options]"
+    assert set(COMMANDS) == {"demo", "train", "bench", "selfcheck", "graph", "plan"}
     for name, (_, summary) in COMMANDS.items():
         assert [line.split() for line in lines if line.split()[:1] == [name]] == [[name, *summary.split()]]
 
