@@ -12,11 +12,17 @@ Calls run in row groups (``row_groups``): consecutive calls on the same few quer
 forward results merge at once and whose query rows the backward prepares once; the backward
 prepares a piece's K/V rows once for all its calls.
 
+Alone calls (``exchange.split_alone``: the only contributor to their query rows and key rows)
+are computed on the inputs as they are, in their dtype, and their results written; when every
+call is alone (``Exchange.lone``, e.g. P=1 causal: one call) the outputs are put together in the
+inputs' dtype, with no float32 accumulator: one device's computation, bit for bit.
+
 Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
 step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
 home, the piece being computed's K/V rows in the kernel's backward dtype, and one row group's
 outputs (one call's, at most a piece of queries and keys, or up to ``GROUP_CALLS`` of at most
-``GROUP_ROWS`` query rows), never the whole K/V.
+``GROUP_ROWS`` query rows; an alone call's, uncut, at most a chunk in the inputs' dtype), never
+the whole K/V.
 """
 
 from __future__ import annotations
@@ -160,18 +166,28 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: Ch
     """
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     k, v = without_padding(k, v, key_padding)
-    out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
+    out = q.new_zeros(q.shape, dtype=sum_dtype(q.dtype, exchange))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     untouched = 0  # rows from here on hold no merged part yet (calls mostly come in row order)
-    for _, plan, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
-        for group in row_groups(plan.calls):
-            rows = group[0].q_rows
-            q_rows = q[:, :, rows]
-            parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale) for c in group]
-            merge_(out[:, :, rows], lse[:, :, rows], parts, fresh=rows.start >= untouched)
-            untouched = max(untouched, rows.stop)
-            del parts  # freed before the next group's are made
+    for _, step, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
+        for piece in step.pieces:
+            for group in row_groups(piece.calls):
+                rows = group[0].q_rows
+                q_rows = q[:, :, rows]
+                parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale)
+                         for c in group]
+                # An alone call's rows take no other part: written, never merged (nor counted as touched).
+                merge_(out[:, :, rows], lse[:, :, rows], parts, fresh=piece.alone or rows.start >= untouched)
+                untouched = untouched if piece.alone else max(untouched, rows.stop)
+                del parts  # freed before the next group's are made
     return out.to(q.dtype), lse
+
+
+def sum_dtype(dtype: torch.dtype, exchange: Exchange) -> torch.dtype:
+    """The dtype in which ``out``, dq, dk and dv are put together from the calls' shares: the
+    inputs' own when no row sums two shares (``Exchange.lone``: each row is written once, as
+    one device writes it), else ``out_accumulator_dtype`` (float32, float64 for float64)."""
+    return dtype if exchange.lone else out_accumulator_dtype(dtype)
 
 
 def row_groups(calls: Sequence) -> Iterator[list]:
@@ -239,11 +255,11 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     """
     grad_out, q, k, v, out = (unit_last_stride(t) for t in (grad_out, q, k, v, out))
     k, v = without_padding(k, v, key_padding)
-    acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
     # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
     # float32 and bfloat16), as one device's backward does.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(out_accumulator_dtype(q.dtype))
+    acc = sum_dtype(q.dtype, exchange)
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
     grads = _TileGrads(grad_out, q, out, lse, dq, kernel, scale)
@@ -278,17 +294,18 @@ class _TileGrads:
         """Add the dK/dV of ``piece``'s calls into ``dk``/``dv`` [B, Hkv, n, D], whose row 0 is key row
         ``first_row`` of ``k``/``v``. The piece's K/V rows are prepared for the kernel once (a key
         row is read by several calls: a sliding window's by about W / 256 bands), and each row
-        group's (``row_groups``) query rows once for its calls."""
-        k, v = self.kernel.backward_operands(k[:, :, piece.start:piece.stop], v[:, :, piece.start:piece.stop])
+        group's (``row_groups``) query rows once for its calls. An alone piece's calls compute on
+        the inputs as they are: their shares are the results, rounded once."""
+        prepare = _as_they_are if piece.alone else self.kernel.backward_operands
+        k, v = prepare(k[:, :, piece.start:piece.stop], v[:, :, piece.start:piece.stop])
         for group in row_groups(piece.calls):
-            self._add_group(group, k, v, dk, dv, first_row, piece.start)
+            self._add_group(group, k, v, dk, dv, first_row, piece.start, prepare)
 
     def _add_group(self, group: list, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int,
-                   k_row: int) -> None:
+                   k_row: int, prepare) -> None:
         """``add`` for one row group, given its piece's prepared K/V rows (row 0 is key row ``k_row``)."""
         rows = group[0].q_rows
-        grad_out, q, out = self.kernel.backward_operands(self.grad_out[:, :, rows], self.q[:, :, rows],
-                                                         self.out[:, :, rows])
+        grad_out, q, out = prepare(self.grad_out[:, :, rows], self.q[:, :, rows], self.out[:, :, rows])
         lse, dq = self.lse[:, :, rows], self.dq[:, :, rows]
         for call in group:
             cols = call.kv_rows
@@ -300,6 +317,10 @@ class _TileGrads:
             at = slice(cols.start - first_row, cols.stop - first_row)
             dk[:, :, at].add_(call_dk)
             dv[:, :, at].add_(call_dv)
+
+
+def _as_they_are(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tensors
 
 
 class _PieceGrads:
