@@ -150,6 +150,15 @@ class Exchange(NamedTuple):
         first, *rest = self.steps
         return all(p.alone for p in first.pieces) and not any(s.send_rows or s.recv_rows for s in rest)
 
+    def whole_call(self, rows: int):
+        """The one call of a lone exchange when it reads every query row and key row of the chunk
+        ([0, rows) on both sides; P=1 causal or unmasked): all the work there is; else None."""
+        pieces = self.steps[0].pieces
+        if not (self.lone and len(pieces) == 1 and len(pieces[0].calls) == 1):
+            return None
+        call = pieces[0].calls[0]
+        return call if call.q_rows == call.kv_rows == slice(0, rows) else None
+
     def max_piece_rows(self, home: bool) -> int:
         """The most rows of one piece of dK/dV sent away (or, ``home``, coming home)."""
         sizes = [row_count(h) for s in self.steps for h in s.home] if home else \

@@ -14,8 +14,9 @@ prepares a piece's K/V rows once for all its calls.
 
 Alone calls (``exchange.split_alone``: the only contributor to their query rows and key rows)
 are computed on the inputs as they are, in their dtype, and their results written; when every
-call is alone (``Exchange.lone``, e.g. P=1 causal: one call) the outputs are put together in the
-inputs' dtype, with no float32 accumulator: one device's computation, bit for bit.
+call is alone (``Exchange.lone``) the outputs are put together in the inputs' dtype, with no
+float32 accumulator, and when one call is all the work (``Exchange.whole_call``: P=1 causal or
+unmasked) its results are the outputs: one device's computation, bit for bit.
 
 Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
 step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
@@ -166,6 +167,12 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: Ch
     """
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     k, v = without_padding(k, v, key_padding)
+    whole = exchange.whole_call(q.shape[2])
+    if whole is not None:  # all the work there is: its out and lse are the results
+        out, lse = kernel.forward(q, k, v, whole, scale)
+        record_step(1)
+        # Contiguous, as the op's fake says (out follows q's strides, lse is [B, L, H] in memory).
+        return out.to(q.dtype).contiguous(), lse.to(LSE_DTYPE).contiguous()
     out = q.new_zeros(q.shape, dtype=sum_dtype(q.dtype, exchange))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     untouched = 0  # rows from here on hold no merged part yet (calls mostly come in row order)
@@ -259,6 +266,26 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
     # float32 and bfloat16), as one device's backward does.
     lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(out_accumulator_dtype(q.dtype))
+    whole = exchange.whole_call(q.shape[2])
+    if whole is not None:
+        # Its gradients are the results. Made contiguous once the kernel has returned: sums made
+        # beforehand would take their memory beside the kernel's workspace (at P=1 causal, dK/dV
+        # for every query head), 2.2x more than this.
+        dq, dk, dv = (t.contiguous() for t in kernel.backward(grad_out, q, k, v, out, lse, whole, scale))
+        record_step(1)
+    else:
+        dq, dk, dv = _summed_grads(grad_out, q, k, v, out, lse, comm, kernel, scale, exchange)
+    if key_padding is not None:
+        # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
+        dk, dv = without_padding(dk, dv, key_padding)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _summed_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  comm: Communicator, kernel: ChunkKernel, scale: float,
+                  exchange: Exchange) -> tuple[Tensor, Tensor, Tensor]:
+    """``ring_backward``'s dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], summed from every call's
+    shares and the dK/dV coming home, in ``sum_dtype``; lse [B, Hq, L] as the kernel takes it."""
     acc = sum_dtype(q.dtype, exchange)
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
@@ -277,10 +304,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                 grads.add(piece, k_step, v_step, *away, piece.start)
             pieces.post(s, index, away)
     pieces.finish()
-    if key_padding is not None:
-        # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
-        dk, dv = without_padding(dk, dv, key_padding)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 class _TileGrads:

@@ -92,16 +92,18 @@ def test_alone_calls_are_the_only_contributors_to_their_rows(problem):
 
 def test_one_rank_runs_a_causal_layer_as_one_call():
     """At P=1 a causal layer is one alone call over the whole chunk, uncut whatever the pieces'
-    size, and nothing sums two shares (``Exchange.lone``); at P=2 every local call shares its
-    rows with the other rank's keys or queries."""
+    size, nothing sums two shares (``Exchange.lone``) and the call is all the work
+    (``Exchange.whole_call``); at P=2 every local call shares its rows with the other rank's keys
+    or queries."""
     ctx = plan_context(MaskSpec(), Layout("contiguous", 1), 4096, CPU)
     plan = KERNELS["aten"].view(plan_pair(ctx, 0, 0, torch.float32))
     ex = build_exchange(0, 1, [plan], [()], 4096, 512)
     assert [(p.start, p.stop, p.alone) for p in ex.steps[0].pieces] == [(0, 4096, True)]
     assert ex.steps[0].calls == (Tile(slice(0, 4096), slice(0, 4096), TileKind.CAUSAL),) and ex.lone
+    assert ex.whole_call(4096) == ex.steps[0].calls[0]
     _, _, exchanges = all_exchanges(MaskSpec(), (None, None, None), Layout("contiguous", 2), 4096, 1, 128)
     assert not any(p.alone for ex in exchanges for s in ex.steps for p in s.pieces)
-    assert not any(ex.lone for ex in exchanges)
+    assert not any(ex.lone or ex.whole_call(2048) for ex in exchanges)
 
 
 def test_sliding_halo_is_independent_of_length():
