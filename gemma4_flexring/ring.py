@@ -170,7 +170,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: Ch
     whole = exchange.whole_call(q.shape[2])
     if whole is not None:  # all the work there is: its out and lse are the results
         out, lse = kernel.forward(q, k, v, whole, scale)
-        record_step(1)
+        _record_steps(exchange)
         # Contiguous, as the op's fake says (out follows q's strides, lse is [B, L, H] in memory).
         return out.to(q.dtype).contiguous(), lse.to(LSE_DTYPE).contiguous()
     out = q.new_zeros(q.shape, dtype=sum_dtype(q.dtype, exchange))
@@ -188,6 +188,13 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: Ch
                 untouched = untouched if piece.alone else max(untouched, rows.stop)
                 del parts  # freed before the next group's are made
     return out.to(q.dtype), lse
+
+
+def _record_steps(exchange: Exchange) -> None:
+    """Count the exchange's steps as ``_KVExchange.visits`` does, for a pass that needs no visits
+    (``Exchange.whole_call``: its other steps, if any, move and compute nothing)."""
+    for step in exchange.steps:
+        record_step(len(step.calls))
 
 
 def sum_dtype(dtype: torch.dtype, exchange: Exchange) -> torch.dtype:
@@ -272,7 +279,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         # beforehand would take their memory beside the kernel's workspace (at P=1 causal, dK/dV
         # for every query head), 2.2x more than this.
         dq, dk, dv = (t.contiguous() for t in kernel.backward(grad_out, q, k, v, out, lse, whole, scale))
-        record_step(1)
+        _record_steps(exchange)
     else:
         dq, dk, dv = _summed_grads(grad_out, q, k, v, out, lse, comm, kernel, scale, exchange)
     if key_padding is not None:
