@@ -21,6 +21,13 @@ no kernel call reads more, and the backward computes and sends home each piece's
 own. Reader and owner cut the same row count the same way (``piece_bounds``), so the owner
 knows which of its rows each piece of dK/dV coming home holds; rows that travel are cut into
 pieces of equal count where their size allows, so that ranks keep pace in the backward.
+
+Calls of the local chunk that are *alone* are not cut: each is the only contributor to its query
+rows and to its key rows (no other call reads them, no rank reads those keys), so its results are
+final and nothing is summed (``split_alone``). They form a piece of their own (``Piece.alone``),
+first in step 0: the ring computes them in the inputs' dtype (a bfloat16 backward without the
+float32 round trip that sums need) and writes their results instead of merging or adding them.
+At P=1 a causal or unmasked layer is one such call, as on one device.
 """
 
 from __future__ import annotations
@@ -92,11 +99,13 @@ def sub_rows(rows: Rows, start: int, stop: int) -> Rows:
 
 class Piece(NamedTuple):
     """Rows [start, stop) of a step's visiting chunk (packed) and the calls that read only them;
-    the backward computes and sends home their dK/dV together."""
+    the backward computes and sends home their dK/dV together. ``alone``: every call of the piece
+    is the only contributor to its query rows and key rows (``split_alone``; local chunk only)."""
 
     start: int
     stop: int
     calls: tuple
+    alone: bool = False
 
 
 class Step(NamedTuple):
@@ -133,6 +142,23 @@ class Exchange(NamedTuple):
     def max_recv_rows(self) -> int:
         return max((row_count(s.recv_rows) for s in self.steps), default=0)
 
+    @property
+    def lone(self) -> bool:
+        """Whether no output row sums two shares: nothing travels, and every call is alone (P=1
+        causal or unmasked, or ranks that read nothing of each other). Outputs then need no
+        wider accumulator than the inputs' dtype."""
+        first, *rest = self.steps
+        return all(p.alone for p in first.pieces) and not any(s.send_rows or s.recv_rows for s in rest)
+
+    def whole_call(self, rows: int):
+        """The one call of a lone exchange when it reads every query row and key row of the chunk
+        ([0, rows) on both sides; P=1 causal or unmasked): all the work there is; else None."""
+        pieces = self.steps[0].pieces
+        if not (self.lone and len(pieces) == 1 and len(pieces[0].calls) == 1):
+            return None
+        call = pieces[0].calls[0]
+        return call if call.q_rows == call.kv_rows == slice(0, rows) else None
+
     def max_piece_rows(self, home: bool) -> int:
         """The most rows of one piece of dK/dV sent away (or, ``home``, coming home)."""
         sizes = [row_count(h) for s in self.steps for h in s.home] if home else \
@@ -154,7 +180,12 @@ def build_exchange(rank: int, world_size: int, plans: Sequence[CallPlan], send_r
             (``needed_kv_rows(ctx, d, rank)``; entry ``rank`` is not read).
         most_rows: the pieces' size (``piece_rows``); None: one piece per step, tiles uncut.
     """
-    steps = [Step(rank, (), rank, (), cut_pieces(plans[rank].calls, chunk_len, most_rows))]
+    others = [c for owner, plan in enumerate(plans) if owner != rank for c in plan.calls]
+    read_elsewhere = [run for reader, rows in enumerate(send_rows) if reader != rank for run in rows]
+    alone, shared = split_alone(plans[rank].calls, others, read_elsewhere, chunk_len)
+    pieces = ((Piece(0, chunk_len, alone, True),) if alone else ()) + \
+        (cut_pieces(shared, chunk_len, most_rows) if shared else ())
+    steps = [Step(rank, (), rank, (), pieces)]
     pace = len(piece_bounds(chunk_len, most_rows))  # every rank's chunks have chunk_len rows: all agree
     for step in range(1, world_size):
         owner, reader = ring_owner(rank, step, world_size), (rank + step) % world_size
@@ -164,6 +195,37 @@ def build_exchange(rank: int, world_size: int, plans: Sequence[CallPlan], send_r
         steps.append(Step(reader, sent, owner, plan.kv_rows,
                           cut_pieces(calls, row_count(plan.kv_rows), most_rows, pace), home))
     return Exchange(tuple(steps))
+
+
+def split_alone(calls: Sequence, others: Sequence, sent: Rows, rows: int) -> tuple[tuple, tuple]:
+    """``calls`` of the local chunk (rows [0, rows) on both sides) as (alone, shared): a call is
+    alone when no other call, of any step (``others``), reads one of its query rows, no other
+    local call reads one of its key rows, and no rank reads one (``sent``: the runs of local rows
+    sent to any rank, whose dK/dV come home to be added)."""
+    q_shared = _shared_prefix([_span(c.q_rows) for c in (*calls, *others)], rows)
+    k_shared = _shared_prefix([*(_span(c.kv_rows) for c in calls), *sent], rows)
+
+    def is_alone(call) -> bool:
+        return (q_shared[call.q_rows.stop] == q_shared[call.q_rows.start]
+                and k_shared[call.kv_rows.stop] == k_shared[call.kv_rows.start])
+
+    alone = tuple(c for c in calls if is_alone(c))
+    return alone, tuple(c for c in calls if not is_alone(c))
+
+
+def _span(rows: slice) -> tuple[int, int]:
+    return rows.start, rows.stop
+
+
+def _shared_prefix(spans: Sequence[tuple[int, int]], rows: int) -> list[int]:
+    """Prefix counts (``rows + 1`` of them) of the rows [0, rows) that lie in two or more of the
+    [start, stop) ``spans``: rows [a, b) hold such a row iff entry b exceeds entry a."""
+    edges = torch.zeros(rows + 1, dtype=torch.int64)
+    if spans:
+        starts, stops = torch.tensor(spans, dtype=torch.int64).T
+        edges.index_add_(0, starts, torch.ones_like(starts)).index_add_(0, stops, -torch.ones_like(stops))
+    twice = edges.cumsum(0)[:-1] > 1
+    return [0, *twice.cumsum(0).tolist()]
 
 
 def cut_pieces(calls: Sequence, rows: int, most_rows: int | None, pace: int = 0) -> tuple[Piece, ...]:

@@ -35,8 +35,13 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, parts: Sequence[tuple[Tensor, Tenso
     (``LSE_DTYPE``); a part's lse may be any float dtype. ``acc_*`` may be views into larger
     accumulators. ``fresh``: no part was merged into these rows yet (``acc_lse`` -inf, ``acc_out``
     0); they are written without being read, as the same sums without the running result's
-    zero term.
+    zero term (one part alone is copied).
     """
+    if fresh and len(parts) == 1:  # the part itself: its weight exp(lse - lse) is 1, 0 where lse is -inf
+        out, lse = parts[0]
+        acc_out.copy_(out).masked_fill_((lse == float("-inf")).unsqueeze(-1), 0.0)
+        acc_lse.copy_(lse)
+        return
     running = () if fresh else (acc_lse,)
     lses = torch.stack([*running, *(lse for _, lse in parts)]).to(acc_lse.dtype)  # [n (+ 1), B, H, S]
     each = lses.unbind(0)

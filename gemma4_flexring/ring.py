@@ -12,11 +12,18 @@ Calls run in row groups (``row_groups``): consecutive calls on the same few quer
 forward results merge at once and whose query rows the backward prepares once; the backward
 prepares a piece's K/V rows once for all its calls.
 
+Alone calls (``exchange.split_alone``: the only contributor to their query rows and key rows)
+are computed on the inputs as they are, in their dtype, and their results written; when every
+call is alone (``Exchange.lone``) the outputs are put together in the inputs' dtype, with no
+float32 accumulator, and when one call is all the work (``Exchange.whole_call``: P=1 causal or
+unmasked) its results are the outputs: one device's computation, bit for bit.
+
 Memory per rank: two preallocated K/V receive buffers as large as the most rows received in one
 step; in the backward also two buffers of a piece of dK/dV being sent away, two of a piece coming
 home, the piece being computed's K/V rows in the kernel's backward dtype, and one row group's
 outputs (one call's, at most a piece of queries and keys, or up to ``GROUP_CALLS`` of at most
-``GROUP_ROWS`` query rows), never the whole K/V.
+``GROUP_ROWS`` query rows; an alone call's, uncut, at most a chunk in the inputs' dtype), never
+the whole K/V.
 """
 
 from __future__ import annotations
@@ -160,18 +167,41 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: Communicator, kernel: Ch
     """
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     k, v = without_padding(k, v, key_padding)
-    out = q.new_zeros(q.shape, dtype=out_accumulator_dtype(q.dtype))
+    whole = exchange.whole_call(q.shape[2])
+    if whole is not None:  # all the work there is: its out and lse are the results
+        out, lse = kernel.forward(q, k, v, whole, scale)
+        _record_steps(exchange)
+        # Contiguous, as the op's fake says (out follows q's strides, lse is [B, L, H] in memory).
+        return out.to(q.dtype).contiguous(), lse.to(LSE_DTYPE).contiguous()
+    out = q.new_zeros(q.shape, dtype=sum_dtype(q.dtype, exchange))
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=LSE_DTYPE)
     untouched = 0  # rows from here on hold no merged part yet (calls mostly come in row order)
-    for _, plan, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
-        for group in row_groups(plan.calls):
-            rows = group[0].q_rows
-            q_rows = q[:, :, rows]
-            parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale) for c in group]
-            merge_(out[:, :, rows], lse[:, :, rows], parts, fresh=rows.start >= untouched)
-            untouched = max(untouched, rows.stop)
-            del parts  # freed before the next group's are made
+    for _, step, k_step, v_step in _KVExchange(k, v, exchange).visits(comm, backward=False):
+        for piece in step.pieces:
+            for group in row_groups(piece.calls):
+                rows = group[0].q_rows
+                q_rows = q[:, :, rows]
+                parts = [kernel.forward(q_rows, k_step[:, :, c.kv_rows], v_step[:, :, c.kv_rows], c, scale)
+                         for c in group]
+                # An alone call's rows take no other part: written, never merged (nor counted as touched).
+                merge_(out[:, :, rows], lse[:, :, rows], parts, fresh=piece.alone or rows.start >= untouched)
+                untouched = untouched if piece.alone else max(untouched, rows.stop)
+                del parts  # freed before the next group's are made
     return out.to(q.dtype), lse
+
+
+def _record_steps(exchange: Exchange) -> None:
+    """Count the exchange's steps as ``_KVExchange.visits`` does, for a pass that needs no visits
+    (``Exchange.whole_call``: its other steps, if any, move and compute nothing)."""
+    for step in exchange.steps:
+        record_step(len(step.calls))
+
+
+def sum_dtype(dtype: torch.dtype, exchange: Exchange) -> torch.dtype:
+    """The dtype in which ``out``, dq, dk and dv are put together from the calls' shares: the
+    inputs' own when no row sums two shares (``Exchange.lone``: each row is written once, as
+    one device writes it), else ``out_accumulator_dtype`` (float32, float64 for float64)."""
+    return dtype if exchange.lone else out_accumulator_dtype(dtype)
 
 
 def row_groups(calls: Sequence) -> Iterator[list]:
@@ -239,11 +269,31 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     """
     grad_out, q, k, v, out = (unit_last_stride(t) for t in (grad_out, q, k, v, out))
     k, v = without_padding(k, v, key_padding)
-    acc = out_accumulator_dtype(q.dtype)
     # A row with no key anywhere has lse = -inf; +inf makes every probability exp(s - lse) zero.
     # The kernel recomputes probabilities in its own LSE dtype (the forward's: float32 for
     # float32 and bfloat16), as one device's backward does.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(acc)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).to(out_accumulator_dtype(q.dtype))
+    whole = exchange.whole_call(q.shape[2])
+    if whole is not None:
+        # Its gradients are the results. Made contiguous once the kernel has returned: sums made
+        # beforehand would take their memory beside the kernel's workspace (at P=1 causal, dK/dV
+        # for every query head), 2.2x more than this.
+        dq, dk, dv = (t.contiguous() for t in kernel.backward(grad_out, q, k, v, out, lse, whole, scale))
+        _record_steps(exchange)
+    else:
+        dq, dk, dv = _summed_grads(grad_out, q, k, v, out, lse, comm, kernel, scale, exchange)
+    if key_padding is not None:
+        # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
+        dk, dv = without_padding(dk, dv, key_padding)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _summed_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  comm: Communicator, kernel: ChunkKernel, scale: float,
+                  exchange: Exchange) -> tuple[Tensor, Tensor, Tensor]:
+    """``ring_backward``'s dq [B, Hq, L, D], dk and dv [B, Hkv, L, D], summed from every call's
+    shares and the dK/dV coming home, in ``sum_dtype``; lse [B, Hq, L] as the kernel takes it."""
+    acc = sum_dtype(q.dtype, exchange)
     dq = q.new_zeros(q.shape, dtype=acc)
     dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)  # two buffers: outputs must not alias
     grads = _TileGrads(grad_out, q, out, lse, dq, kernel, scale)
@@ -261,10 +311,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                 grads.add(piece, k_step, v_step, *away, piece.start)
             pieces.post(s, index, away)
     pieces.finish()
-    if key_padding is not None:
-        # Already zero unless a query is non-finite (0 * Inf); padding keys take no gradient at all.
-        dk, dv = without_padding(dk, dv, key_padding)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 class _TileGrads:
@@ -278,17 +325,18 @@ class _TileGrads:
         """Add the dK/dV of ``piece``'s calls into ``dk``/``dv`` [B, Hkv, n, D], whose row 0 is key row
         ``first_row`` of ``k``/``v``. The piece's K/V rows are prepared for the kernel once (a key
         row is read by several calls: a sliding window's by about W / 256 bands), and each row
-        group's (``row_groups``) query rows once for its calls."""
-        k, v = self.kernel.backward_operands(k[:, :, piece.start:piece.stop], v[:, :, piece.start:piece.stop])
+        group's (``row_groups``) query rows once for its calls. An alone piece's calls compute on
+        the inputs as they are: their shares are the results, rounded once."""
+        prepare = _as_they_are if piece.alone else self.kernel.backward_operands
+        k, v = prepare(k[:, :, piece.start:piece.stop], v[:, :, piece.start:piece.stop])
         for group in row_groups(piece.calls):
-            self._add_group(group, k, v, dk, dv, first_row, piece.start)
+            self._add_group(group, k, v, dk, dv, first_row, piece.start, prepare)
 
     def _add_group(self, group: list, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, first_row: int,
-                   k_row: int) -> None:
+                   k_row: int, prepare) -> None:
         """``add`` for one row group, given its piece's prepared K/V rows (row 0 is key row ``k_row``)."""
         rows = group[0].q_rows
-        grad_out, q, out = self.kernel.backward_operands(self.grad_out[:, :, rows], self.q[:, :, rows],
-                                                         self.out[:, :, rows])
+        grad_out, q, out = prepare(self.grad_out[:, :, rows], self.q[:, :, rows], self.out[:, :, rows])
         lse, dq = self.lse[:, :, rows], self.dq[:, :, rows]
         for call in group:
             cols = call.kv_rows
@@ -300,6 +348,10 @@ class _TileGrads:
             at = slice(cols.start - first_row, cols.stop - first_row)
             dk[:, :, at].add_(call_dk)
             dv[:, :, at].add_(call_dv)
+
+
+def _as_they_are(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tensors
 
 
 class _PieceGrads:

@@ -64,6 +64,48 @@ def test_sends_match_receives_and_cover_the_calls(kernel, problem):
             assert all(0 <= t.kv_rows.start < t.kv_rows.stop <= n for t in step.calls)
 
 
+@settings(max_examples=40, deadline=None)
+@given(random_plans())
+def test_alone_calls_are_the_only_contributors_to_their_rows(problem):
+    """A local call is alone (kept whole, in step 0's first piece) exactly when no other call of
+    any step reads one of its query rows, no other local call one of its key rows, and no other
+    rank reads one of those keys (their dK/dV would come home); counted row by row."""
+    spec, info, batch, seq_len, layout, block_size = problem
+    world, local = layout.world_size, seq_len // layout.world_size
+    plans, needed, exchanges = all_exchanges(spec, info.tensors(), layout, seq_len, batch, block_size)
+    for r, ex in enumerate(exchanges):
+        q_uses, k_uses = torch.zeros(local, dtype=torch.int64), torch.zeros(local, dtype=torch.int64)
+        for call in (c for plan in plans[r] for c in plan.calls):
+            q_uses[call.q_rows] += 1
+        for call in plans[r][r].calls:
+            k_uses[call.kv_rows] += 1
+        for a, b in (run for q in range(world) if q != r for run in needed[r][q]):
+            k_uses[a:b] += 1
+        expected = tuple(c for c in plans[r][r].calls
+                         if (q_uses[c.q_rows] == 1).all() and (k_uses[c.kv_rows] == 1).all())
+        first = ex.steps[0].pieces[:1]
+        assert (first[0].calls if first and first[0].alone else ()) == expected
+        assert not any(p.alone for s in ex.steps for p in s.pieces[1:] + (s.pieces[:1] if s.send_to != r else ()))
+        assert ex.lone == (len(expected) == len(plans[r][r].calls)
+                           and not any(s.send_rows or s.recv_rows for s in ex.steps[1:]))
+
+
+def test_one_rank_runs_a_causal_layer_as_one_call():
+    """At P=1 a causal layer is one alone call over the whole chunk, uncut whatever the pieces'
+    size, nothing sums two shares (``Exchange.lone``) and the call is all the work
+    (``Exchange.whole_call``); at P=2 every local call shares its rows with the other rank's keys
+    or queries."""
+    ctx = plan_context(MaskSpec(), Layout("contiguous", 1), 4096, CPU)
+    plan = KERNELS["aten"].view(plan_pair(ctx, 0, 0, torch.float32))
+    ex = build_exchange(0, 1, [plan], [()], 4096, 512)
+    assert [(p.start, p.stop, p.alone) for p in ex.steps[0].pieces] == [(0, 4096, True)]
+    assert ex.steps[0].calls == (Tile(slice(0, 4096), slice(0, 4096), TileKind.CAUSAL),) and ex.lone
+    assert ex.whole_call(4096) == ex.steps[0].calls[0]
+    _, _, exchanges = all_exchanges(MaskSpec(), (None, None, None), Layout("contiguous", 2), 4096, 1, 128)
+    assert not any(p.alone for ex in exchanges for s in ex.steps for p in s.pieces)
+    assert not any(ex.lone or ex.whole_call(2048) for ex in exchanges)
+
+
 def test_sliding_halo_is_independent_of_length():
     """A sliding layer reads about W rows of its neighbouring pieces only, whatever S and P."""
     spec, block = MaskSpec(causal=True, sliding_window=512), 128

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gemma4_flexring.testing.cases import EXCHANGE_CASES, INFOS, SPECS, Case, make_layout
 from gemma4_flexring.testing.tolerances import RING
-from gemma4_flexring.testing.workers import mesh_matches_default_group, reference, run_cases
+from gemma4_flexring.testing.workers import mesh_matches_default_group, planning_sizes, reference, run_cases
 
 FLOAT32_CASES = [
     Case("causal", "none", torch.float32),
@@ -87,3 +88,22 @@ def test_reference_rows_without_keys_are_zero():
 
 def test_group_may_be_a_device_mesh(cluster):
     assert cluster(2).run(mesh_matches_default_group) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_rank_computes_a_layer_as_one_device(dtype, causal):
+    """At P=1 a causal or unmasked layer is one kernel call in the inputs' dtype (an alone call,
+    ``exchange.split_alone``): out and every gradient equal ``F.scaled_dot_product_attention``'s
+    bit for bit, in bfloat16 too (no float32 round trip, one rounding)."""
+    from gemma4_flexring import MaskSpec, ring_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 256, 16, generator=g).to(dtype).requires_grad_(True) for h in (4, 2, 2))
+    grad = torch.randn(2, 4, 256, 16, generator=g).to(dtype)
+    with planning_sizes(block_size=8, piece_rows=32):  # a causal square of 32 blocks: one call, not cut
+        out = ring_attention(q, k, v, mask=MaskSpec(causal=causal))
+        ring = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ring, [out, *torch.autograd.grad(out, (q, k, v), grad)]):
+        assert torch.equal(got, want), name

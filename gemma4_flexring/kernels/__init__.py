@@ -58,8 +58,9 @@ class ChunkKernel(Protocol):
                  call, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """This call's share of (dq, dk, dv), given the *merged* out and natural lse of the full row
         (+inf for rows with no key anywhere; float32, float64 for float64 inputs). grad_out, q, k,
-        v and out come as ``backward_operands`` prepared them. The shares may be wider than the
-        inputs."""
+        v and out come as ``backward_operands`` prepared them, or as the inputs themselves for a
+        call whose shares are the results (``exchange.Piece.alone``). The shares may be wider than
+        the inputs."""
 
 
 KERNELS: dict[str, ChunkKernel] = {"aten": AtenKernel(), "flex": FlexKernel()}

@@ -24,7 +24,9 @@ def backward_dtype(dtype: torch.dtype) -> torch.dtype:
     float32 it was 2.7x slower (bfloat16 runs on AMX), and its one extra rounding per tile leaves
     ``out`` within 1.15x of one device's mean error (1.5x max) in tests/test_numerics.py. K/V
     travel in their own dtype; the ring converts (``backward_operands``) a row group's query rows
-    once for the group's calls, and each piece's K/V rows once for the piece's calls.
+    once for the group's calls, and each piece's K/V rows once for the piece's calls. A call that
+    is its rows' and keys' only contributor (``exchange.split_alone``; P=1 causal is one) needs
+    no sum: the ring runs it on the inputs as they are, in bfloat16, as one device does.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 

@@ -25,6 +25,7 @@ def test_bench_counts_the_allowed_pairs_and_reports_every_figure(tmp_path, capsy
         assert f["allowed_pairs"] == int(reference_mask(spec, info, 1, seq_len).sum())
         assert f["bytes_sent_per_rank_layer"] == 0 and f["bytes_ratio"] == 1.0  # one rank sends nothing
         assert f["step_s"] > 0 and f["baseline"] == "sdpa" and f["baseline_s"] > 0
+        assert f["baseline_ratio_best"] > 0 and f["baseline_ratio_median"] > 0  # from steps taken in turns
         # The memory phase's rows (tiny problems may grow by no page at all, so no value is asserted).
         assert {"workspace_forward_bytes", "workspace_backward_bytes", "baseline_memory_ratio"} <= f.keys()
     table = capsys.readouterr().out
