@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import Layout, MaskSpec, SequenceInfo
+from ..layout import LayerMix
 
 # ------------------------------------------------------------------------------ masks
 
@@ -110,12 +111,14 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
-def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int, seq_len: int) -> Layout:
+def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int, seq_len: int,
+              masks: LayerMix | None = None) -> Layout:
     """``kind`` over ``world_size`` ranks; "balanced" is computed from the metadata ``info``
-    (None: a [batch, seq_len] batch without metadata)."""
+    (None: a [batch, seq_len] batch without metadata), weighing the layer mix ``masks`` (None: one
+    causal layer)."""
     if kind != "balanced":
         return Layout(kind, world_size)
-    return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size)
+    return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size, masks=masks)
 
 
 def make_layout(kind: str, world_size: int, case: Case) -> Layout:
