@@ -121,10 +121,16 @@ def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int,
     return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size, masks=masks)
 
 
+# A Gemma-4-like stack's layer mix at the catalog's scale (five sliding layers of window 7 to one
+# global): the "balanced_stack" layout of the ring cases.
+STACK_MIX = ((SPECS["sliding"], 5), (SPECS["causal"], 1))
+
+
 def make_layout(kind: str, world_size: int, case: Case) -> Layout:
     """``layout_of`` the case's metadata (whose short sequences give small grains, hence many
-    segments per rank)."""
-    return layout_of(kind, world_size, case.metadata(), case.batch, case.seq_len)
+    segments per rank); "balanced_stack" is the balanced layout weighing ``STACK_MIX``."""
+    masks = STACK_MIX if kind == "balanced_stack" else None
+    return layout_of(kind.removesuffix("_stack"), world_size, case.metadata(), case.batch, case.seq_len, masks)
 
 
 # Long sequences with a small window and small blocks: most owners hold nothing a rank needs (its
