@@ -6,8 +6,9 @@ runs (``segments``). Four kinds:
 - ``contiguous``: rank r holds the r-th of P equal pieces.
 - ``zigzag``: rank r holds the r-th and the (2P-1-r)-th of 2P equal pieces, which balances the
   causal work of one document.
-- ``balanced``: computed from a batch's metadata (``Layout.balanced``) so that the causal work
-  of packed documents is balanced; it holds its positions as a tensor and changes every batch.
+- ``balanced``: computed from a batch's metadata (``Layout.balanced``) so that the work of
+  packed documents, under one causal layer or a model's mix of layers, is balanced; it holds its
+  positions as a tensor and changes every batch.
 - ``explicit``: any positions the caller gives (``Layout.from_positions``), held the same way.
 
 Whatever the kind, the op receives the layout as one int64 tensor, ``table(S)``: the global
@@ -20,11 +21,14 @@ Shape legend: B batch rows, S whole sequence, P ranks, L = S / P tokens per rank
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from .planning.masks import MaskSpec
 
 FIXED_LAYOUTS = ("contiguous", "zigzag")
 TABLE_LAYOUTS = ("balanced", "explicit")
@@ -33,6 +37,16 @@ BALANCE_GRAIN = 128  # the planner's block size: balanced pieces are whole block
 # Of a rank's mean work: the largest left-over item handed out whole, and how much more work a rank
 # holding a neighbouring run may have and still be preferred (fewer segments).
 PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
+
+
+# A model's layers by mask: (mask, how many layers use it).
+LayerMix = Sequence[tuple[MaskSpec, int]]
+
+
+def layer_mix(masks: Iterable[MaskSpec]) -> list[tuple[MaskSpec, int]]:
+    """A stack's masks, one per layer, as (distinct mask, layer count) pairs in first-seen order:
+    the ``masks`` of ``Layout.balanced``."""
+    return list(Counter(masks).items())
 
 
 class Segment(NamedTuple):
@@ -82,8 +96,17 @@ class Layout:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def balanced(cls, info, world_size: int, block_size: int | None = None) -> "Layout":
-        """A layout that balances the causal work of ``info``'s packed documents over the ranks.
+    def balanced(cls, info, world_size: int, block_size: int | None = None, *,
+                 masks: LayerMix | None = None) -> "Layout":
+        """A layout that balances the work of ``info``'s packed documents over the ranks, for one
+        causal layer or for a model's mix of layers (``masks``).
+
+        Work is counted per query as the keys it sees within its document, summed over the
+        batch rows (one layout serves the whole batch): under a causal mask without ``masks``;
+        with ``masks``, over the model's kinds of layer, each kind's layer count x the keys its
+        mask lets the query see (a sliding window caps them at W). For a Gemma 4 stack pass
+        ``masks=[(MaskSpec(sliding_window=W), 5), (MaskSpec(), 1)]``, or per model
+        ``hf.ring_layer_mix(model)``.
 
         Every rank gets S / P tokens. Each stretch without a document boundary in any row, if it
         holds at least 2P blocks of ``block_size`` tokens (default: 128, less when a rank holds
@@ -91,24 +114,30 @@ class Layout:
         and (2P-1-r)-th of 2P pieces of whole blocks, as equal as blocks allow. What is left over
         (shorter stretches, whole, and each long stretch's middle, under 2 blocks) goes out
         heaviest first to the least-loaded rank with room, preferring a rank that holds a
-        neighbouring run (fewer segments); an item no rank has room for is split. If zigzag
-        balances this work as well (many short documents), the layout is zigzag's.
-        Work is counted per query as the keys it sees under a causal document mask, summed over
-        the batch rows: one layout serves the whole batch. Every rank computes the same layout
-        from the same metadata, without communication.
+        neighbouring run (fewer segments); an item no rank has room for is split. A second
+        candidate splits head-tail only the stretches heavier than a rank's share of the work
+        (fewer cuts, the rest placed whole where it fits); zigzag and contiguous pieces are the
+        others. The candidate whose busiest rank has the least work wins, then the one with the
+        fewest segments. Every rank computes the same layout from the same metadata, without
+        communication.
 
         Args:
             info: the batch's whole-sequence ``SequenceInfo`` (only ``document_ids`` is read).
             world_size: number of ranks P; S must be a positive multiple of P.
             block_size: the grain of the pieces.
+            masks: the model's layers as (``MaskSpec``, number of layers) pairs; None counts one
+                causal layer. Padding and image blocks are not weighed.
 
         Raises:
-            ValueError: S is not a positive multiple of P.
+            ValueError: S is not a positive multiple of P, or ``masks`` is not (MaskSpec, positive
+                count) pairs.
         """
         document_ids = info.document_ids if hasattr(info, "document_ids") else info
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"Layout world_size must be a positive int, got {world_size!r}")
-        runs = balanced_runs(document_ids.detach().cpu(), world_size, block_size)
+        if masks is not None and not _is_layer_mix(masks):
+            raise ValueError(f"Layout.balanced masks must be (MaskSpec, positive int) pairs, at least one, got {masks!r}")
+        runs = balanced_runs(document_ids.detach().cpu(), world_size, block_size, masks)
         return cls("balanced", world_size, torch.cat([torch.arange(a, b) for rank in runs for a, b in rank]))
 
     @classmethod
@@ -256,21 +285,52 @@ def segments_from_table(table: Tensor, world_size: int) -> tuple[tuple[Segment, 
     return tuple(result)
 
 
-def document_work(document_ids: Tensor) -> Tensor:
-    """Per position, the keys its query sees under a causal document mask, summed over rows:
-    int64 [S] (a document boundary is any change of id between neighbours)."""
+def document_work(document_ids: Tensor, masks: LayerMix | None = None) -> Tensor:
+    """Per position, the work of its query: over the layer mix ``masks`` ((mask, layer count)
+    pairs; None: one causal layer), the sum of count x the keys the query sees under that mask
+    within its document, summed over rows. A document boundary is any change of id between
+    neighbours; padding and image blocks are not read.
+
+    Shapes: document_ids [B, S] -> int64 [S].
+    """
+    first, end = document_bounds(document_ids)
+    mix = ((MaskSpec(), 1),) if masks is None else masks
+    return sum(count * keys_seen(spec, first, end) for spec, count in mix).sum(0)
+
+
+def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per position, the first position of its document and the position after its last.
+
+    Shapes: document_ids [B, S] -> (first, end), int64 [B, S] each.
+    """
     rows, seq_len = document_ids.shape
     index = torch.arange(seq_len).expand(rows, seq_len)
     starts = torch.ones(rows, seq_len, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
-    return (index - first + 1).sum(0)
+    ends = torch.ones(rows, seq_len, dtype=torch.bool)
+    ends[:, :-1] = starts[:, 1:]
+    last = torch.where(ends, index, torch.full_like(index, seq_len)).flip(1).cummin(1).values.flip(1)
+    return first, last + 1
 
 
-def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None = None
-                  ) -> list[list[tuple[int, int]]]:
+def keys_seen(spec: MaskSpec, first: Tensor, end: Tensor) -> Tensor:
+    """Per position, the keys its query sees under ``spec`` within its document [first, end):
+    causal keys up to the query, a window of W keys back (causal) or W either side (not causal).
+
+    Shapes: first, end [B, S] -> int64 [B, S].
+    """
+    index = torch.arange(first.shape[1])
+    window = spec.sliding_window
+    stop = index + 1 if spec.causal else end if window is None else torch.minimum(end, index + window + 1)
+    start = first if window is None else torch.maximum(first, index - window + (1 if spec.causal else 0))
+    return stop - start
+
+
+def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None = None,
+                  masks: LayerMix | None = None) -> list[list[tuple[int, int]]]:
     """Per rank, its [start, stop) runs of global positions, ascending and merged (see
-    ``Layout.balanced``). Pure function of ``document_ids`` [B, S]."""
+    ``Layout.balanced``). Pure function of ``document_ids`` [B, S] and the layer mix ``masks``."""
     if document_ids.dim() != 2:
         raise ValueError(f"document_ids must be [B, S], got shape {tuple(document_ids.shape)}")
     p = world_size
@@ -280,10 +340,31 @@ def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None 
                          f"of {p}, got {seq_len}")
     local = seq_len // p
     grain = block_size if block_size is not None else min(BALANCE_GRAIN, max(1, local // (2 * p)))
-    work = document_work(document_ids)
+    work = document_work(document_ids, masks)
     cum = torch.cat([torch.zeros(1, dtype=torch.int64), work.cumsum(0)]).tolist()
     boundary = (document_ids[:, 1:] != document_ids[:, :-1]).any(0).nonzero().flatten() + 1
     edges = [0, *boundary.tolist(), seq_len]
+    # Every long stretch split head-tail; or only those heavier than a rank's share (the others
+    # placed whole where they can, fewer cuts); or, where the packing needs no care, zigzag or
+    # contiguous pieces. The cheapest for the busiest rank wins, then the fewest segments.
+    candidates = [_placed_runs(edges, cum, p, grain, split_from) for split_from in (0, cum[-1] / p)]
+    if seq_len % (2 * p) == 0:
+        w = seq_len // (2 * p)
+        candidates.append([_merged([(r * w, (r + 1) * w), ((2 * p - 1 - r) * w, (2 * p - r) * w)]) for r in range(p)])
+    candidates.append([[(r * local, (r + 1) * local)] for r in range(p)])
+
+    def rank_cost(rank: list[tuple[int, int]]) -> int:
+        return sum(cum[b] - cum[a] for a, b in rank)
+
+    return min(candidates, key=lambda c: (max(rank_cost(rank) for rank in c), sum(len(rank) for rank in c)))
+
+
+def _placed_runs(edges: list[int], cum: list[int], p: int, grain: int, split_from: float
+                 ) -> list[list[tuple[int, int]]]:
+    """Per rank, its merged runs: every stretch between ``edges`` of at least 2P grains whose work
+    (``cum``: prefix sums of the per-position work, [S + 1]) is at least ``split_from`` split
+    head-tail, the rest placed by work (see ``Layout.balanced``)."""
+    local = edges[-1] // p
 
     runs: list[list[tuple[int, int]]] = [[] for _ in range(p)]
     load = [0] * p
@@ -291,7 +372,7 @@ def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None 
     items: list[tuple[int, int]] = []  # left over: short stretches whole, the middles of long ones
     for start, stop in zip(edges, edges[1:]):
         units = (stop - start) // grain
-        if units < 2 * p:
+        if units < 2 * p or cum[stop] - cum[start] < split_from:
             items.append((start, stop))
             continue
         # Head-tail: rank r's head and tail pieces get `base` grains each; the grains left over go
@@ -348,14 +429,13 @@ def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None 
         room[r] -= b - a
         left_work -= cum[b] - cum[a]
         left_tokens -= b - a
-    balanced = [_merged(sorted(r)) for r in runs]
-    # Where the packing needs no care (many short documents), zigzag may already do as well.
-    candidates = [balanced]
-    if seq_len % (2 * p) == 0:
-        w = seq_len // (2 * p)
-        candidates.append([_merged([(r * w, (r + 1) * w), ((2 * p - 1 - r) * w, (2 * p - r) * w)]) for r in range(p)])
-    return min(candidates, key=lambda c: (max(sum(cum[b] - cum[a] for a, b in rank) for rank in c),
-                                          sum(len(rank) for rank in c)))
+    return [_merged(sorted(r)) for r in runs]
+
+
+def _is_layer_mix(masks) -> bool:
+    return len(masks) > 0 and all(isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], MaskSpec)
+                                  and isinstance(m[1], int) and not isinstance(m[1], bool) and m[1] > 0
+                                  for m in masks)
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

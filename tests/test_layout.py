@@ -48,8 +48,13 @@ def test_bad_layouts_raise():
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from gemma4_flexring import SequenceInfo  # noqa: E402
-from gemma4_flexring.layout import document_work, segments_from_table  # noqa: E402
+from gemma4_flexring import MaskSpec, SequenceInfo  # noqa: E402
+from gemma4_flexring.layout import (document_bounds, document_work, keys_seen, layer_mix,  # noqa: E402
+                                    segments_from_table)
+
+
+SLIDING, GLOBAL = MaskSpec(sliding_window=3), MaskSpec()
+STACK = [(SLIDING, 5), (GLOBAL, 1)]  # a Gemma-4-like mix at a small window
 
 
 def _packed(rows: list[list[int]]) -> SequenceInfo:
@@ -57,9 +62,9 @@ def _packed(rows: list[list[int]]) -> SequenceInfo:
                                                   for r in rows]))
 
 
-def _work_ratio(layout: Layout, info: SequenceInfo) -> float:
-    """max / mean of the ranks' work under a causal document mask (the balancing model)."""
-    work = document_work(info.document_ids)
+def _work_ratio(layout: Layout, info: SequenceInfo, work=None) -> float:
+    """max / mean of the ranks' ``work`` (default: under a causal document mask, the balancing model's)."""
+    work = document_work(info.document_ids) if work is None else work
     seq_len = work.shape[0]
     loads = [float(work[layout.positions(seq_len, r)].sum()) for r in range(layout.world_size)]
     return max(loads) / (sum(loads) / len(loads))
@@ -98,17 +103,18 @@ def test_balanced_is_zigzag_for_one_document_and_a_pure_function():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 40), st.lists(st.lists(st.integers(1, 60), min_size=1, max_size=8),
-                                                         min_size=1, max_size=3), st.integers(1, 16))
-def test_balanced_covers_every_position_once(world_size, per_rank, rows, grain):
-    """Any packing, length, world size and grain: a permutation, S / P tokens per rank, and
-    shard / unshard / positions consistent with it."""
+                                                         min_size=1, max_size=3), st.integers(1, 16),
+       st.sampled_from([None, STACK, [(MaskSpec(causal=False, sliding_window=2), 2), (GLOBAL, 1)]]))
+def test_balanced_covers_every_position_once(world_size, per_rank, rows, grain, masks):
+    """Any packing, length, world size, grain and layer mix: a permutation, S / P tokens per rank,
+    and shard / unshard / positions consistent with it."""
     seq_len = world_size * per_rank
     docs = []
     for lengths in rows:
         row = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
         docs.append(torch.cat([row, torch.full((seq_len,), len(lengths))])[:seq_len])
     info = SequenceInfo(document_ids=torch.stack(docs))
-    layout = Layout.balanced(info, world_size, block_size=grain)
+    layout = Layout.balanced(info, world_size, block_size=grain, masks=masks)
     assert sorted(layout.permutation.tolist()) == list(range(seq_len))
     x = torch.arange(3 * seq_len).view(3, seq_len)
     parts = [layout.shard(x, 1, r) for r in range(world_size)]
@@ -118,6 +124,52 @@ def test_balanced_covers_every_position_once(world_size, per_rank, rows, grain):
         assert torch.equal(parts[r], x[:, layout.positions(seq_len, r)])
         segments = layout.segments(seq_len, r)
         assert all(a.global_start + a.length != b.global_start for a, b in zip(segments, segments[1:]))  # merged
+
+
+# ----------------------------------------------------------------------------- the layer mix's work
+
+def test_keys_seen_per_mask_within_documents():
+    """Two documents of 6 and 4 tokens: a window caps a query's keys, a non-causal mask sees ahead."""
+    first, end = document_bounds(torch.tensor([[0] * 6 + [1] * 4]))
+    assert first.tolist() == [[0] * 6 + [6] * 4] and end.tolist() == [[6] * 6 + [10] * 4]
+    assert keys_seen(GLOBAL, first, end).tolist() == [[1, 2, 3, 4, 5, 6, 1, 2, 3, 4]]
+    assert keys_seen(SLIDING, first, end).tolist() == [[1, 2, 3, 3, 3, 3, 1, 2, 3, 3]]
+    assert keys_seen(MaskSpec(causal=False), first, end).tolist() == [[6] * 6 + [4] * 4]
+    assert keys_seen(MaskSpec(causal=False, sliding_window=1), first, end).tolist() == [[2, 3, 3, 3, 3, 2, 2, 3, 3, 2]]
+
+
+def test_work_weighs_layer_kinds_by_their_counts():
+    docs = _packed([[700, 300], [1000]]).document_ids
+    alone = {spec: document_work(docs, [(spec, 1)]) for spec in (SLIDING, GLOBAL)}
+    assert torch.equal(document_work(docs, STACK), 5 * alone[SLIDING] + alone[GLOBAL])
+    assert torch.equal(document_work(docs), alone[GLOBAL])  # no masks: one causal layer
+    assert int(alone[SLIDING].max()) == 2 * 3  # the window caps a query's keys (two rows)
+    assert layer_mix([SLIDING, GLOBAL] + [SLIDING] * 4) == STACK
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("name", list(TARGET_ROWS))
+def test_stack_balanced_work_and_tokens(name, world_size):
+    """Under a Gemma-4-like mix (W=1024) the balanced layout balances the mix's work within 3%,
+    at least as well as zigzag; S / P tokens per rank, few segments."""
+    info, seq_len = _packed(TARGET_ROWS[name]), 16384
+    mix = [(MaskSpec(sliding_window=1024), 5), (GLOBAL, 1)]
+    layout = Layout.balanced(info, world_size, masks=mix)
+    assert sorted(layout.permutation.tolist()) == list(range(seq_len))
+    assert all(layout.positions(seq_len, r).numel() == seq_len // world_size for r in range(world_size))
+    work = document_work(info.document_ids, mix)
+    ratio = {key: _work_ratio(lay, info, work) for key, lay in (("balanced", layout), ("zigzag", Layout("zigzag", world_size)))}
+    assert ratio["balanced"] <= min(1.03, ratio["zigzag"])
+    assert max(len(layout.segments(seq_len, r)) for r in range(world_size)) <= 20
+
+
+def test_one_causal_layer_is_the_default_and_masks_are_checked():
+    info = _packed([[3000, 1096]])
+    assert Layout.balanced(info, 4, masks=[(GLOBAL, 1)]) == Layout.balanced(info, 4)
+    assert Layout.balanced(info, 4, masks=[(GLOBAL, 3)]) == Layout.balanced(info, 4)  # the same work, scaled
+    for bad in ([], [(GLOBAL, 0)], [GLOBAL], [(GLOBAL, True)], [("causal", 1)]):
+        with pytest.raises(ValueError, match="masks"):
+            Layout.balanced(info, 4, masks=bad)
 
 
 def test_table_layouts():

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..api import ring_attention
 from ..comm import resolve_group
 from ..info import SequenceInfo
-from ..layout import Layout
+from ..layout import Layout, layer_mix
 from ..planning.masks import MaskSpec
 
 ATTN_IMPLEMENTATION = "gemma4_flexring"
@@ -133,12 +133,23 @@ def text_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "is_causal") and getattr(m, "config", None) is text]
 
 
+def ring_layer_masks(model: torch.nn.Module) -> list[MaskSpec]:
+    """The mask (``mask_spec``) of each of ``model``'s text attention layers that go through the
+    ring, one per layer, in layer order."""
+    return [mask_spec(m) for m in text_attention_layers(model)
+            if getattr(m.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION]
+
+
 def ring_masks(model: torch.nn.Module) -> list[MaskSpec]:
-    """The distinct masks of ``model``'s attention layers that go through the ring (``mask_spec``
-    of each), in layer order: what a batch needs planned (``plan_ahead``)."""
-    specs = [mask_spec(m) for m in text_attention_layers(model)
-             if getattr(m.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION]
-    return list(dict.fromkeys(specs))
+    """The distinct masks of ``model``'s ring layers, in layer order: what a batch needs planned
+    (``plan_ahead``)."""
+    return list(dict.fromkeys(ring_layer_masks(model)))
+
+
+def ring_layer_mix(model: torch.nn.Module) -> list[tuple[MaskSpec, int]]:
+    """``model``'s ring layers as (distinct mask, layer count) pairs: the layer mix
+    ``Layout.balanced(..., masks=...)`` weighs (Gemma 4: five sliding layers to one global)."""
+    return layer_mix(ring_layer_masks(model))
 
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,

@@ -21,7 +21,8 @@ from ..info import SequenceInfo
 from ..layout import LAYOUTS, Layout
 from ..planning.metadata import content_digest, digest_words
 from ..validate import Problem, agree
-from .attention import ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, ring_masks, uses_ring_attention
+from .attention import (ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, ring_layer_mix, ring_masks,
+                        uses_ring_attention)
 
 IGNORE_INDEX = -100
 
@@ -62,7 +63,9 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
 
     Args:
         layout: a ``Layout``, or ``"balanced"`` for ``Layout.balanced`` of this batch over the
-            group (built from its packing; every rank computes the same one). The returned
+            group, weighing the model's mix of ring layers (``ring_layer_mix``: Gemma 4's sliding
+            and global layers by their counts), built from its packing; every rank computes the
+            same one. The returned
             context carries the layout: ``kwargs[CONTEXT_KWARG].layout.unshard(...)`` reassembles
             per-rank logits.
 
@@ -116,7 +119,7 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
     position_ids = position_ids.expand(batch, seq_len)
     info = SequenceInfo.from_hf(attention_mask, position_ids, mm_token_type_ids)
     if balanced:
-        layout = Layout.balanced(info, placement.world_size)
+        layout = Layout.balanced(info, placement.world_size, masks=ring_layer_mix(model))
 
     def local(t: Tensor) -> Tensor:
         return layout.shard(t, 1, rank).contiguous()

@@ -31,7 +31,8 @@ Shape legend: B batch, S whole sequence, P ranks, L = S / P local tokens, V voca
 from __future__ import annotations
 
 from .attention import (ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, attention_forward,  # noqa: F401
-                        mask_spec, no_mask, register, ring_masks, use_ring_attention, uses_ring_attention)
+                        mask_spec, no_mask, register, ring_layer_mix, ring_masks, use_ring_attention,
+                        uses_ring_attention)
 from .data_parallel import CPMesh, cp_mesh, fully_shard_model, replicate_model, scale_loss_to_global_batch  # noqa: F401
 from .inputs import IGNORE_INDEX, shard_inputs, shard_token_features, shift_labels  # noqa: F401
 

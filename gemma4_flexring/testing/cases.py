@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import Layout, MaskSpec, SequenceInfo
+from ..layout import LayerMix
 
 # ------------------------------------------------------------------------------ masks
 
@@ -110,18 +111,26 @@ def make_tensors(case: Case) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(case.dtype) for t in (q, k, v, grad))
 
 
-def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int, seq_len: int) -> Layout:
+def layout_of(kind: str, world_size: int, info: SequenceInfo | None, batch: int, seq_len: int,
+              masks: LayerMix | None = None) -> Layout:
     """``kind`` over ``world_size`` ranks; "balanced" is computed from the metadata ``info``
-    (None: a [batch, seq_len] batch without metadata)."""
+    (None: a [batch, seq_len] batch without metadata), weighing the layer mix ``masks`` (None: one
+    causal layer)."""
     if kind != "balanced":
         return Layout(kind, world_size)
-    return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size)
+    return Layout.balanced(info or SequenceInfo(shape=(batch, seq_len)), world_size, masks=masks)
+
+
+# A Gemma-4-like stack's layer mix at the catalog's scale (five sliding layers of window 7 to one
+# global): the "balanced_stack" layout of the ring cases.
+STACK_MIX = ((SPECS["sliding"], 5), (SPECS["causal"], 1))
 
 
 def make_layout(kind: str, world_size: int, case: Case) -> Layout:
     """``layout_of`` the case's metadata (whose short sequences give small grains, hence many
-    segments per rank)."""
-    return layout_of(kind, world_size, case.metadata(), case.batch, case.seq_len)
+    segments per rank); "balanced_stack" is the balanced layout weighing ``STACK_MIX``."""
+    masks = STACK_MIX if kind == "balanced_stack" else None
+    return layout_of(kind.removesuffix("_stack"), world_size, case.metadata(), case.batch, case.seq_len, masks)
 
 
 # Long sequences with a small window and small blocks: most owners hold nothing a rank needs (its

@@ -26,8 +26,13 @@ metadata are the scenario catalog's bench figures (``testing/cases.py``: ``FIGUR
 - pair cost: time per allowed (query, key) pair against the causal figure's, when causal runs too,
   planning left out (it is reported on its own, and a batch's plans serve every layer);
 - Gpairs/s: allowed pairs (x batch x query heads) per second, forward + backward;
+- vs zz: step against the zigzag layout's step for the same figure (``--layout zigzag ...``);
 - balance: max / mean over ranks of the time not spent waiting (compare ``--layout zigzag
-  contiguous balanced`` on uneven ``--packing`` rows: the balanced layout is built from the batch);
+  contiguous balanced`` on uneven ``--packing`` rows: the balanced layout is built from the batch,
+  weighing the figure's layers: with ``--stack``, five sliding layers to one global one);
+- cpu bal: max / mean over ranks of the process's CPU time in the step (ranks that share cores
+  with each other or with other work stretch each other's wall time, not their CPU time);
+- best (below the table): per figure, the layout with the fastest step;
 - baseline: aten SDPA at P=1, an all-gather CP (K/V all-gathered, SDPA with the dense mask of the
   local queries) at P>1, side by side in the same processes, when its dense mask fits in memory;
   its steps and the ring's are taken in turns (the ring first in every other round). The ratio is
@@ -53,7 +58,7 @@ import torch.distributed as dist
 
 from ..info import SequenceInfo
 from ..kernels import KERNELS, default_kernel
-from ..layout import Layout
+from ..layout import Layout, layer_mix
 from ..planning.cache import clear_mask_cache
 from ..planning.masks import MaskSpec
 from ..planning.metadata import informative
@@ -100,6 +105,12 @@ def _info(name: str, args) -> SequenceInfo:
     return figure_info(name, args.batch, args.seq_len, args.documents, args.packing)
 
 
+def _layout(name: str, kind: str, world: int, args) -> Layout:
+    """The figure's layout; a balanced one weighs the figure's layers (``layer_mix``)."""
+    masks = layer_mix(spec for _, spec in figure_masks(name, args.window, args.stack))
+    return layout_of(kind, world, _info(name, args), args.batch, args.seq_len, masks)
+
+
 def run_rank(rank: int, world: int, args, phase: str) -> list[list[dict]] | None:
     """One rank of the "time" or the "memory" phase; rank 0 returns the rows of every rank, one
     per figure (``[rank][figure]``), the others None.
@@ -119,8 +130,7 @@ def run_rank(rank: int, world: int, args, phase: str) -> list[list[dict]] | None
         if rank == 0:
             print(f"[bench] {phase}: {msg}", file=sys.stderr, flush=True)
 
-    figures = [Figure(name, kind, layout_of(kind, world, _info(name, args), args.batch, args.seq_len),
-                      figure_masks(name, args.window, args.stack))
+    figures = [Figure(name, kind, _layout(name, kind, world, args), figure_masks(name, args.window, args.stack))
                for name, kind in itertools.product(args.mask, args.layout)]
     for figure in figures:
         layers = len(figure.layers) if phase == "time" else 1
@@ -159,36 +169,38 @@ def _ring_and_baseline(figure: Figure, baseline, args, ring_first: bool) -> tupl
 
 def _ring_step(figure: Figure, args) -> tuple:
     """One forward + backward of every layer with fresh metadata: (step, forward, backward,
-    planning, forward wait, backward wait) seconds and bytes sent."""
+    planning, forward wait, backward wait) seconds, bytes sent, and the process's CPU seconds."""
     from ..api import ring_attention
 
     figure.zero_grads()
     info = figure.info(args)
     clear_mask_cache()  # plans are built again: planning is part of every step
     reset_ring_stats()
+    cpu = time.process_time()
     start = _now(args.device)
     outs = [ring_attention(q, k, v, mask=spec, info=info, layout=figure.layout, kernel=args.kernel)
             for (_, spec), (q, k, v) in zip(figure.layers, figure.tensors)]
     mid = _now(args.device)
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     end = _now(args.device)
+    cpu = time.process_time() - cpu
     stats = ring_stats()
     figure.zero_grads()
     return (end - start, mid - start, end - mid, stats.planning_s, stats.wait_forward_s, stats.wait_backward_s,
-            stats.bytes_sent)
+            stats.bytes_sent, cpu)
 
 
 def _figure_row(rank: int, figure: Figure, args) -> dict:
     """The medians of the figure's timed steps, its allowed pairs and its lower bound on bytes;
     against the baseline, the best step's ratio to the best baseline step and the median of the
     rounds' ratios (each ring step over the baseline step taken beside it)."""
-    step, fwd, bwd, plan, wait_f, wait_b, sent = (statistics.median(t[i] for t in figure.steps) for i in range(7))
-    bases = [t[7] for t in figure.steps if t[7] is not None]
-    paired = [t[0] / t[7] for t in figure.steps if t[7] is not None]
+    step, fwd, bwd, plan, wait_f, wait_b, sent, cpu = (statistics.median(t[i] for t in figure.steps) for i in range(8))
+    bases = [t[8] for t in figure.steps if t[8] is not None]
+    paired = [t[0] / t[8] for t in figure.steps if t[8] is not None]
     info = _info(figure.name, args)  # counted on the CPU
     per_layer = [mask_figures(spec, info, figure.layout, args.seq_len, rank) for _, spec in figure.layers]
     row_bytes = 2 * args.batch * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize
-    return dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent,
+    return dict(step=step, fwd=fwd, bwd=bwd, plan=plan, wait_f=wait_f, wait_b=wait_b, sent=sent, cpu=cpu,
                 bound=3 * sum(r for _, r in per_layer) * row_bytes, pairs=sum(p for p, _ in per_layer),
                 base=statistics.median(bases) if bases else None,
                 ratio_best=min(t[0] for t in figure.steps) / min(bases) if bases else None,
@@ -279,6 +291,7 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
     n = len(layers)
     slowest = max(r["step"] for r in per_rank)
     busy = [r["step"] - r["wait_f"] - r["wait_b"] for r in per_rank]
+    cpu = [r["cpu"] for r in per_rank]
     sent = statistics.mean(r["sent"] for r in per_rank) / n
     bound = statistics.mean(r["bound"] for r in per_rank) / n
     pairs = sum(r["pairs"] for r in per_rank)
@@ -305,6 +318,7 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
         "pairs_per_s": pairs * args.heads / slowest,
         "seconds_per_pair": max(r["step"] - r["plan"] for r in per_rank) / pairs if pairs else None,
         "balance": max(busy) / statistics.mean(busy),
+        "busy_s_per_rank": busy, "cpu_s_per_rank": cpu, "cpu_balance": max(cpu) / statistics.mean(cpu),
     }
     bases = [r["base"] for r in per_rank]
     if all(b is not None for b in bases):
@@ -320,21 +334,35 @@ def summarize(name, kind, layers, per_rank, args, whole_kv) -> dict:
 
 
 def table(figures: list[dict]) -> str:
+    """The figures side by side, then, for each figure run under several layouts, the layout with
+    the fastest step."""
     causal = {f["layout"]: f for f in figures if f["figure"] == "causal"}
-    head = (f"{'figure':<14}{'layout':<11}{'step ms':>9}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}{'ratio':>7}"
-            f"{'wait f/b %':>12}{'mem/KV f/b':>12}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}  baseline")
+    zigzag = {f["figure"]: f for f in figures if f["layout"] == "zigzag"}
+    head = (f"{'figure':<14}{'layout':<11}{'step ms':>9}{'vs zz':>7}{'plan ms':>9}{'plan%':>7}{'sent MB':>9}{'bound MB':>9}"
+            f"{'ratio':>7}{'wait f/b %':>12}{'mem/KV f/b':>12}{'pair cost':>10}{'Gpairs/s':>9}{'balance':>8}{'cpu bal':>8}"
+            "  baseline")
     lines = [head]
     for f in figures:
         ref = causal.get(f["layout"])
         cost = f"{f['seconds_per_pair'] / ref['seconds_per_pair']:.2f}" if ref and f["seconds_per_pair"] else "-"
+        zz = zigzag.get(f["figure"])
+        versus = f"{f['step_s'] / zz['step_s']:.2f}" if zz else "-"
         base = (f"{f['baseline']} {f['baseline_s'] * 1e3:.0f} ms, ratio {f['baseline_ratio']:.2f} "
                 f"(best {f['baseline_ratio_best']:.3f}, median {f['baseline_ratio_median']:.3f}), "
                 f"mem/KV {f['baseline_memory_ratio']:.2f}") if "baseline" in f else "n/a"
         lines.append(
-            f"{f['figure']:<14}{f['layout']:<11}{f['step_s'] * 1e3:>9.1f}{f['planning_s'] * 1e3:>9.1f}{f['planning_share'] * 100:>6.1f}%"
-            f"{f['bytes_sent_per_rank_layer'] / 1e6:>9.2f}{f['bytes_lower_bound_per_rank_layer'] / 1e6:>9.2f}"
+            f"{f['figure']:<14}{f['layout']:<11}{f['step_s'] * 1e3:>9.1f}{versus:>7}{f['planning_s'] * 1e3:>9.1f}"
+            f"{f['planning_share'] * 100:>6.1f}%{f['bytes_sent_per_rank_layer'] / 1e6:>9.2f}"
+            f"{f['bytes_lower_bound_per_rank_layer'] / 1e6:>9.2f}"
             f"{f['bytes_ratio']:>7.2f}{f['wait_share_forward'] * 100:>6.0f}/{f['wait_share_backward'] * 100:<5.0f}"
-            f"{f['memory_ratio_forward']:>7.2f}/{f['memory_ratio_backward']:<4.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}{f['balance']:>8.2f}  {base}")
+            f"{f['memory_ratio_forward']:>7.2f}/{f['memory_ratio_backward']:<4.2f}{cost:>10}{f['pairs_per_s'] / 1e9:>9.3f}"
+            f"{f['balance']:>8.2f}{f['cpu_balance']:>8.2f}  {base}")
+    for name in dict.fromkeys(f["figure"] for f in figures):
+        runs = [f for f in figures if f["figure"] == name]
+        if len(runs) > 1:
+            best = min(runs, key=lambda f: f["step_s"])
+            lines.append(f"best {name}: {best['layout']} (step {best['step_s'] * 1e3:.0f} ms, balance "
+                         f"{best['balance']:.2f}, cpu {best['cpu_balance']:.2f})")
     return "\n".join(lines)
 
 

@@ -83,7 +83,8 @@ def test_shard_inputs_on_ranks(cluster, layout):
     sharding = parts[0]["layout"]
     if layout == "balanced":
         info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
-        assert sharding == Layout.balanced(info, 3) and sharding != Layout("zigzag", 3)
+        mix = hf.ring_layer_mix(make_model(CASES["vision_packed_padded"], ring=True))
+        assert sharding == Layout.balanced(info, 3, masks=mix) and sharding != Layout("zigzag", 3)
     for rank, kwargs in enumerate(parts):
         assert torch.equal(kwargs["position_ids"], sharding.shard(batch.position_ids, 1, rank))
         assert kwargs["input_ids"].is_contiguous() and kwargs["shift_labels"].is_contiguous()
@@ -235,7 +236,7 @@ def test_balanced_context_is_a_pytree_with_its_permutation_as_a_leaf():
     kwargs = hf.shard_inputs(model, **batch.model_kwargs(), layout="balanced", rank=0)
     context = kwargs[hf.CONTEXT_KWARG]
     info = SequenceInfo.from_hf(batch.attention_mask, batch.position_ids, batch.mm_token_type_ids)
-    assert context.layout == Layout.balanced(info, 1)
+    assert context.layout == Layout.balanced(info, 1, masks=hf.ring_layer_mix(model))
     leaves, spec = pytree.tree_flatten(context)
     assert any(leaf is context.layout.permutation for leaf in leaves)
     back = pytree.tree_unflatten(leaves, pytree.treespec_loads(pytree.treespec_dumps(spec)))
