@@ -85,9 +85,9 @@ def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec], *, layout: Layout 
     q = torch.empty((0, 0, seq_len // world_size, 0), dtype=dtype, device=device)
     table = layout.table(seq_len)
     name = "" if pg is None else pg.group_name
-    calls = [RingArgs(q, q, q, info.generation, *(t.to(device) for t in info.tensors()), table, spec.causal,
-                      None if spec.sliding_window is None else min(spec.sliding_window, 2**62),
-                      spec.block_bidirectional, name, None, kernel or "") for spec in specs]
+    fields = [t.to(device) for t in info.tensors()]
+    calls = [RingArgs(q, q, q, info.generation, *fields, table, spec.causal, spec.op_window, spec.block_bidirectional,
+                      name, None, kernel or "") for spec in specs]
     return _PLANNER.submit(_plan, calls, communicator(pg))
 
 

@@ -91,8 +91,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     if info is None:  # a wrongly shaped q gets a stand-in; the op reports it on every rank
         shape = (q.shape[0], q.shape[2] * world_size) if q.dim() == 4 else (1, 1)
         info = SequenceInfo(shape=shape, device=q.device)
-    # The op's window is an int64; any window at least as long as a sequence can be means the same.
-    window = None if mask.sliding_window is None else min(mask.sliding_window, 2**62)
+    window = mask.op_window
     scale = None if scale is None else float(scale)
     # The layout as a tensor (rank-major global positions, [S]), for every kind: a balanced layout
     # that changes every batch is then a graph input, not a guard.

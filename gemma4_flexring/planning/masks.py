@@ -65,6 +65,12 @@ class MaskSpec:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"MaskSpec.sliding_window must be None or a positive int, got {window!r}")
 
+    @property
+    def op_window(self) -> int | None:
+        """The window as the op takes it (an int64): any window at least as long as a sequence can
+        be means the same."""
+        return None if self.sliding_window is None else min(self.sliding_window, 2**62)
+
 
 def _mask(mask_mod: MaskMod, classify: Classifier, name: str) -> Mask:
     """A ``Mask`` whose mask_mod carries ``name``, as attention-gym's factories name theirs."""
