@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, plan_ahead
-from gemma4_flexring.prepare import RingArgs, prepare
+from gemma4_flexring.prepare import RingArgs, mask_arguments, prepare
 from gemma4_flexring.testing.launch import spawn
 
 MASKS = [MaskSpec(causal=True, sliding_window=512, block_bidirectional=True), MaskSpec(causal=True)]
@@ -50,8 +50,8 @@ def prepared_in(info: SequenceInfo, layout: Layout, q: torch.Tensor) -> tuple[fl
     dist.barrier()
     start, cpu = time.perf_counter(), time.thread_time()
     for spec in MASKS:
-        prepare(RingArgs(q, q, q, info.generation, *info.tensors(), table, spec.causal, spec.sliding_window,
-                         spec.block_bidirectional, dist.group.WORLD.group_name, None), check=True)
+        prepare(RingArgs(q, q, q, info.generation, *info.tensors(), table, group_name=dist.group.WORLD.group_name,
+                         scale=None, kernel_name="", **mask_arguments(spec, q.device)), check=True)
     return time.perf_counter() - start, time.thread_time() - cpu
 
 

@@ -51,11 +51,11 @@ class TestGraphSummary(TestCase):
 inputs: s0, s1, s2, f32[1, s0, s1, s2], s3, f32[1, s3, s1, s2], f32[1, s3, s1, s2], i64[1, s1], i64[1, s1], b8[1, s1], i64[]
 forward:
   arange
-  ring_attention(q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], layout=arange, causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='')
+  ring_attention(q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], layout=arange, mask_tensors=[], causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='', mask_name='', mask_generation=None)
   detach
 backward:
   detach
-  ring_attention_backward(grad_out=f32[1, s0, s1, s2], q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], out=detach, lse=f64[1, s0, s1], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], layout=i64[s1], causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='')
+  ring_attention_backward(grad_out=f32[1, s0, s1, s2], q=f32[1, s0, s1, s2], k=f32[1, s3, s1, s2], v=f32[1, s3, s1, s2], out=detach, lse=f64[1, s0, s1], generation=i64[], document_ids=i64[1, s1], block_ids=i64[1, s1], padding=b8[1, s1], layout=i64[s1], mask_tensors=[], causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='', mask_name='', mask_generation=None)
 """)
 
     def test_function_without_metadata_static(self):
@@ -69,7 +69,7 @@ forward:
   zeros
   new_generation(like=zeros)
   arange
-  ring_attention(q=f32[1, 4, 16, 8], k=f32[1, 2, 16, 8], v=f32[1, 2, 16, 8], generation=new_generation, document_ids=zeros, block_ids=full, padding=zeros, layout=arange, causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='')
+  ring_attention(q=f32[1, 4, 16, 8], k=f32[1, 2, 16, 8], v=f32[1, 2, 16, 8], generation=new_generation, document_ids=zeros, block_ids=full, padding=zeros, layout=arange, mask_tensors=[], causal=True, sliding_window=4, block_bidirectional=False, group_name='', scale=1.0, kernel_name='', mask_name='', mask_generation=None)
 """)
         self.assertIsNone(graphs.backward)
 
@@ -82,8 +82,8 @@ forward:
         graphs = compiled_graphs(layer, hidden, info=info)
         ring_lines = [line for line in graph_summary(graphs).splitlines() if "ring_attention" in line]
         self.assertExpectedInline("\n".join(ring_lines), """\
-  ring_attention(q=transpose, k=transpose, v=transpose, generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], layout=arange, causal=True, sliding_window=8, block_bidirectional=True, group_name='', scale=1.0, kernel_name='')
-  ring_attention_backward(grad_out=transpose, q=f32[s0, 4, s1, 8], k=f32[s0, 2, s1, 8], v=f32[s0, 2, s1, 8], out=detach, lse=f64[s0, 4, s1], generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], layout=i64[s1], causal=True, sliding_window=8, block_bidirectional=True, group_name='', scale=1.0, kernel_name='')""")
+  ring_attention(q=transpose, k=transpose, v=transpose, generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], layout=arange, mask_tensors=[], causal=True, sliding_window=8, block_bidirectional=True, group_name='', scale=1.0, kernel_name='', mask_name='', mask_generation=None)
+  ring_attention_backward(grad_out=transpose, q=f32[s0, 4, s1, 8], k=f32[s0, 2, s1, 8], v=f32[s0, 2, s1, 8], out=detach, lse=f64[s0, 4, s1], generation=i64[], document_ids=i64[s0, s1], block_ids=i64[s0, s1], padding=b8[s0, s1], layout=i64[s1], mask_tensors=[], causal=True, sliding_window=8, block_bidirectional=True, group_name='', scale=1.0, kernel_name='', mask_name='', mask_generation=None)""")
         self.assertIsNone(hidden.grad)  # the caller's tensors are left alone
 
     def test_op_calls_name_every_schema_argument(self):

@@ -1,6 +1,6 @@
 """torch.library.opcheck of every op the package registers: the ring ops in float32 and float64,
-with no metadata, each metadata tensor alone and all of them, in one process and on two gloo
-ranks; the generation op's schema and fake kernel."""
+with no metadata, each metadata tensor alone and all of them, and with a FlexMask, in one process
+and on two gloo ranks; the generation op's schema and fake kernel."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ RING_OPS = 2
 
 
 def _check(results: list[tuple[str, dict]]) -> None:
-    assert len(results) == RING_OPS * 2 * len(METADATA_VARIANTS)  # ops x dtypes x variants
+    assert len(results) == RING_OPS * 2 * (len(METADATA_VARIANTS) + 1)  # ops x dtypes x (variants + FlexMask)
     failed = {name: r for name, r in results if r != dict.fromkeys(OPCHECK_TESTS, "SUCCESS")}
     assert not failed
 

@@ -31,14 +31,15 @@ from .comm import communicator, group_size, process_group
 from .info import SequenceInfo
 from .kernels import KERNELS
 from .layout import Layout
+from .planning.flexmask import FlexMask
 from .planning.masks import MaskSpec
-from .prepare import RingArgs, plan_call
+from .prepare import RingArgs, mask_arguments, plan_call
 from .stats import planning_ahead
 
 _PLANNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma4_flexring-plan-ahead")
 
 
-def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec], *, layout: Layout | None = None, group=None,
+def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec | FlexMask], *, layout: Layout | None = None, group=None,
                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                kernel: str | None = None) -> Future:
     """Build this rank's plans and exchange schedules for a batch's masks, on a background thread.
@@ -50,7 +51,7 @@ def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec], *, layout: Layout 
 
     Args:
         info: the batch's whole-sequence metadata, [B, S] fields.
-        masks: the layers' masks (duplicates are planned once).
+        masks: the layers' masks, MaskSpecs or FlexMasks (duplicates are planned once).
         layout, group, kernel: as for ``ring_attention`` (default: contiguous over the group; the
             device's kernel).
         dtype: the queries' dtype (plans are per dtype).
@@ -71,7 +72,8 @@ def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec], *, layout: Layout 
                 for name, value, kind in (("info", info, SequenceInfo), ("layout", layout, Layout),
                                           ("dtype", dtype, torch.dtype))
                 if not isinstance(value, kind)]
-    problems += [f"masks must be MaskSpecs, got {type(m).__name__}" for m in specs if not isinstance(m, MaskSpec)]
+    problems += [f"masks must be MaskSpecs or FlexMasks, got {type(m).__name__}" for m in specs
+                 if not isinstance(m, (MaskSpec, FlexMask))]
     if kernel is not None and kernel not in KERNELS:
         problems.append(f"kernel must be one of {sorted(KERNELS)} or None, got {kernel!r}")
     if problems:
@@ -86,8 +88,8 @@ def plan_ahead(info: SequenceInfo, masks: Iterable[MaskSpec], *, layout: Layout 
     table = layout.table(seq_len)
     name = "" if pg is None else pg.group_name
     fields = [t.to(device) for t in info.tensors()]
-    calls = [RingArgs(q, q, q, info.generation, *fields, table, spec.causal, spec.op_window, spec.block_bidirectional,
-                      name, None, kernel or "") for spec in specs]
+    calls = [RingArgs(q, q, q, info.generation, *fields, table, group_name=name, scale=None, kernel_name=kernel or "",
+                      **mask_arguments(spec, device)) for spec in specs]
     return _PLANNER.submit(_plan, calls, communicator(pg))
 
 

@@ -11,7 +11,9 @@ from . import ops  # noqa: F401  (registers torch.ops.gemma4_flexring.*)
 from .comm import group_size, process_group
 from .info import SequenceInfo
 from .layout import Layout
+from .planning.flexmask import FlexMask
 from .planning.masks import MaskSpec
+from .prepare import mask_arguments
 from .validate import fail_together
 
 
@@ -26,8 +28,8 @@ def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,
     if not problems and not (q.device == k.device == v.device):
         # Checked here: with a meta tensor among them, the op would dispatch to its fake kernel.
         problems.append((ValueError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"))
-    if mask is not None and not isinstance(mask, MaskSpec):
-        problems.append((TypeError, f"mask must be a MaskSpec, got {type(mask).__name__}"))
+    if mask is not None and not isinstance(mask, (MaskSpec, FlexMask)):
+        problems.append((TypeError, f"mask must be a MaskSpec or a FlexMask, got {type(mask).__name__}"))
     if info is not None and not isinstance(info, SequenceInfo):
         problems.append((TypeError, f"info must be a SequenceInfo or None, got {type(info).__name__}"))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
@@ -48,7 +50,7 @@ def argument_problems(q, k, v, mask, info, layout, scale, world_size: int,
     return problems
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None,
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | FlexMask | None = None,
                    info: SequenceInfo | None = None, layout: Layout | None = None, group=None,
                    scale: float | None = None, kernel: str | None = None) -> Tensor:
     """Exact context-parallel attention of this rank's queries against the whole sequence.
@@ -59,7 +61,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
         returns: [B, Hq, L, D], q's dtype, differentiable w.r.t. q, k, v.
 
     Args:
-        mask: the layer's MaskSpec (default: causal, no window).
+        mask: the layer's MaskSpec (default: causal, no window), or a FlexMask (any mask_mod
+            over global positions; ANDed with ``info``'s documents and padding).
         info: whole-sequence metadata (documents, image blocks, padding), the same on every rank.
         layout: how the sequence is sharded (default: contiguous over the group); a balanced
             layout (``Layout.balanced``) reaches the op as a tensor, so a new one every batch
@@ -91,12 +94,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None
     if info is None:  # a wrongly shaped q gets a stand-in; the op reports it on every rank
         shape = (q.shape[0], q.shape[2] * world_size) if q.dim() == 4 else (1, 1)
         info = SequenceInfo(shape=shape, device=q.device)
-    window = mask.op_window
     scale = None if scale is None else float(scale)
     # The layout as a tensor (rank-major global positions, [S]), for every kind: a balanced layout
     # that changes every batch is then a graph input, not a guard.
     table = layout.table(q.shape[2] * world_size) if q.dim() == 4 else torch.zeros(0, dtype=torch.int64)
     out, _ = torch.ops.gemma4_flexring.ring_attention(
-        q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), table, mask.causal, window,
-        mask.block_bidirectional, name, scale, kernel or "")
+        q, k, v, info.generation, *(t.to(q.device) for t in info.tensors()), table, group_name=name, scale=scale,
+        kernel_name=kernel or "", **mask_arguments(mask, q.device))
     return out

@@ -28,6 +28,8 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .planning.flags import DENSE_CHUNK
+from .planning.flexmask import FlexMask
 from .planning.masks import MaskSpec
 
 FIXED_LAYOUTS = ("contiguous", "zigzag")
@@ -40,7 +42,7 @@ PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
 
 
 # A model's layers by mask: (mask, how many layers use it).
-LayerMix = Sequence[tuple[MaskSpec, int]]
+LayerMix = Sequence[tuple[MaskSpec | FlexMask, int]]
 
 
 def layer_mix(masks: Iterable[MaskSpec]) -> list[tuple[MaskSpec, int]]:
@@ -125,18 +127,20 @@ class Layout:
             info: the batch's whole-sequence ``SequenceInfo`` (only ``document_ids`` is read).
             world_size: number of ranks P; S must be a positive multiple of P.
             block_size: the grain of the pieces.
-            masks: the model's layers as (``MaskSpec``, number of layers) pairs; None counts one
-                causal layer. Padding and image blocks are not weighed.
+            masks: the model's layers as (``MaskSpec`` or ``FlexMask``, number of layers) pairs;
+                None counts one causal layer. Padding and image blocks are not weighed. A
+                FlexMask's keys are counted by evaluating its mask_mod on every (query, key)
+                pair: O(B S^2) per layout.
 
         Raises:
-            ValueError: S is not a positive multiple of P, or ``masks`` is not (MaskSpec, positive
-                count) pairs.
+            ValueError: S is not a positive multiple of P, or ``masks`` is not (MaskSpec or
+                FlexMask, positive count) pairs.
         """
         document_ids = info.document_ids if hasattr(info, "document_ids") else info
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"Layout world_size must be a positive int, got {world_size!r}")
         if masks is not None and not _is_layer_mix(masks):
-            raise ValueError(f"Layout.balanced masks must be (MaskSpec, positive int) pairs, at least one, got {masks!r}")
+            raise ValueError(f"Layout.balanced masks must be (MaskSpec or FlexMask, positive int) pairs, at least one, got {masks!r}")
         runs = balanced_runs(document_ids.detach().cpu(), world_size, block_size, masks)
         return cls("balanced", world_size, torch.cat([torch.arange(a, b) for rank in runs for a, b in rank]))
 
@@ -295,7 +299,8 @@ def document_work(document_ids: Tensor, masks: LayerMix | None = None) -> Tensor
     """
     first, end = document_bounds(document_ids)
     mix = ((MaskSpec(), 1),) if masks is None else masks
-    return sum(count * keys_seen(spec, first, end) for spec, count in mix).sum(0)
+    return sum(count * (flex_keys_seen(spec, first) if isinstance(spec, FlexMask) else keys_seen(spec, first, end))
+               for spec, count in mix).sum(0)
 
 
 def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -325,6 +330,26 @@ def keys_seen(spec: MaskSpec, first: Tensor, end: Tensor) -> Tensor:
     stop = index + 1 if spec.causal else end if window is None else torch.minimum(end, index + window + 1)
     start = first if window is None else torch.maximum(first, index - window + (1 if spec.causal else 0))
     return stop - start
+
+
+def flex_keys_seen(mask: FlexMask, first: Tensor) -> Tensor:
+    """Per position, the keys its query sees under the FlexMask ``mask`` within its document
+    (``first``: its document's first position), counted by evaluating the mask_mod on every
+    (query, key) pair, at most ``DENSE_CHUNK`` at a time.
+
+    Shapes: first [B, S] -> int64 [B, S].
+    """
+    rows, seq_len = first.shape
+    mask_mod = mask.factory(**{k: t.cpu() for k, t in mask.tensors.items()})
+    b, h, keys = torch.arange(rows).view(-1, 1, 1), torch.zeros((), dtype=torch.int64), torch.arange(seq_len)
+    step = max(1, DENSE_CHUNK // (rows * seq_len))
+    counts = []
+    for start in range(0, seq_len, step):
+        queries = torch.arange(start, min(start + step, seq_len))
+        allowed = mask_mod(b, h, queries.view(1, -1, 1), keys.view(1, 1, -1))
+        same = first[:, queries, None] == first[:, None, :]
+        counts.append((allowed & same).sum(-1))
+    return torch.cat(counts, 1)
 
 
 def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None = None,
@@ -433,7 +458,7 @@ def _placed_runs(edges: list[int], cum: list[int], p: int, grain: int, split_fro
 
 
 def _is_layer_mix(masks) -> bool:
-    return len(masks) > 0 and all(isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], MaskSpec)
+    return len(masks) > 0 and all(isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], (MaskSpec, FlexMask))
                                   and isinstance(m[1], int) and not isinstance(m[1], bool) and m[1] > 0
                                   for m in masks)
 

@@ -13,7 +13,7 @@ Shape legend: B batch rows, H heads, L local rows, S = P * L whole length, D hea
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from torch import Tensor
 
@@ -22,6 +22,7 @@ from .exchange import Exchange, build_exchange, piece_rows
 from .kernels import ChunkKernel, kernel_for
 from .planning.cache import MASK_CACHE
 from .planning.context import PlanContext, plan_context
+from .planning.flexmask import FlexMask, FlexSpec
 from .planning.masks import MaskSpec
 from .planning.metadata import Metadata
 from .planning.plan import CallPlan, needed_kv_rows, plan_pair
@@ -40,12 +41,15 @@ class RingArgs(NamedTuple):
     block_ids: Tensor  # [B, S]
     padding: Tensor  # [B, S] bool
     layout: Tensor  # int64 [S], rank-major global positions
+    mask_tensors: Sequence[Tensor]  # a FlexMask's tensors, in its op_name's order; empty for a MaskSpec
     causal: bool
     sliding_window: int | None
     block_bidirectional: bool
     group_name: str
     scale: float | None
-    kernel_name: str = ""
+    kernel_name: str
+    mask_name: str  # a FlexMask's op_name; "" for a MaskSpec
+    mask_generation: Tensor | None  # a FlexMask's generation
 
     @property
     def info(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,15 +59,29 @@ class RingArgs(NamedTuple):
     def options(self) -> tuple:
         """The non-tensor arguments, in schema order."""
         return (self.causal, self.sliding_window, self.block_bidirectional, self.group_name, self.scale,
-                self.kernel_name)
+                self.kernel_name, self.mask_name)
 
-    @property
-    def spec(self) -> MaskSpec:
-        return MaskSpec(self.causal, self.sliding_window, self.block_bidirectional)
+    def spec(self) -> MaskSpec | FlexSpec:
+        """The layer's mask as the planner keys it (a FlexMask's factory is called and its tensors
+        hashed once per generation, ``PlanCache.flex``)."""
+        if not self.mask_name:
+            return MaskSpec(self.causal, self.sliding_window, self.block_bidirectional)
+        generation = -1 if self.mask_generation is None else int(self.mask_generation)
+        return MASK_CACHE.flex(generation, self.mask_name, list(self.mask_tensors))
 
     @property
     def resolved_scale(self) -> float:
         return self.q.shape[-1] ** -0.5 if self.scale is None else self.scale
+
+
+def mask_arguments(mask: MaskSpec | FlexMask, device) -> dict:
+    """The op's mask arguments (``RingArgs`` fields, by name) for a ``MaskSpec`` or a ``FlexMask``
+    (its tensors moved to ``device``)."""
+    if isinstance(mask, FlexMask):
+        return dict(mask_tensors=mask.op_tensors(device), causal=False, sliding_window=None,
+                    block_bidirectional=False, mask_name=mask.op_name, mask_generation=mask.generation)
+    return dict(mask_tensors=[], causal=mask.causal, sliding_window=mask.op_window,
+                block_bidirectional=mask.block_bidirectional, mask_name="", mask_generation=None)
 
 
 class Prepared(NamedTuple):
@@ -86,7 +104,7 @@ class _Call(NamedTuple):
 def _context(args: RingArgs, layout_digest: bytes, layout, world_size: int) -> _Call:
     """The call's context: the metadata's relevance comes from its cached ``Metadata``."""
     meta = MASK_CACHE.metadata(int(args.generation), args.info)
-    ctx = plan_context(args.spec, layout, args.q.shape[2] * world_size, args.q.device, *args.info,
+    ctx = plan_context(args.spec(), layout, args.q.shape[2] * world_size, args.q.device, *args.info,
                        relevant=(meta.documents, meta.blocks, meta.padding))
     return _Call(ctx, meta, layout_digest)
 
@@ -142,7 +160,8 @@ def prepare(args: RingArgs, check: bool) -> Prepared:
         return plan_call(args, comm)
     kernel = kernel_for(args.q.device, args.kernel_name)
     problems = local_problems(args.q, args.k, args.v, args.info, args.sliding_window, args.layout,
-                              comm.world_size, args.scale, args.kernel_name)
+                              comm.world_size, args.scale, args.kernel_name,
+                              (args.mask_name, args.mask_tensors, args.mask_generation))
     prepared = call = None
     if not problems:
         try:
@@ -155,8 +174,10 @@ def prepare(args: RingArgs, check: bool) -> Prepared:
             prepared = _planned(args, call, comm, kernel)
         except Exception as e:  # noqa: BLE001 - reported on every rank by check_inputs
             problems.append(f"planning the ring's masks failed: {type(e).__name__}: {e}")
+    flex_digest = call.ctx.spec.digest if call is not None and isinstance(call.ctx.spec, FlexSpec) else None
     mine = None if problems else signature(args.q, args.k, call.meta, args.causal, args.sliding_window,
-                                           args.block_bidirectional, call.layout_digest, args.resolved_scale)
+                                           args.block_bidirectional, call.layout_digest, args.resolved_scale,
+                                           flex_digest)
     key = (args.group_name, int(args.generation), None if mine is None else tuple(mine))
     check_inputs_once(key, problems, comm.group, lambda: mine)
     return prepared

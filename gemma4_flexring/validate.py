@@ -12,7 +12,7 @@ import math
 import struct
 import threading
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,13 +30,17 @@ _SIGNATURE_FIELDS = ("failed", "batch", "q_heads", "kv_heads", "local_len", "hea
                      "layout (positions)", "layout (positions)",  # a 128-bit digest in two words
                      "scale",
                      "metadata (document_ids, block_ids, padding)",
-                     "metadata (document_ids, block_ids, padding)")  # a 128-bit digest in two words
+                     "metadata (document_ids, block_ids, padding)",  # a 128-bit digest in two words
+                     "FlexMask (factory name and tensors)",
+                     "FlexMask (factory name and tensors)")  # a 128-bit digest in two words, 0 for a MaskSpec
 
 # What most often makes ranks disagree on a field whose values are digests, said with the digests.
 _LIKELY_CAUSES = {
     "metadata": "every rank must pass the whole batch's metadata; ranks of one CP group given different "
                 "batches (a sampler or data loader that splits the batch over them) disagree here",
     "layout (positions)": "every rank must pass the same layout; a balanced one must be built from the same batch",
+    "FlexMask": "every rank must pass the same mask: a FlexMask with the same factory name and tensors of equal "
+                "content, or the same MaskSpec",
     "batch content": "every rank of the CP group must pass the same whole-sequence batch; a sampler or data "
                      "loader that gives the ranks of one CP group different batches (as data-parallel ranks get) "
                      "causes this",
@@ -44,8 +48,10 @@ _LIKELY_CAUSES = {
 
 
 def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sliding_window: int | None,
-                   layout: Tensor, world_size: int, scale: float | None, kernel: str = "") -> list[str]:
-    """Everything wrong with one rank's arguments, as readable sentences (empty when fine)."""
+                   layout: Tensor, world_size: int, scale: float | None, kernel: str = "",
+                   mask: tuple[str, Sequence[Tensor], Tensor | None] = ("", (), None)) -> list[str]:
+    """Everything wrong with one rank's arguments, as readable sentences (empty when fine);
+    ``mask`` is a FlexMask's (op_name, tensors, generation), ("", (), None) for a MaskSpec."""
     problems = []
     for name, t in zip("qkv", (q, k, v)):
         if t.dim() != 4:
@@ -83,18 +89,31 @@ def local_problems(q: Tensor, k: Tensor, v: Tensor, info: tuple[Tensor, ...], sl
                             f"S={local_len * world_size}], got {tuple(t.shape)}")
         if t.device != q.device:
             problems.append(f"SequenceInfo.{name} is on {t.device}, q on {q.device}")
+    return problems + flex_mask_problems(*mask, q.device)
+
+
+def flex_mask_problems(op_name: str, tensors: Sequence[Tensor], generation: Tensor | None,
+                       device: torch.device) -> list[str]:
+    """What is wrong with a FlexMask's op arguments (none for a MaskSpec: ``op_name`` "")."""
+    if not op_name:
+        return [] if not tensors else ["mask_tensors are given without a FlexMask's mask_name"]
+    problems = [f"FlexMask tensor {n} is on {t.device}, q on {device}" for n, t in enumerate(tensors)
+                if t.device != device]
+    if generation is None or generation.dim() != 0 or generation.dtype != torch.int64:
+        problems.append("a FlexMask's mask_generation must be an int64 scalar tensor (FlexMask.generation)")
     return problems
 
 
 def signature(q: Tensor, k: Tensor, meta: Metadata, causal: bool, sliding_window: int | None,
-              block_bidirectional: bool, layout: bytes, scale: float) -> list[int]:
+              block_bidirectional: bool, layout: bytes, scale: float, flex_mask: bytes | None = None) -> list[int]:
     """Integers every rank must agree on (see ``_SIGNATURE_FIELDS``; the first, 0: not failed);
-    ``layout`` is the layout table's 16-byte digest."""
+    ``layout`` is the layout table's 16-byte digest, ``flex_mask`` a FlexMask's (None: a MaskSpec)."""
     dtype = _DTYPES.index(q.dtype)
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
     return [0, *q.shape[:2], k.shape[1], *q.shape[2:], dtype, int(causal),
             -1 if sliding_window is None else sliding_window, int(block_bidirectional),
-            *digest_words(layout), scale_bits, *digest_words(meta.digest)]
+            *digest_words(layout), scale_bits, *digest_words(meta.digest),
+            *(digest_words(flex_mask) if flex_mask is not None else (0, 0))]
 
 
 def _readable(field: str, value: int) -> object:
@@ -109,7 +128,7 @@ def _readable(field: str, value: int) -> object:
         return bool(value)
     if field == "layout kind":
         return LAYOUTS[value]
-    if field.startswith(("metadata", "layout (positions)", "batch content")):
+    if field.startswith(("metadata", "layout (positions)", "batch content", "FlexMask")):
         return f"digest {value & (2**64 - 1):016x}..."
     return value
 

@@ -16,7 +16,7 @@ from gemma4_flexring.kernels import KERNELS
 from gemma4_flexring.planning.context import plan_context
 from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
 from gemma4_flexring.planning.tiles import Tile, TileKind, split_tile
-from gemma4_flexring.testing.cases import EXCHANGE_CASES
+from gemma4_flexring.testing.cases import EXCHANGE_CASES, FLEX_EXCHANGE_CASES
 from gemma4_flexring.testing.strategies import random_plans
 from gemma4_flexring.testing.workers import exchange_traffic
 
@@ -130,12 +130,14 @@ def test_packed_calls_move_into_the_packed_rows():
         packed_calls([Tile(slice(0, 4), slice(11, 14), TileKind.FULL)], ((8, 12), (30, 40)))
 
 
+@pytest.mark.parametrize("cases", ["masks", "flexmasks"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_bytes_sent_are_the_needed_rows(cluster, layout):
+def test_bytes_sent_are_the_needed_rows(cluster, layout, cases):
     """Each rank sends exactly the rows others read of its chunk (forward and backward) and the
-    dK/dV of the rows it read; in all, the rows some query may see plus at most a block per piece."""
+    dK/dV of the rows it read; in all, the rows some query may see plus at most a block per piece:
+    for MaskSpecs and FlexMasks alike."""
     world = 4
-    for case in EXCHANGE_CASES:
+    for case in {"masks": EXCHANGE_CASES, "flexmasks": FLEX_EXCHANGE_CASES}[cases]:
         per_rank = cluster(world).run(exchange_traffic, case, layout)
         for rank, (sent, implied, _) in enumerate(per_rank):
             assert sent == implied, (case, rank)

@@ -1,6 +1,6 @@
 """Ring attention against the dense float64 reference: forward and all three gradients,
 world sizes 1-4, every layout (contiguous, zigzag, balanced; balanced for a Gemma-4-like stack), every
-mask feature alone and combined,
+mask feature alone and combined, FlexMasks (every preset, documents, masks users write),
 GQA, float32/float64 (and bfloat16)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma4_flexring.testing.cases import EXCHANGE_CASES, INFOS, SPECS, Case, make_layout
+from gemma4_flexring.testing.cases import EXCHANGE_CASES, FLEX_MASKS, INFOS, SPECS, Case, make_layout
 from gemma4_flexring.testing.tolerances import RING
 from gemma4_flexring.testing.workers import mesh_matches_default_group, planning_sizes, reference, run_cases
 
@@ -49,8 +49,15 @@ DOCUMENT_CASES = [
     Case("causal_vision", "all", seq_len=96, block_size=4),
     Case("bidirectional", "packed_padded", seq_len=96, block_size=4),
 ]
+# FlexMasks: every preset (documents as a preset's argument, and from the metadata), masks users
+# write (shared prefix, block diffusion), with padding and images (which a FlexMask ignores),
+# float32, small blocks and GQA shapes; "balanced" weighs each one's own mask.
+FLEX_CASES = ([Case(s, i) for s in FLEX_MASKS for i in ("none", "packed_padded")]
+              + [Case(s, "all", torch.float32) for s in ("flex_prefix_lm", "flex_global_window")]
+              + [Case(s, "none", seq_len=96, block_size=4) for s in ("flex_chunked", "flex_block_diffusion")]
+              + [Case("flex_dilated", "padding", q_heads=6, kv_heads=1, seq_len=96, block_size=8)])
 ALL_CASES = ([Case(s, i) for s in SPECS for i in INFOS] + FLOAT32_CASES + SHAPE_CASES + EXCHANGE_CASES
-             + PIECE_CASES + DOCUMENT_CASES)
+             + PIECE_CASES + DOCUMENT_CASES + FLEX_CASES)
 
 
 @pytest.fixture(scope="module")

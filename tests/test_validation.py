@@ -95,7 +95,7 @@ def test_misuse_across_ranks_raises_on_every_rank(cluster, worker, match):
 
 
 @pytest.mark.parametrize("worker, match", [
-    (misuse.one_rank_wrong_mask_type, "rank 1: mask must be a MaskSpec, got dict"),
+    (misuse.one_rank_wrong_mask_type, "rank 1: mask must be a MaskSpec or a FlexMask, got dict"),
     (misuse.one_rank_layout_for_another_world, "rank 1: layout is for 3 ranks, the group has 2"),
     (misuse.one_rank_meta_keys, "rank 1: q, k, v must be on one device, got cpu, meta, meta"),
 ])

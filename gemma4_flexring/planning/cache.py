@@ -2,9 +2,10 @@
 
 Four maps, each trimmed least recently used first:
 
-- generation -> ``Metadata`` (digest and relevant fields), with a stamp of the tensors it was
-  computed from. A generation seen again with the same stamp costs no hashing; a changed stamp
-  (an in-place mutation, other tensors under the same generation) is described afresh.
+- generation -> ``Metadata`` (digest and relevant fields), or a ``FlexMask``'s generation ->
+  its ``FlexSpec`` (digest and mask_mod), with a stamp of the tensors it was computed from. A
+  generation seen again with the same stamp costs no hashing; a changed stamp (an in-place
+  mutation, other tensors under the same generation) is described afresh.
 - digest -> the plans built for that content, one per (mask, shapes, ranks) key. Plans of the
   ``capacity`` most recently used digests are kept; interleaved micro-batches (forward A,
   forward B, backward A, backward B) thus build every plan once. Two batches with equal content
@@ -36,6 +37,7 @@ from typing import Callable, Hashable, NamedTuple, TypeVar
 from torch import Tensor
 
 from ..layout import Layout
+from .flexmask import FlexSpec, flex_spec
 from .metadata import Metadata, content_digest, describe, stamp
 from ..stats import record_planning
 
@@ -52,7 +54,7 @@ class MaskCacheInfo(NamedTuple):
         builds: pair plans built; hits: pair plans served from the cache.
         contents: metadata contents whose plans are live; capacity: the most kept.
         entries: live pair plans.
-        described: times a batch's metadata was read and hashed.
+        described: times a batch's metadata (or a FlexMask's tensors) was read and hashed.
     """
 
     generation: int
@@ -88,13 +90,13 @@ class PlanCache:
 
     @_locked
     def clear(self) -> None:
-        self._metadata: OrderedDict[int, tuple[tuple | None, Metadata]] = OrderedDict()
+        self._metadata: OrderedDict[Hashable, tuple[tuple | None, object]] = OrderedDict()  # ``_described``
         self._plans: OrderedDict[bytes, dict[Hashable, object]] = OrderedDict()
         self._layouts: OrderedDict[bytes, Layout] = OrderedDict()
         self._exchanges: dict[bytes, dict[Hashable, object]] = {}  # exchange schedules, per digest
         self._pending: dict[Hashable, Future] = {}  # builds under way (``_once``), by what they build
         self._generation = -1
-        self._builds = self._hits = self._described = 0
+        self._builds = self._hits = self._described_count = 0
 
     @_locked
     def set_capacity(self, capacity: int) -> None:
@@ -105,23 +107,34 @@ class PlanCache:
 
     def metadata(self, generation: int, tensors: tuple[Tensor, Tensor, Tensor]) -> Metadata:
         """The ``Metadata`` of ``tensors`` (the batch of ``generation``), hashed once per stamp."""
+        with self._lock:
+            self._generation = generation
+        return self._described(("metadata", generation), tensors, lambda: describe(*tensors))
+
+    def flex(self, generation: int, op_name: str, tensors: list[Tensor]) -> FlexSpec:
+        """The ``FlexSpec`` of a ``FlexMask`` (its ``op_name``, its ``tensors``, its
+        ``generation``): the tensors hashed and the factory called once per stamp."""
+        return self._described(("flex", generation, op_name), tuple(tensors), lambda: flex_spec(op_name, tensors))
+
+    def _described(self, key: Hashable, tensors: tuple[Tensor, ...], build: Callable[[], T]) -> T:
+        """What ``build`` makes of ``tensors`` (a generation's), made again only when their stamp
+        changes (an in-place mutation, other tensors under the same generation)."""
         now = stamp(tensors)
 
-        def lookup() -> Metadata | None:
-            self._generation = generation
-            known = self._metadata.get(generation)
+        def lookup() -> T | None:
+            known = self._metadata.get(key)
             if known is not None and now is not None and known[0] == now:
-                self._metadata.move_to_end(generation)
+                self._metadata.move_to_end(key)
                 return known[1]
             return None
 
-        def store(meta: Metadata) -> Metadata:
-            self._described += 1
-            self._metadata[generation] = (now, meta)
-            self._metadata.move_to_end(generation)
-            return meta
+        def store(value: T) -> T:
+            self._described_count += 1
+            self._metadata[key] = (now, value)
+            self._metadata.move_to_end(key)
+            return value
 
-        return self._once(("metadata", generation, now), lookup, lambda: describe(*tensors), store)
+        return self._once(("described", key, now), lookup, build, store)
 
     @_locked
     def layout(self, table: Tensor, world_size: int) -> tuple[bytes, Layout]:
@@ -219,7 +232,7 @@ class PlanCache:
     @_locked
     def info(self) -> MaskCacheInfo:
         return MaskCacheInfo(self._generation, self._builds, self._hits, len(self._plans), self.capacity,
-                             sum(len(p) for p in self._plans.values()), self._described)
+                             sum(len(p) for p in self._plans.values()), self._described_count)
 
 
 MASK_CACHE = PlanCache()

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..layout import Layout
-from .masks import Mask, MaskSpec, gemma4_mask
+from .flexmask import FlexSpec
+from .masks import Mask, MaskSpec, gemma4_mask, with_metadata
 from .metadata import relevance
 
 BLOCK_SIZE = 128  # tokens per block of the planner (and of the flex kernel's BlockMasks)
@@ -27,19 +28,19 @@ class PlanContext(NamedTuple):
     """What every plan and exchange schedule of one call derives from.
 
     Attributes:
-        spec: the layer's mask.
+        spec: the layer's mask: a ``MaskSpec``, or a ``FlexMask`` as a ``FlexSpec``.
         mask: the whole mask over global positions, with the metadata that matters; None when every
             pair is allowed.
         document_cuts: global positions where a document starts in some batch row (0 excluded).
         layout: how the sequence is split over the ranks.
         seq_len: S.
-        batch: the masks' batch rows: B when some field matters, else 1 (additive masks and
-            flags are [batch or 1, ...]).
+        batch: the masks' batch rows: B when some field matters or a FlexMask reads its row
+            ``b``, else 1 (additive masks and flags are [batch or 1, ...]).
         block_size: tokens per block.
         device: where plans are built (the queries' device).
     """
 
-    spec: MaskSpec
+    spec: MaskSpec | FlexSpec
     mask: Mask | None
     document_cuts: tuple[int, ...]
     layout: Layout
@@ -54,7 +55,7 @@ class PlanContext(NamedTuple):
         return (self.spec, self.seq_len, self.batch, self.block_size, self.device, *parts)
 
 
-def plan_context(spec: MaskSpec, layout: Layout, seq_len: int, device: torch.device,
+def plan_context(spec: MaskSpec | FlexSpec, layout: Layout, seq_len: int, device: torch.device,
                  document_ids: Tensor | None = None, block_ids: Tensor | None = None,
                  padding: Tensor | None = None, relevant: tuple[bool, bool, bool] | None = None,
                  block_size: int | None = None) -> PlanContext:
@@ -62,7 +63,8 @@ def plan_context(spec: MaskSpec, layout: Layout, seq_len: int, device: torch.dev
 
     Args:
         document_ids, block_ids, padding: whole-sequence metadata [B, S] (see ``SequenceInfo``),
-            None when absent.
+            None when absent (a FlexMask that reads its row ``b`` takes B from them: give them all,
+            as the op does).
         relevant: whether each field changes a mask, when already known (``Metadata``); None
             reads the data to find out.
         block_size: None for ``BLOCK_SIZE``, read at call time.
@@ -70,9 +72,15 @@ def plan_context(spec: MaskSpec, layout: Layout, seq_len: int, device: torch.dev
     fields = (document_ids, block_ids, padding)
     relevant = relevance(*fields) if relevant is None else relevant
     documents, blocks, pads = (t if used else None for t, used in zip(fields, relevant))
-    batch = next((t.shape[0] for t in (documents, blocks, pads) if t is not None), 1)
-    return PlanContext(spec, gemma4_mask(spec, documents, blocks, pads), document_cuts(documents), layout,
-                       seq_len, batch, BLOCK_SIZE if block_size is None else block_size, device)
+    rows = 1
+    if isinstance(spec, FlexSpec):  # image blocks are the mask_mod's business
+        blocks, mask = None, with_metadata([spec.mask], documents, pads)
+        rows = next((t.shape[0] for t in fields if t is not None), 1) if spec.per_row else 1
+    else:
+        mask = gemma4_mask(spec, documents, blocks, pads)
+    batch = next((t.shape[0] for t in (documents, blocks, pads) if t is not None), rows)
+    return PlanContext(spec, mask, document_cuts(documents), layout, seq_len, batch,
+                       BLOCK_SIZE if block_size is None else block_size, device)
 
 
 def document_cuts(document_ids: Tensor | None) -> tuple[int, ...]:

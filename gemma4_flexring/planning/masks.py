@@ -150,13 +150,16 @@ def gemma4_mask(
     order = causal() if spec.causal else None
     if spec.block_bidirectional and block_ids is not None and order is not None:
         order = any_of(order, same_block(block_ids))
-    parts = [order]
-    if spec.sliding_window is not None:
-        parts.append(sliding_window(spec.sliding_window, spec.causal))
-    if document_ids is not None:
-        parts.append(same_document(document_ids))
-    if padding is not None:
-        parts.append(not_padding(padding))
+    window = None if spec.sliding_window is None else sliding_window(spec.sliding_window, spec.causal)
+    return with_metadata([order, window], document_ids, padding)
+
+
+def with_metadata(parts: list[Mask | None], document_ids: Tensor | None = None,
+                  padding: Tensor | None = None) -> Mask | None:
+    """The AND of ``parts`` (None: no term) and of the documents and padding when given; None when
+    every pair is allowed."""
+    parts = [*parts, None if document_ids is None else same_document(document_ids),
+             None if padding is None else not_padding(padding)]
     parts = [p for p in parts if p is not None]
     if not parts:
         return None

@@ -1,7 +1,9 @@
 """The scenario catalog: every mask and every placement of documents, image blocks and padding that
 the tests and the tools (selfcheck, bench, graph) run, each defined once.
 
-- Masks by name (``SPECS``); ``with_window`` gives one at another window.
+- Masks by name (``SPECS``); ``with_window`` gives one at another window. FlexMasks by name
+  (``FLEX_MASKS``): the presets and a few masks users write (shared-prefix continuations, block
+  diffusion; a per-head mask, which the ring refuses).
 - Metadata by kind (``INFOS``, ``make_info``), placed relative to the sequence length so that
   documents, image blocks and padding cross rank boundaries.
 - Ring cases (``Case``, ``make_tensors``, ``make_layout``): a mask, a metadata kind, shapes, dtype.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import Layout, MaskSpec, SequenceInfo
+from .. import FlexMask, Layout, MaskSpec, SequenceInfo, presets
 from ..layout import LayerMix
 
 # ------------------------------------------------------------------------------ masks
@@ -92,8 +94,9 @@ class Case:
     kernel: str | None = None  # the chunk kernel (None: by device)
 
     @property
-    def mask(self) -> MaskSpec:
-        return SPECS[self.spec]
+    def mask(self) -> MaskSpec | FlexMask:
+        """``SPECS[spec]``, or the FlexMask ``FLEX_MASKS[spec]`` builds for the case's shape."""
+        return SPECS[self.spec] if self.spec in SPECS else FLEX_MASKS[self.spec](self.batch, self.seq_len)
 
     def metadata(self) -> SequenceInfo | None:
         return make_info(self.info, self.batch, self.seq_len)
@@ -128,8 +131,10 @@ STACK_MIX = ((SPECS["sliding"], 5), (SPECS["causal"], 1))
 
 def make_layout(kind: str, world_size: int, case: Case) -> Layout:
     """``layout_of`` the case's metadata (whose short sequences give small grains, hence many
-    segments per rank); "balanced_stack" is the balanced layout weighing ``STACK_MIX``."""
-    masks = STACK_MIX if kind == "balanced_stack" else None
+    segments per rank); "balanced_stack" is the balanced layout weighing ``STACK_MIX``, "balanced"
+    weighs a FlexMask case's own mask."""
+    mask = case.mask
+    masks = STACK_MIX if kind == "balanced_stack" else [(mask, 1)] if isinstance(mask, FlexMask) else None
     return layout_of(kind.removesuffix("_stack"), world_size, case.metadata(), case.batch, case.seq_len, masks)
 
 
@@ -276,3 +281,87 @@ class ErrorCase:
         docs[:, self.seq_len // 3:] = 1
         docs[:, self.seq_len * 3 // 4:] = 2
         return SequenceInfo(document_ids=docs)
+
+
+# ------------------------------------------------------------------------------ FlexMasks
+
+
+def shared_prefix(prefix: torch.Tensor, branch_ids: torch.Tensor):
+    """Shared-prefix continuations (a user's FlexMask factory): the first ``prefix`` ([] int)
+    positions are a prompt; each continuation (``branch_ids`` [B, S], one id per branch) sees the
+    prompt and itself, causally."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < prefix) | (branch_ids[b, q_idx] == branch_ids[b, kv_idx]))
+
+    return mask_mod
+
+
+def block_diffusion(block: torch.Tensor, half: torch.Tensor):
+    """Block diffusion (BD3-LM, a user's FlexMask factory): positions below ``half`` are the noised
+    copy x_t, the rest the clean x_0, both in blocks of ``block`` ([] int). Noised tokens see their
+    own noised block both ways and the clean tokens of earlier blocks; clean tokens see the clean
+    tokens of their block and earlier ones."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_clean, kv_clean = q_idx >= half, kv_idx >= half
+        q_block = torch.div(torch.where(q_clean, q_idx - half, q_idx), block, rounding_mode="floor")
+        kv_block = torch.div(torch.where(kv_clean, kv_idx - half, kv_idx), block, rounding_mode="floor")
+        own = (q_block == kv_block) & (q_clean == kv_clean)
+        earlier_clean = (kv_block < q_block) & kv_clean
+        return own | earlier_clean | ((kv_block == q_block) & q_clean & kv_clean)
+
+    return mask_mod
+
+
+def per_head(first_heads: torch.Tensor):
+    """A per-head mask (refused by the ring): heads below ``first_heads`` causal, the others all."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (h >= first_heads)
+
+    return mask_mod
+
+
+def _flags(batch: int, seq_len: int, *positions: int) -> torch.Tensor:
+    flags = torch.zeros(batch, seq_len, dtype=torch.bool)
+    flags[:, list(positions)] = True
+    flags[-1, seq_len // 3] = True  # rows differ
+    return flags
+
+
+def _packed(batch: int, seq_len: int) -> torch.Tensor:
+    return make_info("documents", batch, seq_len).document_ids
+
+
+# Each (batch, seq_len) -> FlexMask, with tensors placed relative to the length so that prefixes,
+# chunks, global tokens and branches cross rank boundaries; rows differ where a tensor is per row.
+FLEX_MASKS = {
+    "flex_causal": lambda batch, s: FlexMask(presets.causal),
+    "flex_sliding": lambda batch, s: FlexMask(presets.sliding_window, window=torch.tensor(6)),
+    "flex_chunked": lambda batch, s: FlexMask(presets.chunked, chunk=torch.tensor(s // 5)),
+    "flex_prefix_lm": lambda batch, s: FlexMask(presets.prefix_lm, prefix=torch.arange(batch) * (s // 4) + s // 3),
+    "flex_global": lambda batch, s: FlexMask(presets.global_tokens, is_global=_flags(batch, s, 1, s // 2 + 1, s - 3)),
+    "flex_global_window": lambda batch, s: FlexMask(presets.global_tokens, is_global=_flags(batch, s, 0, s // 2),
+                                                    window=torch.tensor(5)),
+    "flex_dilated": lambda batch, s: FlexMask(presets.dilated_sliding_window, window=torch.tensor(9),
+                                              dilation=torch.tensor(3)),
+    "flex_prefix_lm_documents": lambda batch, s: FlexMask(presets.prefix_lm, prefix=torch.tensor(4),
+                                                          document_ids=_packed(batch, s)),
+    "flex_chunked_documents": lambda batch, s: FlexMask(presets.chunked, chunk=torch.tensor(7),
+                                                        document_ids=_packed(batch, s)),
+    "flex_shared_prefix": lambda batch, s: FlexMask(shared_prefix, prefix=torch.tensor(s // 3),
+                                                    branch_ids=torch.arange(s).expand(batch, s) * 4 // s),
+    "flex_block_diffusion": lambda batch, s: FlexMask(block_diffusion, block=torch.tensor(5),
+                                                      half=torch.tensor(s // 2)),
+}
+
+# FlexMasks over long sequences with small blocks, as ``EXCHANGE_CASES``: most of a chunk is
+# needed by no other rank, and what is sent must be what the mask needs.
+FLEX_EXCHANGE_CASES = [
+    Case("flex_sliding", "none", seq_len=192, block_size=8),
+    Case("flex_chunked", "padding", seq_len=192, block_size=8),
+    Case("flex_global_window", "none", seq_len=192, block_size=8),
+    Case("flex_prefix_lm_documents", "none", seq_len=192, block_size=8),
+    Case("flex_dilated", "documents", seq_len=192, block_size=8),
+]

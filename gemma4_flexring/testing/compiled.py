@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from .. import Layout, MaskSpec, SequenceInfo, clear_mask_cache, mask_cache_info, ring_attention
+from .. import FlexMask, Layout, MaskSpec, SequenceInfo, clear_mask_cache, mask_cache_info, presets, ring_attention
+from ..prepare import mask_arguments
 from .cases import training_info
 from .model import Gemma4Attention
 
@@ -151,7 +152,9 @@ METADATA_VARIANTS = {"none": (), "document_ids": (0,), "block_ids": (1,), "paddi
 
 
 def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 16):
-    """(name, op, args) for both ops on ``rank``'s shard, one per metadata variant.
+    """(name, op, args) for both ops on ``rank``'s shard, one per metadata variant (sliding window
+    W = 5, images bidirectional when present), and one with a FlexMask (prefix-LM with packed
+    documents).
 
     The backward op's inputs do not require grad: it is only ever called from the forward op's
     autograd formula and has no derivative of its own.
@@ -161,10 +164,17 @@ def opcheck_cases(layout: Layout, rank: int, dtype: torch.dtype, seq_len: int = 
     q, k, v, grad_out = (layout.shard(t, 2, rank) for t in full)
     metadata = training_info(seq_len).tensors()
     group = "" if layout.world_size == 1 else torch.distributed.group.WORLD.group_name
+    variants = [(name, SequenceInfo(*(t if i in present else None for i, t in enumerate(metadata)),
+                                    shape=(BATCH, seq_len)), MaskSpec(sliding_window=5, block_bidirectional=1 in present))
+                for name, present in METADATA_VARIANTS.items()]
+    variants.append(("flexmask", SequenceInfo(document_ids=metadata[0]),
+                     FlexMask(presets.prefix_lm, prefix=torch.tensor([3, 6]))))
     cases = []
-    for variant, present in METADATA_VARIANTS.items():
-        info = SequenceInfo(*(t if i in present else None for i, t in enumerate(metadata)), shape=(BATCH, seq_len))
-        options = (layout.table(seq_len), True, 5, 1 in present, group, 0.5)
+    for variant, info, mask in variants:
+        masks = mask_arguments(mask, q.device)
+        options = (layout.table(seq_len), *(masks[f] for f in ("mask_tensors", "causal", "sliding_window",
+                                                                 "block_bidirectional")),
+                   group, 0.5, "", masks["mask_name"], masks["mask_generation"])
         forward_args = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
                         info.generation, *info.tensors(), *options)
         out, lse = torch.ops.gemma4_flexring.ring_attention(q, k, v, info.generation, *info.tensors(), *options)

@@ -1,7 +1,8 @@
 """Dense float64 reference on the whole sequence, written straight from the mask formula.
 
-Deliberately shares no code with the ring (no mask_mods, no kernels): it is what tests and
-the demo compare against.
+Deliberately shares no code with the ring (no mask_mods of its own, no kernels): it is what tests
+and the demo compare against. A FlexMask's mask_mod is the user's definition of the mask, so it
+is evaluated here as is, on the whole grid.
 """
 
 from __future__ import annotations
@@ -10,25 +11,30 @@ import torch
 from torch import Tensor
 
 from ..info import SequenceInfo
+from ..planning.flexmask import FlexMask
 from ..planning.masks import MaskSpec
 
 
-def reference_mask(spec: MaskSpec, info: SequenceInfo | None, batch: int, seq_len: int) -> Tensor:
-    """Allowed (query i, key j) pairs as bool [B, S, S]."""
+def reference_mask(spec: MaskSpec | FlexMask, info: SequenceInfo | None, batch: int, seq_len: int) -> Tensor:
+    """Allowed (query i, key j) pairs as bool [B, S, S]; a FlexMask's mask_mod is evaluated on
+    the whole grid (its image blocks are ignored, documents and padding applied)."""
     i = torch.arange(seq_len).view(1, -1, 1)
     j = torch.arange(seq_len).view(1, 1, -1)
-    allowed = torch.ones(batch, seq_len, seq_len, dtype=torch.bool)
-    order = (j <= i) if spec.causal else torch.ones_like(allowed)
     doc = block = pad = None
     if info is not None:
         doc, block, pad = (None if t is None else t.cpu() for t in info.tensors())
-    if spec.block_bidirectional and block is not None:
-        same = (block[:, :, None] >= 0) & (block[:, :, None] == block[:, None, :])
-        order = order | same
-    allowed = allowed & order
-    if spec.sliding_window is not None:
-        w = spec.sliding_window
-        allowed = allowed & ((j > i - w) if spec.causal else ((i - j).abs() <= w))
+    if isinstance(spec, FlexMask):
+        mask_mod = spec.factory(**{k: t.cpu() for k, t in spec.tensors.items()})
+        b = torch.arange(batch).view(-1, 1, 1)
+        allowed = mask_mod(b, torch.zeros((), dtype=torch.int64), i, j).expand(batch, seq_len, seq_len)
+    else:
+        order = (j <= i) if spec.causal else torch.ones(1, seq_len, seq_len, dtype=torch.bool)
+        if spec.block_bidirectional and block is not None:
+            order = order | ((block[:, :, None] >= 0) & (block[:, :, None] == block[:, None, :]))
+        allowed = order.expand(batch, seq_len, seq_len)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            allowed = allowed & ((j > i - w) if spec.causal else ((i - j).abs() <= w))
     if doc is not None:
         allowed = allowed & (doc[:, :, None] == doc[:, None, :])
     if pad is not None:
@@ -36,7 +42,7 @@ def reference_mask(spec: MaskSpec, info: SequenceInfo | None, batch: int, seq_le
     return allowed
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, info: SequenceInfo | None = None,
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec | FlexMask, info: SequenceInfo | None = None,
                         scale: float | None = None) -> Tensor:
     """Whole-sequence attention in float64: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D].
 
@@ -56,7 +62,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, info: S
     return probs @ v64
 
 
-def reference_gradients(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, spec: MaskSpec,
+def reference_gradients(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, spec: MaskSpec | FlexMask,
                         info: SequenceInfo | None = None, scale: float | None = None) -> list[Tensor]:
     """Float64 ``[out, dq, dk, dv]`` of ``reference_attention`` for the output gradient ``grad``
     [B, Hq, S, D] (q, k, v as there; their dtype is raised to float64 first)."""

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import Layout, MaskSpec, SequenceInfo, exchange, reset_ring_stats, ring_attention, ring_stats
+from .. import FlexMask, presets, Layout, MaskSpec, SequenceInfo, exchange, reset_ring_stats, ring_attention, ring_stats
 from ..planning import context
 from ..planning.context import plan_context
+from ..planning.flexmask import flex_spec
 from ..planning.plan import needed_kv_rows, plan_pair
 from .cases import SPECS, Case, layout_of, make_info, make_layout, make_tensors
 from .reference import reference_gradients, reference_mask
@@ -185,8 +186,10 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
 
     layout = Layout(layout_kind, world_size)
     info = case.metadata()
-    ctx = plan_context(case.mask, layout, case.seq_len, torch.device("cpu"),
-                       *(() if info is None else info.tensors()), block_size=case.block_size)
+    mask = case.mask
+    spec = flex_spec(mask.op_name, mask.op_tensors(torch.device("cpu"))) if isinstance(mask, FlexMask) else mask
+    fields = (info or SequenceInfo(shape=(case.batch, case.seq_len))).tensors()  # as the op gets them
+    ctx = plan_context(spec, layout, case.seq_len, torch.device("cpu"), *fields, block_size=case.block_size)
     rows = lambda runs: sum(b - a for a, b in runs)  # noqa: E731
     whole_blocks = KERNELS[case.kernel or "aten"].reads_whole_blocks
     needed_by_others = sum(rows(needed_kv_rows(ctx, reader, rank, whole_blocks))
@@ -194,7 +197,7 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     plans = [plan_pair(ctx, rank, owner, case.dtype) for owner in range(world_size) if owner != rank]
     read_of_others = sum(rows(plan.pair_rows if whole_blocks else plan.kv_rows) for plan in plans)
     row_bytes = 2 * case.batch * case.kv_heads * case.head_dim * torch.empty((), dtype=case.dtype).element_size()
-    allowed = reference_mask(case.mask, info, case.batch, case.seq_len)  # [B, S, S]
+    allowed = reference_mask(mask, info, case.batch, case.seq_len)  # [B, S, S]
     seen = allowed[:, layout.positions(case.seq_len, rank)].any(1).any(0)  # keys some local query may see
     lower = sum(int(seen[layout.positions(case.seq_len, owner)].sum()) for owner in range(world_size) if owner != rank)
     reset_ring_stats()
@@ -233,3 +236,14 @@ def agreements_over_layers(rank: int, world_size: int) -> list[int]:
         counts.append(ring_stats().agreements)
     return counts
 
+
+
+def disagreeing_flex_masks(rank: int, world_size: int) -> str:
+    """The error each rank gets when one rank's FlexMask tensors differ from the others'."""
+    q = torch.randn(1, 2, 8, 8)
+    mask = FlexMask(presets.prefix_lm, prefix=torch.tensor(3 + (rank == world_size - 1)))
+    try:
+        ring_attention(q, q, q, mask=mask)
+    except ValueError as e:
+        return str(e)
+    return "no error"

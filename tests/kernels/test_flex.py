@@ -28,7 +28,8 @@ from gemma4_flexring.testing.workers import reference, run_cases
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 # Every mask feature: causal, window (causal and symmetric), vision blocks, documents, padding
-# (incl. a padded last document: rows with no key anywhere), no mask at all; GQA 4:2 and MQA.
+# (incl. a padded last document: rows with no key anywhere), no mask at all; GQA 4:2 and MQA;
+# FlexMasks.
 FLEX_CASES = [
     Case("causal", "none", kernel="flex"),
     Case("sliding", "vision", kernel="flex"),
@@ -42,6 +43,10 @@ FLEX_CASES = [
     Case("sliding", "none", seq_len=96, block_size=8, kernel="flex"),
     Case("sliding_vision", "all", seq_len=96, block_size=8, kernel="flex"),
     Case("bidirectional_window", "packed_padded", seq_len=96, block_size=8, kernel="flex"),
+    # FlexMasks: the user's mask_mod (closing over its tensors) inside the flex calls' BlockMasks.
+    Case("flex_prefix_lm", "packed_padded", kernel="flex"),
+    Case("flex_global_window", "none", kernel="flex"),
+    Case("flex_block_diffusion", "padding", seq_len=96, block_size=8, kernel="flex"),
 ]
 # Gemma 4's head dims, low precision in, float32 LSE and merge.
 HEAD_DIM_CASES = [
