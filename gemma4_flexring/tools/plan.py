@@ -2,6 +2,7 @@
 
     python -m gemma4_flexring plan --world-size 4 --seq-len 8192 --mask packed --packing long_four \\
         --layout balanced --output plan.png
+    python -m gemma4_flexring plan --world-size 4 --seq-len 8192 --mask causal --flex prefix_lm --output -
 
 Plans one layer's mask over a bench figure's metadata (``testing/cases.py``: ``figure_masks``,
 ``figure_info``; the same masks, packings and windows as ``bench``) for a layout, as the op
@@ -31,9 +32,10 @@ from ..layout import Layout
 from ..planning.blocks import EMPTY, FULL, PARTIAL, Blocks
 from ..planning.context import plan_context
 from ..planning.flags import segment_flags
+from ..planning.flexmask import FlexMask, flex_spec
 from ..planning.masks import MaskSpec
 from ..planning.plan import needed_kv_rows
-from ..testing.cases import FIGURES, PACKINGS, figure_info, figure_masks
+from ..testing.cases import FIGURES, FLEX_MASKS, PACKINGS, figure_info, figure_masks
 
 CLASS_NAMES = {EMPTY: "empty", PARTIAL: "partial", FULL: "full"}
 
@@ -56,8 +58,11 @@ class MaskPicture:
     pair_blocks: dict[int, torch.Tensor]
 
 
-def mask_picture(spec: MaskSpec, info, layout: Layout, seq_len: int, block_size: int = 128) -> MaskPicture:
-    """The picture of ``spec`` over ``info`` ([B, S] metadata) sharded by ``layout``."""
+def mask_picture(spec: MaskSpec | FlexMask, info, layout: Layout, seq_len: int, block_size: int = 128) -> MaskPicture:
+    """The picture of ``spec`` (a MaskSpec or a FlexMask) over ``info`` ([B, S] metadata) sharded
+    by ``layout``."""
+    if isinstance(spec, FlexMask):
+        spec = flex_spec(spec.op_name, spec.op_tensors(torch.device("cpu")))
     ctx = plan_context(spec, layout, seq_len, torch.device("cpu"), *info.tensors(), block_size=block_size)
     ranks = range(layout.world_size)
     bands = [[pair_classes(ctx, reader, owner) for owner in ranks] for reader in ranks]
@@ -149,6 +154,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layer", choices=["global", "sliding"], default=None,
                    help="a Gemma 4 stack's global (causal) or sliding layer over the figure's metadata "
                         "(default: the figure's own mask, as bench runs it)")
+    p.add_argument("--flex", choices=[n.removeprefix("flex_") for n in FLEX_MASKS], default=None,
+                   help="a FlexMask of the test catalog (presets, shared prefix, block diffusion) in place of the "
+                        "layer's mask, over the figure's metadata")
     p.add_argument("--window", type=int, default=1024, help="sliding window of sliding layers")
     p.add_argument("--documents", type=int, default=5, help="packed documents of the packed mask")
     p.add_argument("--packing", choices=["equal", *PACKINGS], default="equal")
@@ -165,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     (_, spec), = figure_masks(args.mask, args.window, 0)
     if args.layer is not None:
         spec = dict(figure_masks(args.mask, args.window, 6))[args.layer]  # a stack: 5 sliding, 1 global
-    layout = Layout.balanced(info, args.world_size) if args.layout == "balanced" else Layout(args.layout, args.world_size)
+    if args.flex is not None:
+        spec = FLEX_MASKS[f"flex_{args.flex}"](batch, args.seq_len)
+    if args.layout == "balanced":  # weighing the layer's mask
+        layout = Layout.balanced(info, args.world_size, masks=[(spec, 1)])
+    else:
+        layout = Layout(args.layout, args.world_size)
     picture = mask_picture(spec, info, layout, args.seq_len, args.block_size)
     title = (f"{args.mask} ({spec}), {args.layout} layout, P={args.world_size}, S={args.seq_len}, "
              f"packing {args.packing}, blocks of {args.block_size}")

@@ -8,6 +8,7 @@ import torch
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo
 from gemma4_flexring.planning.blocks import EMPTY, FULL, PARTIAL
+from gemma4_flexring.testing.cases import FLEX_MASKS
 from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.tools.plan import main, mask_picture
 
@@ -43,8 +44,9 @@ def dense_picture(spec: MaskSpec, info: SequenceInfo, layout: Layout):
 
 
 @pytest.mark.parametrize("spec", [MaskSpec(causal=True), MaskSpec(causal=True, sliding_window=24),
-                                  MaskSpec(causal=True, sliding_window=24, block_bidirectional=True)],
-                         ids=["causal", "sliding", "sliding_vision"])
+                                  MaskSpec(causal=True, sliding_window=24, block_bidirectional=True),
+                                  FLEX_MASKS["flex_global_window"](2, S), FLEX_MASKS["flex_block_diffusion"](2, S)],
+                         ids=["causal", "sliding", "sliding_vision", "flex_global_window", "flex_block_diffusion"])
 @pytest.mark.parametrize("kind, world_size", [("zigzag", 2), ("contiguous", 4), ("zigzag", 4)])
 def test_the_picture_is_the_dense_mask_blocked(spec, kind, world_size):
     info, layout = packed_info(), Layout(kind, world_size)
@@ -67,7 +69,9 @@ def test_the_command_prints_the_figures_and_draws_them(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_command_prints_without_drawing(capsys):
-    assert main(["--world-size", "2", "--seq-len", "512", "--mask", "causal", "--output", "-"]) == 0
+@pytest.mark.parametrize("flex", [[], ["--flex", "prefix_lm"]], ids=["maskspec", "flexmask"])
+def test_the_command_prints_without_drawing(capsys, flex):
+    assert main(["--world-size", "2", "--seq-len", "512", "--mask", "causal", "--output", "-", *flex]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["reader", "owner", "full", "partial", "rows"] and len(lines) == 2 + 4 + 1
+    assert ("FlexMask(gemma4_flexring.presets.prefix_lm" in lines[0]) == bool(flex)
