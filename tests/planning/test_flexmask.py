@@ -67,6 +67,13 @@ def test_global_tokens_see_and_are_seen_by_all():
     windowed = _preset(presets.global_tokens, is_global=is_global, window=torch.tensor(4))[0]
     window = _preset(presets.sliding_window, window=torch.tensor(4))[0]
     assert torch.equal(windowed[others][:, others], window[others][:, others])
+    # Per document: a global token sees and is seen by all of its own document, nothing else.
+    documents = (torch.arange(40) >= 20).long().view(1, 40)
+    per_document = _preset(presets.global_tokens, is_global=is_global, document_ids=documents)[0]
+    same = documents[0, :, None] == documents[0, None, :]
+    expected = same & (causal | is_global[0, :, None] | is_global[0, None, :])
+    expected[20:, 20:] = same[20:, 20:] & (causal[:20, :20] | is_global[0, None, 20:] | is_global[0, 20:, None])
+    assert torch.equal(per_document, expected)
 
 
 def test_factories_are_found_by_name():
