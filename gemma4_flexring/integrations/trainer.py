@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layout import Layout
+from ..validate import agree
 from .attention import use_ring_attention
 from .data_parallel import cp_mesh
 from .inputs import IGNORE_INDEX, shard_inputs, shift_labels
@@ -294,14 +295,17 @@ class RingTrainerMixin:
         ``ROW_KEYS`` dropped, other non-tensor entries kept.
 
         Raises:
-            ValueError: a tensor under a key that cannot be sharded (``pixel_values``: images).
+            ValueError: on every rank of the world, when some rank's batch holds a tensor under a key
+                that cannot be sharded (``pixel_values``: images).
         """
         inputs = {k: v for k, v in inputs.items() if k != SHARDED_KEY}
         unknown = [k for k, v in inputs.items() if isinstance(v, Tensor) and k not in (*SEQUENCE_KEYS, *ROW_KEYS)]
-        if unknown:
-            raise ValueError(f"RingTrainer: cannot shard the batch's {unknown}; it shards the whole-sequence keys "
-                             f"{SEQUENCE_KEYS} (image batches: shard their features with hf.shard_token_features "
-                             "in a loop of your own)")
+        problems = [(ValueError, f"cannot shard the batch's {unknown}; it shards the whole-sequence keys "
+                                 f"{SEQUENCE_KEYS} (image batches: shard their features with hf.shard_token_features "
+                                 "in a loop of your own)")] if unknown else []
+        # Every rank agrees, data groups included: a batch one data group cannot shard would
+        # otherwise leave the others waiting in the gradients' reduction.
+        agree(problems, dist.group.WORLD if dist.is_initialized() else None, lambda: [0], ("failed",), "RingTrainer")
         model = self.accelerator.unwrap_model(self.model)
         text = model.config.get_text_config()
         batch = pad_rows({k: inputs.get(k) for k in SEQUENCE_KEYS}, self._row_multiple, text.pad_token_id or 0)

@@ -258,7 +258,8 @@ def trainer_refusal(rank: int, world_size: int, setup: TrainerSetup, output_dir:
     """Build (and for a batch problem, step) a ``hf.RingTrainer`` with one thing it cannot honour:
     "label_smoothing", "compute_loss_func", "compute_metrics", "cp_size" (3 on this world),
     "accelerate_world" (no ``use_cpu=True``: accelerate sees one process on a CPU machine),
-    "layout", "images" (a batch with ``pixel_values``), "predict" (logits asked for)."""
+    "layout", "images" (a batch with ``pixel_values``), "images_one_data_group" (such batches on
+    the last data group only), "predict" (logits asked for)."""
     join_world(rank, world_size)
     rows = packed_rows(setup.rows, setup.seq_len)
     overrides = {"label_smoothing": {"label_smoothing_factor": 0.1},
@@ -270,8 +271,10 @@ def trainer_refusal(rank: int, world_size: int, setup: TrainerSetup, output_dir:
         kwargs["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: outputs.loss
     if what == "compute_metrics":
         kwargs["compute_metrics"] = lambda prediction: {}
-    if what == "images":
-        kwargs["data_collator"] = lambda batch: {**collate(batch), "pixel_values": torch.zeros(1, 3, 4, 4)}
+    if what.startswith("images"):
+        images = what == "images" or rank >= world_size - setup.cp  # this rank's data group has images
+        kwargs["data_collator"] = lambda batch: {**collate(batch), **({"pixel_values": torch.zeros(1, 3, 4, 4)}
+                                                                      if images else {})}
     trainer = hf.RingTrainer(**kwargs)
     with single_thread():
         if what == "predict":

@@ -82,6 +82,15 @@ def test_with_an_accelerate_parallelism_config_it_trains_as_one_process(cluster,
     assert_trains_as_one_process(cluster, TrainerSetup(dp=2, cp=2, accumulation=2, parallelism=True), tmp_path)
 
 
+def test_a_batch_one_data_group_cannot_shard_raises_on_every_rank(cluster, tmp_path):
+    """dp2 x cp2, image batches on the second data group only: all four ranks raise (the first
+    data group would otherwise wait for the second in the gradients' reduction)."""
+    errors = cluster(4).errors(trainer_refusal, TrainerSetup(dp=2, cp=2, steps=1), str(tmp_path),
+                               "images_one_data_group")
+    assert [name for name, _ in errors] == ["ValueError"] * 4, errors
+    assert all("rank 2: cannot shard the batch's ['pixel_values']" in text for _, text in errors), errors
+
+
 def test_an_accelerate_parallelism_config_gives_the_cp_groups(cluster):
     """With ``args.parallelism_config`` (accelerate's mesh, "cp" innermost) the trainer's CP groups
     are the mesh's; a ``cp_size`` that is not the config's is refused."""
