@@ -2,7 +2,8 @@
 the equivalent ``MaskSpec`` (planned from block summaries), and the bytes each rank sends against
 the rows its mask needs.
 
-    python benchmarks/bench_flexmask.py [--world-size 4] [--seq-len 16384] [--layout zigzag] [--document 3000]
+    python benchmarks/bench_flexmask.py [--world-size 4] [--seq-len 16384] [--layout zigzag] [--document 3000] \
+        [--unclassed]
 
 Every rank (a gloo process) runs one packed row [1, S] (documents of ``--document`` tokens, 0:
 one document) through each
@@ -13,6 +14,8 @@ exchange, plan cache emptied first; CPU seconds of the rank's own thread), then 
 and backward (H=1, D=16, float32) and counts the bytes it sent. The bound: the rows of other
 ranks' chunks that some local query may see, sent three times (K/V forward, K/V backward, dK/dV
 home), counted by evaluating the mask densely apart from the planner. Target: sent / bound <= 1.25.
+With ``--unclassed`` the presets' mask_mods lose their ``block_classes``, as a mask_mod a user
+writes has none: the planner then evaluates every block the documents leave open.
 """
 
 from __future__ import annotations
@@ -30,21 +33,36 @@ from gemma4_flexring.testing.launch import spawn
 TARGET = 1.25
 
 
-def masks(info: SequenceInfo) -> dict[str, object]:
+def preset(factory, classed: bool, **tensors) -> FlexMask:
+    """A preset's FlexMask; not ``classed``: its mask_mod stripped of ``block_classes`` (as a
+    user's mask_mod), under a name registered in this process."""
+    if classed:
+        return FlexMask(factory, **tensors)
+
+    def unclassed(**args):
+        inner = factory(**args)
+        return lambda b, h, q_idx, kv_idx: inner(b, h, q_idx, kv_idx)
+
+    return FlexMask(unclassed, name=f"bench_flexmask.unclassed.{factory.__name__}", **tensors)
+
+
+def masks(info: SequenceInfo, classed: bool) -> dict[str, object]:
     """The benchmark's masks by name: FlexMask presets and two MaskSpec twins."""
     seq_len = info.document_ids.shape[1]
     is_global = torch.zeros(1, seq_len, dtype=torch.bool)
     is_global[0, ::seq_len // 16] = True
     return {
         "causal (MaskSpec)": MaskSpec(),
-        "causal": FlexMask(presets.causal),
+        "causal": preset(presets.causal, classed),
         "sliding 512 (MaskSpec)": MaskSpec(sliding_window=513),  # the preset's window w holds w + 1 keys
-        "sliding 512": FlexMask(presets.sliding_window, window=torch.tensor(512)),
-        "chunked 2048": FlexMask(presets.chunked, chunk=torch.tensor(2048)),
-        "prefix-LM 512 per document": FlexMask(presets.prefix_lm, prefix=torch.tensor(512),
-                                               document_ids=info.document_ids),
-        "global 16 + sliding 512": FlexMask(presets.global_tokens, is_global=is_global, window=torch.tensor(512)),
-        "dilated 512 / 4": FlexMask(presets.dilated_sliding_window, window=torch.tensor(512), dilation=torch.tensor(4)),
+        "sliding 512": preset(presets.sliding_window, classed, window=torch.tensor(512)),
+        "chunked 2048": preset(presets.chunked, classed, chunk=torch.tensor(2048)),
+        "prefix-LM 512 per document": preset(presets.prefix_lm, classed, prefix=torch.tensor(512),
+                                             document_ids=info.document_ids),
+        "global 16 + sliding 512": preset(presets.global_tokens, classed, is_global=is_global,
+                                          window=torch.tensor(512)),
+        "dilated 512 / 4": preset(presets.dilated_sliding_window, classed, window=torch.tensor(512),
+                                  dilation=torch.tensor(4)),
     }
 
 
@@ -77,7 +95,7 @@ def _rows_of(mask, info: SequenceInfo, seq_len: int, rows: torch.Tensor) -> torc
     return allowed & (doc[rows].view(1, -1, 1) == doc.view(1, 1, -1))
 
 
-def run_rank(rank: int, world_size: int, seq_len: int, layout_kind: str, document: int
+def run_rank(rank: int, world_size: int, seq_len: int, layout_kind: str, document: int, classed: bool
              ) -> dict[str, tuple[float, int, int]]:
     """Per mask: (planning CPU seconds of a new batch, bytes sent in one forward + backward, bound)."""
     import torch.distributed as dist
@@ -89,7 +107,7 @@ def run_rank(rank: int, world_size: int, seq_len: int, layout_kind: str, documen
     q, k, v = (torch.randn(1, 1, seq_len // world_size, 16, generator=g).requires_grad_(True) for _ in range(3))
     table = layout.table(seq_len)
     results = {}
-    for name, mask in masks(info).items():
+    for name, mask in masks(info, classed).items():
         clear_mask_cache()
         dist.barrier()
         cpu = time.thread_time()
@@ -111,8 +129,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
     parser.add_argument("--document", type=int, default=3000)
+    parser.add_argument("--unclassed", action="store_true", help="the presets without their block classes")
     args = parser.parse_args()
-    ranks = spawn(run_rank, args.world_size, args.seq_len, args.layout, args.document)
+    ranks = spawn(run_rank, args.world_size, args.seq_len, args.layout, args.document, not args.unclassed)
     print(f"P={args.world_size} S={args.seq_len} {args.layout}, one row, documents of {args.document or args.seq_len}; "
           f"planning: worst rank's CPU for a new batch; bytes: all ranks' sent / all ranks' bound")
     print(f"  {'mask':30s} {'planning':>10s} {'sent/bound':>10s}")

@@ -9,7 +9,14 @@ start of each document (a run of equal ids) and attention stays within it, as at
 ``generate_doc_mask_mod`` does (a prefix, a chunk, a window per document). Without it, passing
 ``SequenceInfo(document_ids=...)`` to ``ring_attention`` only keeps attention within documents.
 
-Shape legend: B batch rows, S whole sequence length; "[B] or []" tensors are per row or shared.
+Block classes: each preset's mask_mod carries ``block_classes(q, k)``, its classes over blocks of
+queries and keys (``planning/blocks.py``: empty, partial or full, int8 [B or 1, Qb, KVb]) from
+their bounds and summaries, sound (tested against the mask evaluated entry by entry), so the
+planner evaluates only partial blocks, as for a ``MaskSpec``. Where positions count from each
+document's start (prefix-LM and chunks per document), only the documents are classed.
+
+Shape legend: B batch rows, S whole sequence length, Qb / KVb query / key blocks; "[B] or []"
+tensors are per row or shared.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .planning.blocks import PARTIAL, and_classes, classes, equal_classes, or_classes, order_classes, window_classes
 from .planning.masks import MaskMod
 
 
-def _causal(b, h, q_idx, kv_idx):
-    return kv_idx <= q_idx
+def _classed(mask_mod: MaskMod, block_classes) -> MaskMod:
+    """``mask_mod`` carrying its block classifier (see the module doc)."""
+    mask_mod.block_classes = block_classes
+    return mask_mod
 
 
 def _per_row(t: Tensor, b: Tensor) -> Tensor:
@@ -29,9 +39,17 @@ def _per_row(t: Tensor, b: Tensor) -> Tensor:
     return t if t.dim() == 0 else t[b]
 
 
+def _unknown(q, k) -> Tensor:
+    return torch.full((1, q.count, k.count), PARTIAL, dtype=torch.int8, device=q.bounds()[0].device)
+
+
 def causal(document_ids: Tensor | None = None) -> MaskMod:
     """Keys at or before the query: ``kv <= q``."""
-    return _within_documents(_causal, document_ids)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    return _within_documents(_classed(mask_mod, order_classes), document_ids)
 
 
 def sliding_window(window: Tensor, document_ids: Tensor | None = None) -> MaskMod:
@@ -41,7 +59,10 @@ def sliding_window(window: Tensor, document_ids: Tensor | None = None) -> MaskMo
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
-    return _within_documents(mask_mod, document_ids)
+    def block_classes(q, k):  # q - kv <= w is kv > q - (w + 1)
+        return and_classes(order_classes(q, k), window_classes(q, k, window + 1, causal=True))
+
+    return _within_documents(_classed(mask_mod, block_classes), document_ids)
 
 
 def chunked(chunk: Tensor, document_ids: Tensor | None = None) -> MaskMod:
@@ -52,7 +73,15 @@ def chunked(chunk: Tensor, document_ids: Tensor | None = None) -> MaskMod:
         return (kv_idx <= q_idx) & (torch.div(q_idx, chunk, rounding_mode="floor")
                                     == torch.div(kv_idx, chunk, rounding_mode="floor"))
 
-    return _within_documents(mask_mod, document_ids)
+    def block_classes(q, k):
+        (q_first, q_last), (k_first, k_last) = (tuple(torch.div(t, chunk, rounding_mode="floor") for t in x.bounds())
+                                                for x in (q, k))
+        q_first, q_last, k_first, k_last = q_first[:, None], q_last[:, None], k_first[None, :], k_last[None, :]
+        same = classes((q_first == q_last) & (k_first == k_last) & (q_first == k_first),
+                       (q_last < k_first) | (k_last < q_first)).unsqueeze(0)
+        return and_classes(order_classes(q, k), same)
+
+    return _within_documents(_classed(mask_mod, block_classes), document_ids, shift_invariant=False)
 
 
 def prefix_lm(prefix: Tensor, document_ids: Tensor | None = None) -> MaskMod:
@@ -62,14 +91,19 @@ def prefix_lm(prefix: Tensor, document_ids: Tensor | None = None) -> MaskMod:
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < _per_row(prefix, b))
 
-    return _within_documents(mask_mod, document_ids)
+    def block_classes(q, k):
+        k_first, k_last = k.bounds()
+        limit = prefix.reshape(-1, 1, 1)  # [B or 1, 1, 1]
+        return or_classes(order_classes(q, k), classes(k_last[None, None, :] < limit, k_first[None, None, :] >= limit))
+
+    return _within_documents(_classed(mask_mod, block_classes), document_ids, shift_invariant=False)
 
 
 def global_tokens(is_global: Tensor, window: Tensor | None = None, document_ids: Tensor | None = None) -> MaskMod:
     """A few positions see and are seen by all (``is_global`` [B, S] bool, global positions; with
     ``document_ids``, all of their document); the others attend causally, within
     ``sliding_window(window)`` when ``window`` ([] int) is given."""
-    local = _within_documents(_causal if window is None else sliding_window(window), document_ids)
+    local = causal(document_ids) if window is None else sliding_window(window, document_ids)
     starts = None if document_ids is None else document_starts(document_ids)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -78,7 +112,14 @@ def global_tokens(is_global: Tensor, window: Tensor | None = None, document_ids:
             hub = hub & (starts[b, q_idx] == starts[b, kv_idx])
         return local(b, h, q_idx, kv_idx) | hub
 
-    return mask_mod
+    def block_classes(q, k):
+        (q_lo, q_hi), (k_lo, k_hi) = q.summary(is_global), k.summary(is_global)
+        hub = or_classes(classes(q_lo == 1, q_hi == 0)[:, :, None], classes(k_lo == 1, k_hi == 0)[:, None, :])
+        if starts is not None:
+            hub = and_classes(hub, equal_classes(q, k, starts, starts))
+        return or_classes(local.block_classes(q, k), hub)
+
+    return _classed(mask_mod, block_classes)
 
 
 def dilated_sliding_window(window: Tensor, dilation: Tensor, document_ids: Tensor | None = None) -> MaskMod:
@@ -89,7 +130,10 @@ def dilated_sliding_window(window: Tensor, dilation: Tensor, document_ids: Tenso
         diff = (q_idx - kv_idx).abs()
         return (diff <= window) & (diff % dilation == 0)
 
-    return _within_documents(mask_mod, document_ids)
+    def block_classes(q, k):  # the dilation leaves a block full only when it is a single entry: partial
+        return and_classes(window_classes(q, k, window, causal=False), _unknown(q, k))
+
+    return _within_documents(_classed(mask_mod, block_classes), document_ids)
 
 
 def document_starts(document_ids: Tensor) -> Tensor:
@@ -100,9 +144,11 @@ def document_starts(document_ids: Tensor) -> Tensor:
     return torch.where(new, index, torch.zeros_like(index)).cummax(1).values
 
 
-def _within_documents(mask_mod: MaskMod, document_ids: Tensor | None) -> MaskMod:
+def _within_documents(mask_mod: MaskMod, document_ids: Tensor | None, shift_invariant: bool = True) -> MaskMod:
     """``mask_mod`` on positions within each document, and nothing across documents (attention-gym's
-    ``generate_doc_mask_mod``); ``mask_mod`` itself without ``document_ids``."""
+    ``generate_doc_mask_mod``); ``mask_mod`` itself without ``document_ids``. Its classes: the
+    documents' AND ``mask_mod``'s when it depends on ``q - kv`` alone (``shift_invariant``: the
+    same on positions counted from any start), else the documents' only."""
     if document_ids is None:
         return mask_mod
     starts = document_starts(document_ids)
@@ -111,4 +157,8 @@ def _within_documents(mask_mod: MaskMod, document_ids: Tensor | None) -> MaskMod
         q_start, kv_start = starts[b, q_idx], starts[b, kv_idx]
         return (q_start == kv_start) & mask_mod(b, h, q_idx - q_start, kv_idx - kv_start)
 
-    return doc_mask_mod
+    def block_classes(q, k):
+        inner = mask_mod.block_classes(q, k) if shift_invariant else _unknown(q, k)
+        return and_classes(equal_classes(q, k, starts, starts), inner)
+
+    return _classed(doc_mask_mod, block_classes)

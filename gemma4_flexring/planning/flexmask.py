@@ -8,7 +8,9 @@ graph inputs, never constants or guards; inside the op the factory is found agai
 
 The planner knows nothing of a mask_mod's structure: its block classes are PARTIAL everywhere
 (``unknown_classes``, sound), so every block that the metadata (documents, padding) leaves open is
-evaluated entry by entry once per content and cached like any plan.
+evaluated entry by entry once per content and cached like any plan. A mask_mod that carries
+``block_classes(q, k)`` (the presets' do: sound classes from block bounds and summaries, see
+``blocks.py``) is classed by it instead, and only its partial blocks are evaluated.
 
 Shape legend: B batch rows, S whole sequence length, Qb / KVb query / key blocks.
 """
@@ -100,6 +102,11 @@ class FlexMask:
 
     The mask_mod may not read ``h``: one plan serves every head, so a per-head mask is refused
     (inside the op, on every rank). A ``score_mod`` (five arguments) is refused too.
+
+    The planner evaluates the mask_mod inside every block that documents and padding leave open
+    (once per content). A mask_mod may carry ``block_classes(q_blocks, k_blocks) -> int8 [B or 1,
+    Qb, KVb]`` (0 empty, 1 partial, 2 full; ``planning/blocks.py``), as the presets' do: the
+    planner then evaluates partial blocks only, and trusts it (an unsound one gives wrong results).
     """
 
     __slots__ = ("factory", "name", "tensors", "generation")
@@ -208,8 +215,9 @@ class FlexSpec(NamedTuple):
 
 def flex_spec(op_name: str, tensors: list[Tensor]) -> FlexSpec:
     """The planner's view of a FlexMask (its ``op_name`` and ``op_tensors``): the tensors' digest,
-    the factory called on them, the mask_mod probed (``probe_mask_mod``), classes PARTIAL
-    everywhere. Reads the tensors (on the CPU, for the digest): once per content.
+    the factory called on them, the mask_mod probed (``probe_mask_mod``), classes from its
+    ``block_classes`` when it has one, else PARTIAL everywhere. Reads the tensors (on the CPU, for
+    the digest): once per content.
 
     Raises:
         ValueError: the factory cannot be found or returns no mask_mod, or the mask_mod is refused
@@ -222,7 +230,7 @@ def flex_spec(op_name: str, tensors: list[Tensor]) -> FlexSpec:
     device = tensors[0].device if tensors else torch.device("cpu")
     per_row = probe_mask_mod(name, mask_mod, device)
     digest = content_digest((op_name, [tuple(t.shape) for t in tensors]), tensors)
-    return FlexSpec(op_name, digest, Mask(mask_mod, unknown_classes), per_row)
+    return FlexSpec(op_name, digest, Mask(mask_mod, getattr(mask_mod, "block_classes", unknown_classes)), per_row)
 
 
 def unknown_classes(q, k) -> Tensor:

@@ -190,3 +190,37 @@ def test_a_pickled_flexmask_is_the_same_mask_with_a_new_generation():
     for other in (pickle.loads(pickle.dumps(mask)), copy.deepcopy(mask)):
         assert other.op_name == mask.op_name and torch.equal(other.tensors["prefix"], mask.tensors["prefix"])
         assert int(other.generation) != int(mask.generation)
+
+
+PRESET_MASKS = ["flex_causal", "flex_sliding", "flex_chunked", "flex_prefix_lm", "flex_global", "flex_global_window",
+                "flex_dilated", "flex_prefix_lm_documents", "flex_chunked_documents"]
+
+
+@pytest.mark.parametrize("name", PRESET_MASKS)
+def test_preset_block_classes_are_sound(name):
+    """On random runs of positions (blocks of every size, spans of any lengths) a preset's class
+    FULL holds only allowed entries and EMPTY none, in every batch row it speaks for; and on
+    aligned blocks the classes decide some blocks (they are not all partial)."""
+    from gemma4_flexring.planning.blocks import EMPTY, FULL, Blocks, Spans
+
+    batch, seq_len = 2, 96
+    mask = FLEX_MASKS[name](batch, seq_len)
+    mask_mod = mask.factory(**mask.tensors)
+    b, i, j = torch.arange(batch).view(-1, 1, 1), torch.arange(seq_len).view(1, -1, 1), torch.arange(seq_len).view(1, 1, -1)
+    allowed = mask_mod(b, torch.zeros((), dtype=torch.long), i, j).expand(batch, seq_len, seq_len)
+    g = torch.Generator().manual_seed(0)
+    decided = 0
+    for trial in range(40):
+        cuts = torch.randperm(seq_len - 1, generator=g)[:int(torch.randint(1, 12, (1,), generator=g))] + 1
+        edges = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([seq_len])])
+        spans = Spans(edges[:-1], edges[1:] - 1)
+        size = int(torch.randint(1, 20, (1,), generator=g))
+        blocks = Blocks(int(torch.randint(0, 30, (1,), generator=g)), seq_len - 30, size, torch.device("cpu"))
+        for q, k in ((spans, spans), (blocks, spans), (blocks, blocks)):
+            cls = mask_mod.block_classes(q, k).expand(batch, q.count, k.count)
+            (q_first, q_last), (k_first, k_last) = q.bounds(), k.bounds()
+            for row, qi, ki in cls.ne(1).nonzero().tolist():
+                region = allowed[row, q_first[qi]:q_last[qi] + 1, k_first[ki]:k_last[ki] + 1]
+                assert bool(region.all() if cls[row, qi, ki] == FULL else ~region.any()), (name, trial, row, qi, ki)
+            decided += int((cls == EMPTY).sum() + (cls == FULL).sum())
+    assert decided > 0
