@@ -13,7 +13,9 @@ Shape legend: B batch, S whole sequence, L = S / P local tokens, H heads, D head
 from __future__ import annotations
 
 import copy
+import functools
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,9 @@ from torch import Tensor
 from ..api import ring_attention
 from ..comm import resolve_group
 from ..info import SequenceInfo
-from ..layout import Layout, layer_mix
+from ..layout import Layout
+from .. import presets
+from ..planning.flexmask import FlexMask
 from ..planning.masks import MaskSpec
 
 ATTN_IMPLEMENTATION = "gemma4_flexring"
@@ -85,15 +89,16 @@ pytree.register_pytree_node(
 torch.serialization.add_safe_globals([RingContext, Layout])
 
 
-def mask_spec(module: torch.nn.Module) -> MaskSpec:
-    """The MaskSpec of one decoder attention layer, read from the module and its config.
+def mask_spec(module: torch.nn.Module, info: SequenceInfo | None = None) -> MaskSpec | FlexMask:
+    """The mask of one decoder attention layer, read from the module and its config.
 
     Gemma 4: sliding layers (``module.sliding_window`` set) get block-bidirectional image blocks
     when ``config.use_bidirectional_attention == "vision"``; global layers stay causal, as in
     transformers' ``create_masks_for_vision_model``. With ``"all"``, ``module.is_causal`` is False.
     Other decoders (Llama, Mistral, Qwen 3, Gemma 3, ...): causal, with the layer's
     ``sliding_window`` attribute as its window, or, on layers that have none (Mistral), the
-    config's ``sliding_window``, which then holds for every layer.
+    config's ``sliding_window``, which then holds for every layer. Llama 4's chunked layers:
+    ``chunked_mask`` over the batch ``info``'s documents.
 
     Raises:
         ValueError: a layer whose attention the ring cannot compute exactly (``unservable``).
@@ -101,17 +106,47 @@ def mask_spec(module: torch.nn.Module) -> MaskSpec:
     problem = unservable(module)
     if problem is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: {type(module).__name__} {problem}; the ring computes plain "
-                         "softmax attention under causal, sliding-window, document, padding and Gemma 4 image masks")
+                         "softmax attention under causal, sliding-window, chunked, document, padding and Gemma 4 "
+                         "image masks")
+    if (chunk := chunk_size(module)) is not None:
+        return chunked_mask(chunk, info)
     window = module.sliding_window if hasattr(module, "sliding_window") else getattr(module.config, "sliding_window", None)
     vision = getattr(module.config, "use_bidirectional_attention", None) == "vision"
     return MaskSpec(causal=bool(module.is_causal), sliding_window=window,
                     block_bidirectional=vision and window is not None)
 
 
+def chunked_mask(chunk: int, info: SequenceInfo | None) -> FlexMask:
+    """Llama 4's chunked attention as transformers computes it: causal chunks of ``chunk``
+    positions counted from each packed document's start (``presets.chunked`` over ``info``'s
+    documents, None: one document). It shares ``info``'s generation and takes ``info``'s tensor
+    only (the chunk is in the factory's name), so every layer's mask of a batch is described once."""
+    if info is None:
+        return FlexMask(presets.chunked, chunk=torch.tensor(chunk))
+    return FlexMask.of_batch(info.generation, chunked_factory(chunk), name=f"{ATTN_IMPLEMENTATION}.chunked_{chunk}",
+                             document_ids=info.document_ids)
+
+
+@functools.cache
+def chunked_factory(chunk: int):
+    """``presets.chunked`` with its chunk fixed."""
+    return functools.partial(presets.chunked, chunk)
+
+
+def chunk_size(module: torch.nn.Module) -> int | None:
+    """The chunk of a layer with chunked attention (Llama 4: ``config.attention_chunk_size`` on
+    the layers ``config.layer_types`` calls "chunked_attention"), None for other layers."""
+    config = module.config
+    chunk, types = getattr(config, "attention_chunk_size", None), getattr(config, "layer_types", None)
+    if chunk is None or (types is not None and types[module.layer_idx] != "chunked_attention"):
+        return None
+    return chunk
+
+
 def unservable(module: torch.nn.Module) -> str | None:
     """Why the ring cannot serve ``module``'s attention exactly, or None: attention sinks, logit
-    softcapping, chunked attention, and bidirectional attention outside Gemma 4's variants (an
-    unknown mask: the ring would not know which keys to send)."""
+    softcapping, and bidirectional attention outside Gemma 4's variants (an unknown mask: the ring
+    would not know which keys to send)."""
     config = module.config
     gemma4 = str(getattr(config, "model_type", "")).startswith("gemma4")
     softcap = getattr(module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
@@ -119,8 +154,6 @@ def unservable(module: torch.nn.Module) -> str | None:
         return "has attention sinks (a learned logit per head joins every softmax)"
     if softcap is not None:
         return f"caps its attention logits (attn_logit_softcapping={softcap})"
-    if getattr(config, "attention_chunk_size", None) is not None:
-        return f"uses chunked attention (attention_chunk_size={config.attention_chunk_size})"
     if not gemma4 and (getattr(config, "use_bidirectional_attention", None) or not module.is_causal):
         return "attends bidirectionally, a mask only Gemma 4's variants of it are served with"
     return None
@@ -133,23 +166,33 @@ def text_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "is_causal") and getattr(m, "config", None) is text]
 
 
-def ring_layer_masks(model: torch.nn.Module) -> list[MaskSpec]:
+def ring_layer_masks(model: torch.nn.Module, info: SequenceInfo | None = None) -> list[MaskSpec | FlexMask]:
     """The mask (``mask_spec``) of each of ``model``'s text attention layers that go through the
-    ring, one per layer, in layer order."""
-    return [mask_spec(m) for m in text_attention_layers(model)
+    ring, one per layer, in layer order, for the batch ``info`` (chunked layers depend on it)."""
+    return [mask_spec(m, info) for m in text_attention_layers(model)
             if getattr(m.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION]
 
 
-def ring_masks(model: torch.nn.Module) -> list[MaskSpec]:
-    """The distinct masks of ``model``'s ring layers, in layer order: what a batch needs planned
-    (``plan_ahead``)."""
-    return list(dict.fromkeys(ring_layer_masks(model)))
+def ring_masks(model: torch.nn.Module, info: SequenceInfo | None = None) -> list[MaskSpec | FlexMask]:
+    """The distinct masks of ``model``'s ring layers for the batch ``info``, in layer order: what a
+    batch needs planned (``plan_ahead``)."""
+    return [mask for mask, _ in ring_layer_mix(model, info)]
 
 
-def ring_layer_mix(model: torch.nn.Module) -> list[tuple[MaskSpec, int]]:
-    """``model``'s ring layers as (distinct mask, layer count) pairs: the layer mix
-    ``Layout.balanced(..., masks=...)`` weighs (Gemma 4: five sliding layers to one global)."""
-    return layer_mix(ring_layer_masks(model))
+def ring_layer_mix(model: torch.nn.Module, info: SequenceInfo | None = None) -> list[tuple[MaskSpec | FlexMask, int]]:
+    """``model``'s ring layers as (distinct mask, layer count) pairs for the batch ``info``, in
+    layer order: the layer mix ``Layout.balanced(..., masks=...)`` weighs (Gemma 4: five sliding
+    layers to one global). FlexMasks are one mask when they have one factory name and the very
+    same tensors (every chunked layer's mask of a batch)."""
+    def key(mask):
+        return (mask.name, tuple(map(id, mask.tensors.values()))) if isinstance(mask, FlexMask) else mask
+
+    masks = ring_layer_masks(model, info)
+    first = {}
+    for mask in masks:
+        first.setdefault(key(mask), mask)
+    counts = Counter(key(m) for m in masks)
+    return [(mask, counts[k]) for k, mask in first.items()]
 
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -176,9 +219,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if ring_context is None:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: no {CONTEXT_KWARG!r} among the model's kwargs; "
                          "call model(**gemma4_flexring.hf.shard_inputs(model, ...))")
-    spec = mask_spec(module)
+    spec = mask_spec(module, ring_context.info)
     extra = {name: kwargs[name] for name in ("s_aux", "softcap") if kwargs.get(name) is not None}
-    if "sliding_window" in kwargs and kwargs["sliding_window"] != spec.sliding_window:
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != getattr(spec, "sliding_window", None):
         extra["sliding_window"] = kwargs["sliding_window"]
     if extra:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: {type(module).__name__} asks for {sorted(extra)} the ring does not "
@@ -207,9 +250,9 @@ def use_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
 
     Served: Gemma 4 (``Gemma4ForCausalLM``, ``Gemma4ForConditionalGeneration``) with all its
     masks, and decoders whose layers are causal, with or without a sliding window (Gemma 3, Llama,
-    Mistral, Qwen 3; see ``mask_spec``). Refused, before anything changes: layers the ring cannot
-    compute exactly (``unservable``: attention sinks, logit softcapping, chunked attention, other
-    bidirectional masks).
+    Mistral, Qwen 3) or chunked (Llama 4, through the FlexMask ``presets.chunked``; see
+    ``mask_spec``). Refused, before anything changes: layers the ring cannot compute exactly
+    (``unservable``: attention sinks, logit softcapping, other bidirectional masks).
 
     The model first gets config objects of its own (``_own_configs``): transformers keeps the
     attention implementation in the config, which models built from one config object share, so

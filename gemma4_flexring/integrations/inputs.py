@@ -21,8 +21,8 @@ from ..info import SequenceInfo
 from ..layout import LAYOUTS, Layout
 from ..planning.metadata import content_digest, digest_words
 from ..validate import Problem, agree
-from .attention import (ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, ring_layer_mix, ring_masks,
-                        uses_ring_attention)
+from .attention import (ATTN_IMPLEMENTATION, CONTEXT_KWARG, RingContext, chunk_size, ring_layer_mix, ring_masks,
+                        text_attention_layers, uses_ring_attention)
 
 IGNORE_INDEX = -100
 
@@ -98,7 +98,8 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
         ValueError (TypeError for a wrong type in a world of one), on every rank: a model that does
             not use the ring, bad shapes, a length the layout cannot split, a rank outside the
             layout or not this process's rank in the group, a layout whose world size is not the
-            group's, or ranks that disagree on the batch's shape, content or layout.
+            group's, a left-padded batch for a model with chunked attention (Llama 4), or ranks
+            that disagree on the batch's shape, content or layout.
     """
     group = process_group(group)
     balanced = isinstance(layout, str) and layout == "balanced"
@@ -106,6 +107,10 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
     placement = Layout("contiguous", 1 if group is None else group.size()) if balanced else layout
     problems = _batch_problems(input_ids, position_ids, attention_mask, mm_token_type_ids, labels)
     problems += _placement_problems(placement, rank, group, input_ids.shape[1] if not problems else None)
+    if (attention_mask is not None and not problems and bool((attention_mask[:, 0] == 0).any())
+            and any(chunk_size(m) is not None for m in text_attention_layers(model))):
+        problems.append((ValueError, "the batch is left-padded and the model has chunked attention (Llama 4), whose "
+                                     "chunks transformers counts from each row's first real token: pad on the right"))
     if not uses_ring_attention(model):
         problems.append((ValueError, f"the model's attention is not {ATTN_IMPLEMENTATION!r}, so it would ignore "
                                      "the ring context; call gemma4_flexring.hf.use_ring_attention(model) first"))
@@ -119,14 +124,14 @@ def shard_inputs(model: torch.nn.Module, *, input_ids: Tensor, position_ids: Ten
     position_ids = position_ids.expand(batch, seq_len)
     info = SequenceInfo.from_hf(attention_mask, position_ids, mm_token_type_ids)
     if balanced:
-        layout = Layout.balanced(info, placement.world_size, masks=ring_layer_mix(model))
+        layout = Layout.balanced(info, placement.world_size, masks=ring_layer_mix(model, info))
 
     def local(t: Tensor) -> Tensor:
         return layout.shard(t, 1, rank).contiguous()
 
     if plan_ahead:
         dtype = next(model.parameters()).dtype
-        start_planning(info, ring_masks(model), layout=layout, group=group, dtype=dtype, device=input_ids.device)
+        start_planning(info, ring_masks(model, info), layout=layout, group=group, dtype=dtype, device=input_ids.device)
     kwargs = {"input_ids": local(input_ids), "position_ids": local(position_ids), "use_cache": False,
               CONTEXT_KWARG: RingContext(info, layout, group)}
     if mm_token_type_ids is not None:

@@ -121,6 +121,15 @@ class FlexMask:
         _set(self, factory=factory, name=resolved, tensors=dict(tensors),
              generation=_new_generation(torch.zeros(()) if anchor is None else anchor))
 
+    @classmethod
+    def of_batch(cls, generation: Tensor, factory: Factory, name: str | None = None, **tensors: Tensor) -> "FlexMask":
+        """A FlexMask whose tensors all belong to an immutable batch object with ``generation`` (a
+        ``SequenceInfo``'s): it takes that generation, so every layer's mask built from the
+        batch is described once, not once per layer (the stamp check still sees a mutation)."""
+        mask = cls.__new__(cls)
+        _set(mask, factory=factory, name=factory_name(factory, name), tensors=dict(tensors), generation=generation)
+        return mask
+
     @property
     def op_name(self) -> str:
         """What the op receives: the factory's name and its tensors' keywords, ``name|k1,k2``."""

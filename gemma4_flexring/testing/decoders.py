@@ -1,10 +1,11 @@
 """Tiny transformers decoders other than Gemma 4, for the tests of ``use_ring_attention`` beyond it:
-the families served (Gemma 3, Llama, Mistral, Qwen 3) and some it refuses (attention sinks,
-logit softcapping, chunked attention).
+the families served (Gemma 3, Llama, Mistral, Qwen 3, Llama 4) and some it refuses (attention
+sinks, logit softcapping).
 
 Every process builds the same float64 model from the same seed. Each served family has a
 sliding window of 8 somewhere (all layers for Mistral, alternate layers for Gemma 3 and Qwen 3;
-none for Llama), so that windows cross rank boundaries at S = 48.
+none for Llama) or chunks of 16 (Llama 4's first three layers), so that windows and chunks cross
+rank boundaries at S = 48.
 
 Shape legend: B batch rows, S whole sequence, L = S / P this rank's tokens, V vocabulary.
 """
@@ -47,8 +48,8 @@ def family_model(family: str) -> torch.nn.Module:
     return cls(config).to(torch.float64)
 
 
-SERVED = ("llama", "mistral", "qwen3", "gemma3")
-REFUSED = {"gpt_oss": "attention sinks", "gemma2": "caps its attention logits", "llama4": "chunked attention"}
+SERVED = ("llama", "mistral", "qwen3", "gemma3", "llama4")
+REFUSED = {"gpt_oss": "attention sinks", "gemma2": "caps its attention logits"}
 
 
 def family_batch(packed: bool) -> dict[str, torch.Tensor]:

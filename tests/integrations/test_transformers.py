@@ -115,7 +115,7 @@ def test_a_wrong_mask_is_caught(monkeypatch, case_name, wrong):
     fail it (a window other than the layer's raises: ``test_decoders.py``)."""
     want = reference(CASES[case_name])
     right = hf.mask_spec
-    monkeypatch.setattr(attention, "mask_spec", lambda module: wrong(right(module)))
+    monkeypatch.setattr(attention, "mask_spec", lambda module, info=None: wrong(right(module)))
     got, = run_cp(0, 1, [case_name], "zigzag")
     assert (got.logits - want.logits).abs().max().item() > 1e-3
 
