@@ -85,3 +85,23 @@ def test_export_with_flexmask_tensors_as_inputs(tmp_path, strict):
         want = _Layers()(*inputs)
         for module in (program.module(), loaded):
             torch.testing.assert_close(module(*inputs), want, rtol=1e-12, atol=1e-12)
+
+
+def test_llama4_layers_compiled_with_their_chunked_flexmasks():
+    """transformers' Llama 4 on the ring, each decoder layer compiled on its own (fullgraph): its
+    chunked layers build their FlexMask from the batch inside the compiled code; packed and
+    padded batches in turn compile at most 2 frames per layer and give the eager logits."""
+    from gemma4_flexring import Layout, hf
+    from gemma4_flexring.testing.decoders import family_batch, family_model
+
+    model, eager = (hf.use_ring_attention(family_model("llama4")) for _ in range(2))
+    counters = [CompileCounterWithBackend("aot_eager") for _ in model.model.layers]
+    for layer, counter in zip(model.model.layers, counters):
+        layer.compile(backend=counter, fullgraph=True)
+    for step in range(4):
+        batch = family_batch(packed=step % 2 == 0)
+        with torch.no_grad():
+            got = model(**hf.shard_inputs(model, **batch, layout=Layout("zigzag", 1), rank=0)).logits
+            want = eager(**hf.shard_inputs(eager, **batch, layout=Layout("zigzag", 1), rank=0)).logits
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(c.frame_count <= 2 for c in counters), [c.frame_count for c in counters]

@@ -127,9 +127,9 @@ def chunked_mask(chunk: int, info: SequenceInfo | None) -> FlexMask:
                              document_ids=info.document_ids)
 
 
-@functools.cache
 def chunked_factory(chunk: int):
-    """``presets.chunked`` with its chunk fixed."""
+    """``presets.chunked`` with its chunk fixed (made per call: a cache would be one more thing for
+    dynamo to trace around)."""
     return functools.partial(presets.chunked, chunk)
 
 
