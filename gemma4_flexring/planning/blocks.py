@@ -64,11 +64,19 @@ class Blocks:
 
 @dataclass(frozen=True, eq=False)
 class Spans:
-    """Consecutive runs of positions of any lengths, classified like ``Blocks``: run n holds the
-    global positions [first[n], last[n]], and run n + 1 starts at last[n] + 1 (int64 [N] each)."""
+    """Runs of positions of any lengths, in any order, classified like ``Blocks``: run n holds the
+    global positions [first[n], last[n]] (int64 [N] each). The segments of a layout's rank, or a
+    segment cut into stretches."""
 
     first: Tensor
     last: Tensor
+
+    @classmethod
+    def of(cls, segments, device: torch.device) -> "Spans":
+        """The runs of ``segments`` (objects with ``global_start`` and ``length``, such as a
+        layout's ``Segment``), in their order."""
+        first = torch.tensor([s.global_start for s in segments], dtype=torch.int64, device=device)
+        return cls(first, first + torch.tensor([s.length for s in segments], dtype=torch.int64, device=device) - 1)
 
     @property
     def count(self) -> int:
@@ -80,9 +88,12 @@ class Spans:
 
     def summary(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Min and max of whole-sequence ``x`` [B, S] over every run: int64 [B, N], [B, N]."""
-        start, stop = int(self.first[0]), int(self.last[-1]) + 1
-        part = x[:, start:stop].to(self.first.device, torch.int64)
-        run = torch.repeat_interleave(torch.arange(self.count, device=self.first.device), self.last - self.first + 1)
+        lengths = self.last - self.first + 1
+        run = torch.repeat_interleave(torch.arange(self.count, device=self.first.device), lengths)
+        # Each run's positions: its first, plus the offset of the element within the run.
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = self.first[run] + torch.arange(run.numel(), device=run.device) - starts[run]
+        part = x[:, positions.to(x.device)].to(self.first.device, torch.int64)
         index = run.expand_as(part)
         out = part.new_empty(part.shape[0], self.count)
         return (out.scatter_reduce(1, index, part, "amin", include_self=False),

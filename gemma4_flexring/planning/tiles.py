@@ -89,11 +89,7 @@ def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], b
     keys reach only what they reached before (the README's caveat on non-finite keys). The pairs
     are classified all at once, as runs.
     """
-    def spans(parts: list[Segment]) -> Spans:
-        first = torch.tensor([p.global_start for p in parts], device=device)
-        return Spans(first, first + torch.tensor([p.length for p in parts], device=device) - 1)
-
-    cls = mask.classify(spans(q_parts), spans(k_parts)).expand(batch, len(q_parts), len(k_parts))
+    cls = mask.classify(Spans.of(q_parts, device), Spans.of(k_parts, device)).expand(batch, len(q_parts), len(k_parts))
     full = (cls == FULL).all(0).tolist()
     live = (cls != EMPTY).any(0).nonzero().tolist()
     if any(not full[a][b] and q_parts[a] != k_parts[b] for a, b in live):
