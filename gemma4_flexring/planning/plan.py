@@ -31,9 +31,8 @@ import torch
 from ..layout import Segment
 from .blocks import EMPTY, Blocks, Spans
 from .context import PlanContext
-from .flags import segment_flags
+from .flags import segment_evaluation, segment_flags
 from .flex_calls import SegmentPair, block_pairs, used_key_blocks
-from .masks import offset_mask_mod
 from .rows import Rows, block_elements, merge_rows, seen_key_rows, segment_rows
 from .tiles import Tile, TileKind, fit_tiles, plan_segments, plan_stretches, stretches
 
@@ -76,7 +75,7 @@ def plan_pair(ctx: PlanContext, q_rank: int, kv_rank: int, dtype: torch.dtype) -
             read_rows.append((ks.local_start, ks.local_start + ks.length))
             continue
         q_blocks, k_blocks = (Blocks(s.global_start, s.length, block_size, device) for s in (qs, ks))
-        any_allowed, all_allowed, seen_keys = segment_flags(mask, q_blocks, k_blocks, ctx.batch)
+        (any_allowed, all_allowed, seen_keys), evaluated = segment_evaluation(mask, q_blocks, k_blocks, ctx.batch)
         read_rows.extend(seen_key_rows(seen_keys, ks))
         complete = q_blocks.complete()[:, None] & k_blocks.complete()[None, :]
         pairs += block_pairs(any_allowed, all_allowed & complete, mask.mask_mod, qs, ks, block_size)
@@ -85,8 +84,7 @@ def plan_pair(ctx: PlanContext, q_rank: int, kv_rank: int, dtype: torch.dtype) -
         if len(q_parts) > 1 or len(k_parts) > 1:
             tiles = plan_stretches(mask, q_parts, k_parts, ctx.batch, block_size, device)
         if tiles is None:
-            tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, ks.global_start)
-            tiles = plan_segments(any_allowed, all_allowed, tile_mod, qs, ks, block_size, dtype)
+            tiles = plan_segments(any_allowed, all_allowed, evaluated, qs, ks, block_size, dtype)
         pair_tiles.append(tiles)
     read = merge_rows(read_rows)
     tiles = [t for ts in pair_tiles for t in (ts if q_rank == kv_rank else fit_tiles(ts, read))]  # local: in place
