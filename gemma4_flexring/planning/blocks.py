@@ -23,6 +23,7 @@ from torch import Tensor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 CLASS_DTYPE = torch.int8
+SUMMARY_PIECE = 128  # positions ``Spans.summary`` reduces at once
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,19 @@ class Spans:
 
     def summary(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Min and max of whole-sequence ``x`` [B, S] over every run: int64 [B, N], [B, N]."""
-        lengths = self.last - self.first + 1
-        run = torch.repeat_interleave(torch.arange(self.count, device=self.first.device), lengths)
-        # Each run's positions: its first, plus the offset of the element within the run.
-        starts = torch.cumsum(lengths, 0) - lengths
-        positions = self.first[run] + torch.arange(run.numel(), device=run.device) - starts[run]
-        part = x[:, positions.to(x.device)].to(self.first.device, torch.int64)
-        index = run.expand_as(part)
+        # Runs cut into pieces of SUMMARY_PIECE positions (a short last one padded by repeating its
+        # last position), summarised piece by piece, then run by run: O(S) memory and work.
+        device = self.first.device
+        pieces = (self.last - self.first) // SUMMARY_PIECE + 1  # [N]
+        run = torch.repeat_interleave(torch.arange(self.count, device=device), pieces)  # [pieces]
+        nth = torch.arange(run.numel(), device=device) - (torch.cumsum(pieces, 0) - pieces)[run]
+        starts = self.first[run] + nth * SUMMARY_PIECE
+        positions = torch.minimum(starts[:, None] + torch.arange(SUMMARY_PIECE, device=device), self.last[run, None])
+        part = x[:, positions.to(x.device)].to(device, torch.int64)  # [B, pieces, SUMMARY_PIECE]
+        index = run.expand(part.shape[0], -1)
         out = part.new_empty(part.shape[0], self.count)
-        return (out.scatter_reduce(1, index, part, "amin", include_self=False),
-                out.scatter_reduce(1, index, part, "amax", include_self=False))
+        return (out.scatter_reduce(1, index, part.amin(-1), "amin", include_self=False),
+                out.scatter_reduce(1, index, part.amax(-1), "amax", include_self=False))
 
 
 def classes(full: Tensor, empty: Tensor) -> Tensor:
