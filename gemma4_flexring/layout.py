@@ -39,9 +39,10 @@ BALANCE_GRAIN = 128  # the planner's block size: balanced pieces are whole block
 # holding a neighbouring run may have and still be preferred (fewer segments).
 PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
 # A candidate layout with fewer segments is preferred when its busiest rank's work is at most this
-# much more (relative) than the best candidate's: planning grows with the pairs of segments (at
-# S = 16384 on this machine a rank with 11 segments planned 0.9 s of a 2.1 s step, where zigzag's
-# 2 segments took 0.06 s) and every segment adds kernel calls and, in a sliding layer, a halo.
+# much more (relative, so that scaling the layer counts changes nothing) than the best candidate's:
+# planning grows with the pairs of segments (the stack bench at S = 16384, P = 4: 15 segments on a
+# rank planned 3.6 s of a 7.7 s step, zigzag's 2 took 0.26 s of 4.2 s; docs/benchmarks.md) and
+# every segment adds kernel calls and, in a sliding layer, a halo.
 SEGMENT_SLACK = Fraction(1, 50)
 
 

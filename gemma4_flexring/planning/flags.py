@@ -1,5 +1,5 @@
 """Exact block flags of one segment pair, from the mask's block classes and, inside partial
-blocks only, the mask evaluated entry by entry.
+blocks only, the mask evaluated entry by entry (kept, as ``Evaluated``, for the tiles).
 
 Shape legend: B batch rows of the masks, Qb / KVb query / key blocks, n blocks evaluated.
 """
@@ -14,7 +14,9 @@ from torch import Tensor
 from .blocks import EMPTY, FULL, PARTIAL, Blocks
 from .masks import Mask, MaskMod
 
-DENSE_CHUNK = 1 << 22  # mask entries planning evaluates at once, bounding its memory
+# Mask entries planning evaluates at once, bounding the evaluation's temporaries; the entries kept
+# (``Evaluated``, a bool each) cover the partial blocks, which the plan's additive masks cover too.
+DENSE_CHUNK = 1 << 22
 
 
 class Flags(NamedTuple):
