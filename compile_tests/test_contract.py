@@ -64,13 +64,13 @@ def test_explicit_layouts_differing_every_batch_at_most_two_frames():
 
 
 def test_balanced_layouts_on_two_ranks_at_most_two_frames(cluster):
-    """Two ranks, a compiled stack, every batch with its own packing and so its own balanced
-    layout (equal lengths included): at most 2 frames, no recompile after the second batch, each
-    step equal to eager."""
+    """Two ranks, a compiled stack, every batch with its own packing and its balanced layout
+    (batches of equal length among them with other layouts): at most 2 frames, no recompile after
+    the second batch, each step equal to eager."""
     lengths = (32, 48, 48, 64, 64, 64, 80, 96)
     for result in cluster(2).run(compiled_ring_steps, "aot_eager", None, 2, 3, lengths, "balanced"):
         assert result["frames"] <= 2, result
-        assert result["distinct_layouts"] == len(lengths), result
+        assert result["distinct_layouts"] > len(set(lengths)), result  # some equal lengths, other layouts
         assert result["max_error"] < 1e-5, result
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
@@ -39,6 +40,12 @@ BALANCE_GRAIN = 128  # the planner's block size: balanced pieces are whole block
 # Of a rank's mean work: the largest left-over item handed out whole, and how much more work a rank
 # holding a neighbouring run may have and still be preferred (fewer segments).
 PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
+# A candidate layout with fewer segments is preferred when its busiest rank's work is at most this
+# much more (relative, so that scaling the layer counts changes nothing) than the best candidate's:
+# planning grows with the pairs of segments (the stack bench at S = 16384, P = 4: 15 segments on a
+# rank planned 3.6 s of a 7.7 s step, zigzag's 2 took 0.26 s of 4.2 s; docs/benchmarks.md) and
+# every segment adds kernel calls and, in a sliding layer, a halo.
+SEGMENT_SLACK = Fraction(1, 50)
 
 
 # A model's layers by mask: (mask, how many layers use it).
@@ -119,9 +126,12 @@ class Layout:
         neighbouring run (fewer segments); an item no rank has room for is split. A second
         candidate splits head-tail only the stretches heavier than a rank's share of the work
         (fewer cuts, the rest placed whole where it fits); zigzag and contiguous pieces are the
-        others. The candidate whose busiest rank has the least work wins, then the one with the
-        fewest segments. Every rank computes the same layout from the same metadata, without
-        communication.
+        others, and a zigzag of uneven pieces: two runs a rank, a head and a tail whose widths are
+        chosen rank by rank, outermost first, for work nearest the mean still to place. Segments
+        cost planning (per pair of segments) and kernel calls (per layer), so of the candidates
+        whose busiest rank has at most ``1 + SEGMENT_SLACK`` times the least such work, the one
+        with the fewest segments wins, then the one whose busiest rank has the least work. Every
+        rank computes the same layout from the same metadata, without communication.
 
         Args:
             info: the batch's whole-sequence ``SequenceInfo`` (only ``document_ids`` is read).
@@ -371,17 +381,42 @@ def balanced_runs(document_ids: Tensor, world_size: int, block_size: int | None 
     edges = [0, *boundary.tolist(), seq_len]
     # Every long stretch split head-tail; or only those heavier than a rank's share (the others
     # placed whole where they can, fewer cuts); or, where the packing needs no care, zigzag or
-    # contiguous pieces. The cheapest for the busiest rank wins, then the fewest segments.
+    # contiguous pieces; or zigzag's two runs a rank, of widths that balance the work.
     candidates = [_placed_runs(edges, cum, p, grain, split_from) for split_from in (0, cum[-1] / p)]
     if seq_len % (2 * p) == 0:
         w = seq_len // (2 * p)
         candidates.append([_merged([(r * w, (r + 1) * w), ((2 * p - 1 - r) * w, (2 * p - r) * w)]) for r in range(p)])
+    candidates.append(_uneven_zigzag_runs(cum, p, grain))
     candidates.append([[(r * local, (r + 1) * local)] for r in range(p)])
+    return _fewest_segments_near_best(candidates, cum)
 
-    def rank_cost(rank: list[tuple[int, int]]) -> int:
-        return sum(cum[b] - cum[a] for a, b in rank)
 
-    return min(candidates, key=lambda c: (max(rank_cost(rank) for rank in c), sum(len(rank) for rank in c)))
+def _fewest_segments_near_best(candidates: list[list[list[tuple[int, int]]]], cum: list[int]
+                               ) -> list[list[tuple[int, int]]]:
+    """Of ``candidates`` (per rank, its runs), those whose busiest rank's work (``cum``: prefix
+    sums of the per-position work, [S + 1]) is within ``SEGMENT_SLACK`` of the least; of these the
+    one with the fewest segments, then the least work on its busiest rank, then the first."""
+    busiest = [max(sum(cum[b] - cum[a] for a, b in rank) for rank in c) for c in candidates]
+    least = min(busiest)
+    near = [n for n, most in enumerate(busiest) if most <= least * (1 + SEGMENT_SLACK)]
+    return candidates[min(near, key=lambda n: (sum(len(rank) for rank in candidates[n]), busiest[n], n))]
+
+
+def _uneven_zigzag_runs(cum: list[int], p: int, grain: int) -> list[list[tuple[int, int]]]:
+    """Per rank, zigzag's two runs with widths chosen for the work (``cum``: prefix sums of the
+    per-position work, [S + 1]): outermost first, rank r takes a head [lo, lo + h) and a tail
+    [hi - (L - h), hi) of what is left, [lo, hi), with h in whole grains (or L) making its work
+    nearest the mean work left per rank; the last rank takes the middle run."""
+    local = (len(cum) - 1) // p
+    prefix = torch.tensor(cum)
+    widths = torch.unique(torch.cat([torch.arange(0, local + 1, grain), torch.tensor([local])]))  # [widths]
+    runs, lo, hi = [], 0, len(cum) - 1
+    for r in range(p - 1):
+        work = prefix[lo + widths] - cum[lo] + cum[hi] - prefix[hi - local + widths]  # [widths]
+        h = int(widths[int((work * (p - r) - (cum[hi] - cum[lo])).abs().argmin())])
+        runs.append(_merged([(lo, lo + h), (hi - local + h, hi)]))
+        lo, hi = lo + h, hi - local + h
+    return runs + [[(lo, hi)]]
 
 
 def _placed_runs(edges: list[int], cum: list[int], p: int, grain: int, split_from: float

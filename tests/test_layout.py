@@ -163,6 +163,21 @@ def test_stack_balanced_work_and_tokens(name, world_size):
     assert max(len(layout.segments(seq_len, r)) for r in range(world_size)) <= 20
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("name", list(TARGET_ROWS))
+def test_stack_balanced_prefers_few_segments_near_the_best_balance(name, world_size):
+    """Where zigzag's two runs a rank, with widths chosen for the work, balance the stack's mix
+    within 2.5%, the balanced layout holds no more segments than zigzag (planning and kernel
+    calls grow with them); the issue's rows at P=2 and P=4 all but one (a long document at P=4:
+    five segments) are such rows."""
+    info, seq_len = _packed(TARGET_ROWS[name]), 16384
+    mix = [(MaskSpec(sliding_window=1024), 5), (GLOBAL, 1)]
+    layout = Layout.balanced(info, world_size, masks=mix)
+    segments = max(len(layout.segments(seq_len, r)) for r in range(world_size))
+    assert segments <= (5 if (name, world_size) == ("a long document and four short ones", 4) else 2)
+    assert _work_ratio(layout, info, document_work(info.document_ids, mix)) <= 1.025
+
+
 def test_one_causal_layer_is_the_default_and_masks_are_checked():
     info = _packed([[3000, 1096]])
     assert Layout.balanced(info, 4, masks=[(GLOBAL, 1)]) == Layout.balanced(info, 4)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 CLASS_DTYPE = torch.int8
+SUMMARY_PIECE = 128  # positions ``Spans.summary`` reduces at once
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,19 @@ class Blocks:
 
 @dataclass(frozen=True, eq=False)
 class Spans:
-    """Consecutive runs of positions of any lengths, classified like ``Blocks``: run n holds the
-    global positions [first[n], last[n]], and run n + 1 starts at last[n] + 1 (int64 [N] each)."""
+    """Runs of positions of any lengths, in any order, classified like ``Blocks``: run n holds the
+    global positions [first[n], last[n]] (int64 [N] each). The segments of a layout's rank, or a
+    segment cut into stretches."""
 
     first: Tensor
     last: Tensor
+
+    @classmethod
+    def of(cls, segments, device: torch.device) -> "Spans":
+        """The runs of ``segments`` (objects with ``global_start`` and ``length``, such as a
+        layout's ``Segment``), in their order."""
+        first = torch.tensor([s.global_start for s in segments], dtype=torch.int64, device=device)
+        return cls(first, first + torch.tensor([s.length for s in segments], dtype=torch.int64, device=device) - 1)
 
     @property
     def count(self) -> int:
@@ -80,13 +89,19 @@ class Spans:
 
     def summary(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Min and max of whole-sequence ``x`` [B, S] over every run: int64 [B, N], [B, N]."""
-        start, stop = int(self.first[0]), int(self.last[-1]) + 1
-        part = x[:, start:stop].to(self.first.device, torch.int64)
-        run = torch.repeat_interleave(torch.arange(self.count, device=self.first.device), self.last - self.first + 1)
-        index = run.expand_as(part)
+        # Runs cut into pieces of SUMMARY_PIECE positions (a short last one padded by repeating its
+        # last position), summarised piece by piece, then run by run: O(S) memory and work.
+        device = self.first.device
+        pieces = (self.last - self.first) // SUMMARY_PIECE + 1  # [N]
+        run = torch.repeat_interleave(torch.arange(self.count, device=device), pieces)  # [pieces]
+        nth = torch.arange(run.numel(), device=device) - (torch.cumsum(pieces, 0) - pieces)[run]
+        starts = self.first[run] + nth * SUMMARY_PIECE
+        positions = torch.minimum(starts[:, None] + torch.arange(SUMMARY_PIECE, device=device), self.last[run, None])
+        part = x[:, positions.to(x.device)].to(device, torch.int64)  # [B, pieces, SUMMARY_PIECE]
+        index = run.expand(part.shape[0], -1)
         out = part.new_empty(part.shape[0], self.count)
-        return (out.scatter_reduce(1, index, part, "amin", include_self=False),
-                out.scatter_reduce(1, index, part, "amax", include_self=False))
+        return (out.scatter_reduce(1, index, part.amin(-1), "amin", include_self=False),
+                out.scatter_reduce(1, index, part.amax(-1), "amax", include_self=False))
 
 
 def classes(full: Tensor, empty: Tensor) -> Tensor:

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from ..layout import Segment
 from .blocks import EMPTY, FULL, Blocks, Spans
-from .flags import dense_block_flags, evaluate_mask
-from .masks import Mask, MaskMod, offset_mask_mod
+from .flags import Evaluated, block_indices, segment_evaluation
+from .masks import Mask
 from .rows import Rows, block_elements, runs, segment_rows
 
 # In blocks: a causal square this long is one call; a shorter one is cut into bands of rows this high.
@@ -89,11 +89,7 @@ def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], b
     keys reach only what they reached before (the README's caveat on non-finite keys). The pairs
     are classified all at once, as runs.
     """
-    def spans(parts: list[Segment]) -> Spans:
-        first = torch.tensor([p.global_start for p in parts], device=device)
-        return Spans(first, first + torch.tensor([p.length for p in parts], device=device) - 1)
-
-    cls = mask.classify(spans(q_parts), spans(k_parts)).expand(batch, len(q_parts), len(k_parts))
+    cls = mask.classify(Spans.of(q_parts, device), Spans.of(k_parts, device)).expand(batch, len(q_parts), len(k_parts))
     full = (cls == FULL).all(0).tolist()
     live = (cls != EMPTY).any(0).nonzero().tolist()
     if any(not full[a][b] and q_parts[a] != k_parts[b] for a, b in live):
@@ -106,44 +102,47 @@ def plan_stretches(mask: Mask, q_parts: list[Segment], k_parts: list[Segment], b
             continue
         blocks = Blocks(qs.global_start, qs.length, block_size, device)
         square = mask.classify(blocks, blocks)
-        tile_mod = offset_mask_mod(mask.mask_mod, qs.global_start, qs.global_start)
-        if not _is_causal_square(tile_mod, (square != EMPTY).any(0), (square == FULL).all(0), 0, blocks.count,
-                                 Blocks(0, qs.length, block_size, device), batch):
+
+        def causal(diagonal: Tensor) -> Tensor:  # classed causal, only diagonal blocks are partial
+            return causal_diagonal(segment_evaluation(mask, blocks, blocks, batch)[1], blocks, diagonal)
+
+        if not _is_causal_square(causal, (square != EMPTY).any(0), (square == FULL).all(0), 0, blocks.count):
             return None
         tiles += causal_square_tiles(qs, 0, qs.length, block_size)
     return tiles
 
 
-def plan_segments(any_allowed: Tensor, all_allowed: Tensor, tile_mod: MaskMod, qs: Segment, ks: Segment,
+def plan_segments(any_allowed: Tensor, all_allowed: Tensor, evaluated: Evaluated, qs: Segment, ks: Segment,
                   block_size: int, dtype: torch.dtype) -> list[Tile]:
     """The kernel calls of one segment pair, decided by its block flags [B, Qb, KVb] (see the
-    module doc); ``tile_mod`` is the mask in the segments' local positions.
+    module doc); ``evaluated``: the mask entry by entry where the flags were found.
 
-    Dense masks are evaluated only where blocks are partial: diagonal blocks of a causal square,
-    and the bands that need an additive mask.
+    Dense masks are read only where blocks are partial: diagonal blocks of a causal square, and
+    the bands that need an additive mask; nothing is evaluated again.
     """
     used, full = any_allowed.any(0), all_allowed.all(0)
     if not used.any():
         return []
-    batch = any_allowed.shape[0]
     (qb0, qb1), (kb0, kb1) = _index_span(used.any(1)), _index_span(used.any(0))
     (q0, q1), (k0, k1) = block_elements(qs, qb0, qb1, block_size), block_elements(ks, kb0, kb1, block_size)
     if full[qb0:qb1, kb0:kb1].all():
         return [Tile(segment_rows(qs, q0, q1), segment_rows(ks, k0, k1), TileKind.FULL)]
     square_blocks = Blocks(0, qs.length, block_size, used.device)
-    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(tile_mod, used, full, qb0, qb1, square_blocks, batch):
-        return causal_square_tiles(qs, q0, q1, block_size)
 
     def causal(diagonal: Tensor) -> Tensor:
-        return _causal_diagonal(tile_mod, square_blocks, diagonal, batch)
+        return causal_diagonal(evaluated, square_blocks, diagonal)
 
+    if qs == ks and (q0, q1) == (k0, k1) and _is_causal_square(causal, used, full, qb0, qb1):
+        return causal_square_tiles(qs, q0, q1, block_size)
     tiles = []
     for rows, cols, kind in _band_calls(used, full, causal if qs == ks else None):
         q_span, k_span = block_elements(qs, *rows, block_size), block_elements(ks, *cols, block_size)
-        if kind is TileKind.CAUSAL:
-            tiles.append(Tile(segment_rows(qs, *q_span), segment_rows(ks, *k_span), TileKind.CAUSAL))
+        q_rows, kv_rows = segment_rows(qs, *q_span), segment_rows(ks, *k_span)
+        if kind is TileKind.MASKED:
+            allowed = evaluated.region(rows, cols, q_span[1] - q_span[0], k_span[1] - k_span[0])
+            tiles.append(_masked_tile(q_rows, kv_rows, allowed, dtype))
         else:
-            tiles.append(_band_tile(tile_mod, batch, qs, ks, q_span, k_span, kind, dtype, used.device))
+            tiles.append(Tile(q_rows, kv_rows, kind))
     return tiles
 
 
@@ -170,27 +169,25 @@ def causal_square_tiles(segment: Segment, start: int, stop: int, block_size: int
     return tiles
 
 
-def _is_causal_square(tile_mod: MaskMod, used: Tensor, full: Tensor, b0: int, b1: int, blocks: Blocks,
-                      batch: int) -> bool:
+def _is_causal_square(causal: Callable[[Tensor], Tensor], used: Tensor, full: Tensor, b0: int, b1: int) -> bool:
     """Whether blocks [b0, b1) of a square on the diagonal hold exactly ``j <= i``: full below the
-    diagonal, unused above it, and lower-triangular diagonal blocks (checked densely). ``used`` and
-    ``full`` [Qb, KVb] may be exact flags or sound classes (a block called full is full)."""
+    diagonal, unused above it, and lower-triangular diagonal blocks (``causal(b)``: which of the
+    diagonal blocks ``b``, int64 [n], do, bool [n]). ``used`` and ``full`` [Qb, KVb] may be exact
+    flags or sound classes (a block called full is full)."""
     n = b1 - b0
     below = torch.ones(n, n, dtype=torch.bool, device=used.device).tril(-1)
     if not (full[b0:b1, b0:b1][below].all() and not used[b0:b1, b0:b1][below.T].any()):
         return False
-    return bool(_causal_diagonal(tile_mod, blocks, torch.arange(b0, b1, device=used.device), batch).all())
+    return bool(causal(torch.arange(b0, b1, device=used.device)).all())
 
 
-def _causal_diagonal(tile_mod: MaskMod, blocks: Blocks, diagonal: Tensor, batch: int) -> Tensor:
-    """Which diagonal blocks (``diagonal`` int64 [n], blocks of a square of ``blocks`` with
-    itself) hold exactly ``j <= i`` in every batch row, checked densely: bool [n]."""
-
-    def differs_from_causal(b, h, i, j):
-        return tile_mod(b, h, i, j) != (j <= i)
-
-    differs, _, _ = dense_block_flags(differs_from_causal, blocks, blocks, diagonal, diagonal, batch)
-    return ~differs.any(0)
+def causal_diagonal(evaluated: Evaluated, blocks: Blocks, diagonal: Tensor) -> Tensor:
+    """Which diagonal blocks (``diagonal`` int64 [n], blocks of a square of ``blocks`` with itself)
+    hold exactly ``j <= i`` in every batch row, read from the square's evaluation: bool [n]."""
+    first, last = blocks.bounds()
+    position, _ = block_indices(first[diagonal], last[diagonal], blocks.size)  # [n, size], as evaluated
+    causal = position[:, None, :] <= position[:, :, None]  # [n, size, size]
+    return (evaluated.entries(diagonal, diagonal) == causal).flatten(2).all(-1).all(0)
 
 
 def _band_calls(used: Tensor, full: Tensor, causal: Callable[[Tensor], Tensor] | None
@@ -273,18 +270,6 @@ def _row_bands(kind: Tensor) -> list[tuple[int, int]]:
         bands.append([r0, r1])
         growing = r1 - r0 == 1
     return [(r0, r1) for r0, r1 in bands]
-
-
-def _band_tile(tile_mod: MaskMod, batch: int, qs: Segment, ks: Segment, rows: tuple[int, int],
-               cols: tuple[int, int], kind: TileKind, dtype: torch.dtype, device: torch.device) -> Tile:
-    """One call of ``kind`` full or masked: unmasked over full blocks (or partial ones that turn out
-    all allowed), else with an additive mask of just this region."""
-    q_rows, kv_rows = segment_rows(qs, *rows), segment_rows(ks, *cols)
-    if kind is TileKind.FULL:
-        return Tile(q_rows, kv_rows, TileKind.FULL)
-    region = evaluate_mask(offset_mask_mod(tile_mod, rows[0], cols[0]), batch, rows[1] - rows[0],
-                           cols[1] - cols[0], device)
-    return _masked_tile(q_rows, kv_rows, region, dtype)
 
 
 def _masked_tile(q_rows: slice, kv_rows: slice, allowed: Tensor, dtype: torch.dtype) -> Tile:

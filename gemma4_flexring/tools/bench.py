@@ -8,7 +8,9 @@ each by default), or, with ``--device cuda``, one rank on the GPU (the flex kern
 taken once the GPU has finished, memory from the CUDA allocator's peak). Every figure is one layer
 (or, with ``--stack N``, a Gemma-4-like stack of N layers: five sliding layers to one global one)
 timed forward and backward, median of ``--repeats`` steps after one warm-up. Every step builds a
-fresh ``SequenceInfo`` and empties the plan cache, so planning is part of the step. Masks and
+fresh ``SequenceInfo`` and empties the plan cache, so planning is part of the step; with
+``--plan-ahead`` each step's batch is planned by ``plan_ahead`` first (waited for, untimed), as
+``hf.RingTrainer`` and the ``train`` command plan the next batch during the current step. Masks and
 metadata are the scenario catalog's bench figures (``testing/cases.py``: ``FIGURES``,
 ``figure_masks``, ``figure_info``). Per figure:
 
@@ -170,11 +172,15 @@ def _ring_and_baseline(figure: Figure, baseline, args, ring_first: bool) -> tupl
 def _ring_step(figure: Figure, args) -> tuple:
     """One forward + backward of every layer with fresh metadata: (step, forward, backward,
     planning, forward wait, backward wait) seconds, bytes sent, and the process's CPU seconds."""
+    from ..ahead import plan_ahead
     from ..api import ring_attention
 
     figure.zero_grads()
     info = figure.info(args)
-    clear_mask_cache()  # plans are built again: planning is part of every step
+    clear_mask_cache()  # plans are built again: planning is part of every step, or done ahead of it
+    if args.plan_ahead:
+        plan_ahead(info, [spec for _, spec in figure.layers], layout=figure.layout, dtype=DTYPES[args.dtype],
+                   kernel=args.kernel).result()
     reset_ring_stats()
     cpu = time.process_time()
     start = _now(args.device)
@@ -385,6 +391,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="documents of the packed mask: --documents equal ones, or uneven rows (sets --batch)")
     p.add_argument("--stack", type=int, default=0,
                    help="run each mask's metadata through a Gemma-4-like stack of N layers (5 sliding : 1 global)")
+    p.add_argument("--plan-ahead", action="store_true",
+                   help="plan each step's batch with plan_ahead before the step (untimed): planning off the step")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -416,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"P={args.world_size} S={args.seq_len} B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim} "
           f"{args.dtype} packing={args.packing} window={args.window} threads/rank={args.threads} "
           f"device={args.device} kernel={args.kernel or default_kernel(torch.device(args.device))}"
-          + (f" stack={args.stack}" if args.stack else ""))
+          + (f" stack={args.stack}" if args.stack else "") + (" plan-ahead" if args.plan_ahead else ""))
     print(table(figures))
     sdpa = ", ".join(f"{d} {t}" for d, t in SDPA_TARGETS.items())
     print(f"targets: sent/bound <= {TARGETS['bytes']}, mem/KV <= {TARGETS['memory_p8']} at P=8, "

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from gemma4_flexring import MaskSpec
-from gemma4_flexring.planning.blocks import EMPTY, FULL, PARTIAL, Blocks
+from gemma4_flexring.planning.blocks import EMPTY, FULL, PARTIAL, Blocks, Spans
 from gemma4_flexring.planning.masks import causal, gemma4_mask, sliding_window
 from gemma4_flexring.planning.flags import evaluate_at, segment_flags
 from gemma4_flexring.testing.strategies import runs
@@ -94,3 +94,16 @@ def test_unsorted_documents_that_never_meet_are_refined_to_empty():
     assert mask.classify(q, k).item() == PARTIAL
     some, every, seen = segment_flags(mask, q, k, 1)
     assert not some.any() and not every.any() and not seen.any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 600), st.data())
+def test_spans_summarise_runs_in_any_order(batch, seq_len, data):
+    """``Spans.summary`` of runs of any lengths (past a piece of 128), in any order, overlapping or
+    not: each run's min and max, as slicing it gives."""
+    x = data.draw(runs(batch, seq_len, st.integers(-3, 40)))
+    starts = data.draw(st.lists(st.integers(0, seq_len - 1), min_size=1, max_size=6))
+    bounds = [(a, data.draw(st.integers(a, seq_len - 1))) for a in starts]
+    lo, hi = Spans(torch.tensor([a for a, _ in bounds]), torch.tensor([b for _, b in bounds])).summary(x)
+    assert torch.equal(lo, torch.stack([x[:, a:b + 1].amin(-1) for a, b in bounds], 1))
+    assert torch.equal(hi, torch.stack([x[:, a:b + 1].amax(-1) for a, b in bounds], 1))

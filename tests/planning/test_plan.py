@@ -13,7 +13,8 @@ from gemma4_flexring.exchange import packed_calls, ring_owner
 from gemma4_flexring.planning.context import plan_context
 from gemma4_flexring.planning.flags import evaluate_mask
 from gemma4_flexring.planning.flex_calls import used_key_blocks
-from gemma4_flexring.planning.plan import needed_kv_rows, plan_pair
+from gemma4_flexring.planning.blocks import EMPTY, Blocks
+from gemma4_flexring.planning.plan import live_segment_pairs, needed_kv_rows, plan_pair
 from gemma4_flexring.planning.tiles import TileKind
 from gemma4_flexring.testing.cases import SPECS, make_info
 from gemma4_flexring.testing.strategies import random_plans
@@ -127,6 +128,30 @@ def test_random_plans_cover_exactly_the_allowed_pairs(problem):
             qp, kp = layout.positions(seq_len, q_rank), layout.positions(seq_len, kv_rank)
             want = dense[:, qp][:, :, kp]
             assert torch.equal(covered(plan, batch, seq_len // layout.world_size), want), (q_rank, kv_rank)
+
+
+@settings(max_examples=100, deadline=None)
+@given(random_plans())
+def test_live_segment_pairs_are_the_pairs_with_an_allowed_entry_or_a_partial_class(problem):
+    """A rank pair's segments classified at once (``Spans`` of runs out of order, not adjacent)
+    class each segment pair as the pair's two segments as single blocks do; the pairs kept hold
+    every allowed entry."""
+    spec, info, batch, seq_len, layout, block_size = problem
+    ctx = plan_context(spec, layout, seq_len, CPU, *info.tensors(), block_size=block_size)
+    dense = reference_mask(spec, info, batch, seq_len)
+    for q_rank in range(layout.world_size):
+        for kv_rank in range(layout.world_size):
+            live = live_segment_pairs(ctx, q_rank, kv_rank)
+            for qs in layout.segments(seq_len, q_rank):
+                for ks in layout.segments(seq_len, kv_rank):
+                    allowed = dense[:, qs.global_start:qs.global_start + qs.length,
+                                    ks.global_start:ks.global_start + ks.length].any()
+                    if ctx.mask is None:
+                        assert (qs, ks) in live
+                        continue
+                    one = (Blocks(s.global_start, s.length, s.length, CPU) for s in (qs, ks))
+                    assert ((qs, ks) in live) == bool((ctx.mask.classify(*one) != EMPTY).any())
+                    assert (qs, ks) in live or not allowed
 
 
 def row_runs(seen: torch.Tensor) -> tuple[tuple[int, int], ...]:

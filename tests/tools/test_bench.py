@@ -55,3 +55,13 @@ def test_bench_runs_the_kernel_asked_for(tmp_path):
                  "--window", "64", "--repeats", "1", "--no-baseline", "--kernel", "flex", "--json", str(out)]) == 0
     (figure,) = json.loads(out.read_text())["figures"]
     assert figure["kernel"] == "flex" and figure["bytes_ratio"] > 1
+
+
+def test_bench_plans_ahead_off_the_step(tmp_path):
+    """``--plan-ahead``: each step's batch is planned before the step, so the step plans nothing."""
+    out = tmp_path / "figures.json"
+    assert main(["--world-size", "2", "--seq-len", "512", "--heads", "2", "--kv-heads", "1", "--mask", "packed",
+                 "--stack", "2", "--window", "64", "--repeats", "1", "--no-baseline", "--plan-ahead",
+                 "--json", str(out)]) == 0
+    (figure,) = json.loads(out.read_text())["figures"]
+    assert figure["planning_s"] == 0 and figure["step_s"] > 0
