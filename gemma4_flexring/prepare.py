@@ -63,11 +63,11 @@ class RingArgs(NamedTuple):
 
     def spec(self) -> MaskSpec | FlexSpec:
         """The layer's mask as the planner keys it (a FlexMask's factory is called and its tensors
-        hashed once per generation, ``PlanCache.flex``)."""
+        hashed once per generation, ``PlanCache.flex``); called once ``local_problems`` found its
+        arguments whole (a FlexMask's generation present)."""
         if not self.mask_name:
             return MaskSpec(self.causal, self.sliding_window, self.block_bidirectional)
-        generation = -1 if self.mask_generation is None else int(self.mask_generation)
-        return MASK_CACHE.flex(generation, self.mask_name, list(self.mask_tensors))
+        return MASK_CACHE.flex(int(self.mask_generation), self.mask_name, list(self.mask_tensors))
 
     @property
     def resolved_scale(self) -> float:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .planning.blocks import PARTIAL, and_classes, classes, equal_classes, or_classes, order_classes, window_classes
+from .planning.blocks import and_classes, classes, equal_classes, or_classes, order_classes, window_classes
+from .planning.flexmask import unknown_classes
 from .planning.masks import MaskMod
 
 
@@ -37,10 +38,6 @@ def _classed(mask_mod: MaskMod, block_classes) -> MaskMod:
 def _per_row(t: Tensor, b: Tensor) -> Tensor:
     """``t`` ([B] or []) at batch row ``b``."""
     return t if t.dim() == 0 else t[b]
-
-
-def _unknown(q, k) -> Tensor:
-    return torch.full((1, q.count, k.count), PARTIAL, dtype=torch.int8, device=q.bounds()[0].device)
 
 
 def causal(document_ids: Tensor | None = None) -> MaskMod:
@@ -131,7 +128,7 @@ def dilated_sliding_window(window: Tensor, dilation: Tensor, document_ids: Tenso
         return (diff <= window) & (diff % dilation == 0)
 
     def block_classes(q, k):  # the dilation leaves a block full only when it is a single entry: partial
-        return and_classes(window_classes(q, k, window, causal=False), _unknown(q, k))
+        return and_classes(window_classes(q, k, window, causal=False), unknown_classes(q, k))
 
     return _within_documents(_classed(mask_mod, block_classes), document_ids)
 
@@ -158,7 +155,7 @@ def _within_documents(mask_mod: MaskMod, document_ids: Tensor | None, shift_inva
         return (q_start == kv_start) & mask_mod(b, h, q_idx - q_start, kv_idx - kv_start)
 
     def block_classes(q, k):
-        inner = mask_mod.block_classes(q, k) if shift_invariant else _unknown(q, k)
+        inner = mask_mod.block_classes(q, k) if shift_invariant else unknown_classes(q, k)
         return and_classes(equal_classes(q, k, starts, starts), inner)
 
     return _classed(doc_mask_mod, block_classes)

@@ -224,3 +224,13 @@ def test_preset_block_classes_are_sound(name):
                 assert bool(region.all() if cls[row, qi, ki] == FULL else ~region.any()), (name, trial, row, qi, ki)
             decided += int((cls == EMPTY).sum() + (cls == FULL).sum())
     assert decided > 0
+
+
+def test_a_direct_op_call_without_the_flexmask_generation_raises():
+    """The op's own checks: a FlexMask's name without its generation is refused before planning."""
+    mask = FlexMask(presets.prefix_lm, prefix=torch.tensor(3))
+    info, q = SequenceInfo(shape=(1, 16)), torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="mask_generation must be an int64 scalar"):
+        torch.ops.gemma4_flexring.ring_attention(q, q, q, info.generation, *info.tensors(), torch.arange(16),
+                                                 mask.op_tensors(q.device), False, None, False, "", None, "",
+                                                 mask.op_name, None)
