@@ -46,6 +46,12 @@ PIECE_SHARE, SLACK_SHARE = 0.03, 0.01
 # rank planned 3.6 s of a 7.7 s step, zigzag's 2 took 0.26 s of 4.2 s; docs/benchmarks.md) and
 # every segment adds kernel calls and, in a sliding layer, a halo.
 SEGMENT_SLACK = Fraction(1, 50)
+# More than zigzag's two runs on a rank cost more than the balance they buy when the best candidate
+# holding at most two a rank is within this much (relative, as above) of the best: the stack bench
+# at S = 16384, P = 4, `long_four`: five segments a rank sent 4.92 MB per rank and layer against
+# 2.88 MB and took 5% more CPU over all ranks, and stepped 1.05-1.07x slower than zigzag; two runs
+# of uneven widths (1.09 of the best work) stepped 0.97x (docs/benchmarks.md).
+TWO_RUN_SLACK = Fraction(1, 10)
 
 
 # A model's layers by mask: (mask, how many layers use it).
@@ -130,8 +136,10 @@ class Layout:
         chosen rank by rank, outermost first, for work nearest the mean still to place. Segments
         cost planning (per pair of segments) and kernel calls (per layer), so of the candidates
         whose busiest rank has at most ``1 + SEGMENT_SLACK`` times the least such work, the one
-        with the fewest segments wins, then the one whose busiest rank has the least work. Every
-        rank computes the same layout from the same metadata, without communication.
+        with the fewest segments wins, then the one whose busiest rank has the least work; if it
+        still gives some rank more than two runs, the least busy candidate with at most two a rank
+        takes its place when within ``1 + TWO_RUN_SLACK`` of the least work. Every rank computes
+        the same layout from the same metadata, without communication.
 
         Args:
             info: the batch's whole-sequence ``SequenceInfo`` (only ``document_ids`` is read).
@@ -395,11 +403,18 @@ def _fewest_segments_near_best(candidates: list[list[list[tuple[int, int]]]], cu
                                ) -> list[list[tuple[int, int]]]:
     """Of ``candidates`` (per rank, its runs), those whose busiest rank's work (``cum``: prefix
     sums of the per-position work, [S + 1]) is within ``SEGMENT_SLACK`` of the least; of these the
-    one with the fewest segments, then the least work on its busiest rank, then the first."""
+    one with the fewest segments, then the least work on its busiest rank, then the first. When
+    that one gives some rank more than two runs, the candidate with at most two runs a rank whose
+    busiest rank has the least work replaces it if within ``TWO_RUN_SLACK`` of the least."""
     busiest = [max(sum(cum[b] - cum[a] for a, b in rank) for rank in c) for c in candidates]
     least = min(busiest)
     near = [n for n, most in enumerate(busiest) if most <= least * (1 + SEGMENT_SLACK)]
-    return candidates[min(near, key=lambda n: (sum(len(rank) for rank in candidates[n]), busiest[n], n))]
+    pick = min(near, key=lambda n: (sum(len(rank) for rank in candidates[n]), busiest[n], n))
+    two_runs = [n for n, c in enumerate(candidates) if max(len(rank) for rank in c) <= 2
+                and busiest[n] <= least * (1 + TWO_RUN_SLACK)]
+    if max(len(rank) for rank in candidates[pick]) > 2 and two_runs:
+        pick = min(two_runs, key=lambda n: (busiest[n], n))
+    return candidates[pick]
 
 
 def _uneven_zigzag_runs(cum: list[int], p: int, grain: int) -> list[list[tuple[int, int]]]:

@@ -49,7 +49,7 @@ def test_bad_layouts_raise():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from gemma4_flexring import MaskSpec, SequenceInfo  # noqa: E402
-from gemma4_flexring.layout import (document_bounds, document_work, keys_seen, layer_mix,  # noqa: E402
+from gemma4_flexring.layout import (TWO_RUN_SLACK, document_bounds, document_work, keys_seen, layer_mix,  # noqa: E402
                                     segments_from_table)
 
 
@@ -150,8 +150,9 @@ def test_work_weighs_layer_kinds_by_their_counts():
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("name", list(TARGET_ROWS))
 def test_stack_balanced_work_and_tokens(name, world_size):
-    """Under a Gemma-4-like mix (W=1024) the balanced layout balances the mix's work within 3%,
-    at least as well as zigzag; S / P tokens per rank, few segments."""
+    """Under a Gemma-4-like mix (W=1024) the balanced layout balances the mix's work within 3%, or
+    within 10% holding at most two runs a rank, and at least as well as zigzag; S / P tokens per
+    rank, few segments."""
     info, seq_len = _packed(TARGET_ROWS[name]), 16384
     mix = [(MaskSpec(sliding_window=1024), 5), (GLOBAL, 1)]
     layout = Layout.balanced(info, world_size, masks=mix)
@@ -159,23 +160,26 @@ def test_stack_balanced_work_and_tokens(name, world_size):
     assert all(layout.positions(seq_len, r).numel() == seq_len // world_size for r in range(world_size))
     work = document_work(info.document_ids, mix)
     ratio = {key: _work_ratio(lay, info, work) for key, lay in (("balanced", layout), ("zigzag", Layout("zigzag", world_size)))}
-    assert ratio["balanced"] <= min(1.03, ratio["zigzag"])
-    assert max(len(layout.segments(seq_len, r)) for r in range(world_size)) <= 20
+    segments = max(len(layout.segments(seq_len, r)) for r in range(world_size))
+    # TWO_RUN_SLACK is taken over the best candidate's busiest rank, itself within 1% of the mean here.
+    assert ratio["balanced"] <= min(1.03 if segments > 2 else 1.01 * (1 + TWO_RUN_SLACK), ratio["zigzag"])
+    assert segments <= 20
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("name", list(TARGET_ROWS))
 def test_stack_balanced_prefers_few_segments_near_the_best_balance(name, world_size):
-    """Where zigzag's two runs a rank, with widths chosen for the work, balance the stack's mix
-    within 2.5%, the balanced layout holds no more segments than zigzag (planning and kernel
-    calls grow with them); the issue's rows at P=2 and P=4 all but one (a long document at P=4:
-    five segments) are such rows."""
+    """The issue's rows at P=2 and P=4: the balanced layout holds no more segments than zigzag
+    (planning, kernel calls and halos grow with them). Zigzag's two runs a rank, with widths chosen
+    for the work, balance the stack's mix within 2.5% on all but one row; on that one (a long
+    document at P=4) the best two-run candidate is 10% over the mean, and the candidates that do
+    better hold five segments on a rank, so the two-run one is taken (``TWO_RUN_SLACK``)."""
     info, seq_len = _packed(TARGET_ROWS[name]), 16384
     mix = [(MaskSpec(sliding_window=1024), 5), (GLOBAL, 1)]
     layout = Layout.balanced(info, world_size, masks=mix)
-    segments = max(len(layout.segments(seq_len, r)) for r in range(world_size))
-    assert segments <= (5 if (name, world_size) == ("a long document and four short ones", 4) else 2)
-    assert _work_ratio(layout, info, document_work(info.document_ids, mix)) <= 1.025
+    assert max(len(layout.segments(seq_len, r)) for r in range(world_size)) <= 2
+    uneven = (name, world_size) == ("a long document and four short ones", 4)
+    assert _work_ratio(layout, info, document_work(info.document_ids, mix)) <= (1.01 * (1 + TWO_RUN_SLACK) if uneven else 1.025)
 
 
 def test_one_causal_layer_is_the_default_and_masks_are_checked():

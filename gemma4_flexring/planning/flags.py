@@ -115,9 +115,10 @@ def dense_block_flags(mask_mod: MaskMod, q: Blocks, k: Blocks, qb: Tensor, kb: T
         allowed = evaluate_at(mask_mod, batch, q_idx[part, :, None], k_idx[part, None, :])
         real = None if whole else q_real[part, :, None] & k_real[part, None, :]
         hit = allowed if real is None else allowed & real
-        some.append(hit.flatten(2).any(-1))
+        seen = hit.any(2)  # [batch, n, k.size]: one pass over the entries serves `some` and `keys`
+        some.append(seen.any(-1))
         every.append((allowed if real is None else allowed | ~real).flatten(2).all(-1))
-        keys.append(hit.any(0).any(1))
+        keys.append(seen.any(0))
         dense.append(allowed)
     return torch.cat(some, 1), torch.cat(every, 1), torch.cat(keys, 0), torch.cat(dense, 1)
 

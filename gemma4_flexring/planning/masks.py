@@ -3,8 +3,9 @@
 Every mask here is a ``Mask``: a pure function ``mask_mod(b, h, i, j) -> bool`` over *global*
 sequence positions (query ``i``, key ``j``), paired with ``classify``, which says for whole blocks
 of queries and keys whether the mask there is empty, full or partial (``blocks.py``). Small
-factories compose with ``all_of`` / ``any_of`` (flex's ``and_masks`` / ``or_masks`` on the
-mask_mods, minimum / maximum on the classes), as in attention-gym. For batch row ``b``::
+factories compose with ``all_of`` / ``any_of`` (AND / OR of the mask_mods, as flex's
+``and_masks`` / ``or_masks``; minimum / maximum on the classes), as in attention-gym. For batch
+row ``b``::
 
     allowed = window(i, j) and (order(i, j) or block(b, i, j)) and doc(b, i, j) and not padding[b, j]
     order   = j <= i                        if causal else True
@@ -22,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import and_masks, or_masks
 
 from .blocks import Blocks, and_classes, equal_classes, key_classes, or_classes, order_classes, window_classes
 
@@ -130,14 +130,27 @@ def not_padding(padding: Tensor) -> Mask:
 
 def all_of(*masks: Mask) -> Mask:
     """Allowed where every mask allows."""
-    return Mask(and_masks(*(m.mask_mod for m in masks)),
+    return Mask(_combined(torch.logical_and, [m.mask_mod for m in masks]),
                 lambda q, k: and_classes(*(m.classify(q, k) for m in masks)))
 
 
 def any_of(*masks: Mask) -> Mask:
     """Allowed where some mask allows."""
-    return Mask(or_masks(*(m.mask_mod for m in masks)),
+    return Mask(_combined(torch.logical_or, [m.mask_mod for m in masks]),
                 lambda q, k: or_classes(*(m.classify(q, k) for m in masks)))
+
+
+def _combined(op: Callable[[Tensor, Tensor], Tensor], mask_mods: list[MaskMod]) -> MaskMod:
+    """The mask_mods folded with ``op`` (flex's ``and_masks`` / ``or_masks`` start from a constant
+    and so pay one more pass over the entries, which planning evaluates by the million)."""
+
+    def fn(b, h, q_idx, kv_idx):
+        result = mask_mods[0](b, h, q_idx, kv_idx)
+        for mask_mod in mask_mods[1:]:
+            result = op(result, mask_mod(b, h, q_idx, kv_idx))
+        return result
+
+    return fn
 
 
 def gemma4_mask(
