@@ -11,6 +11,7 @@ Shape legend: B batch rows, S whole sequence length.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,10 @@ def plan_context(spec: MaskSpec | FlexSpec, layout: Layout, seq_len: int, device
         blocks, mask = None, with_metadata([spec.mask], documents, pads)
         rows = next((t.shape[0] for t in fields if t is not None), 1) if spec.per_row else 1
     else:
-        mask = gemma4_mask(spec, documents, blocks, pads)
+        # A window reaching past the sequence is no window: dropping it keeps the mask_mods'
+        # arithmetic within the int32 indices a compiled flex kernel gives them.
+        whole = spec.sliding_window is not None and spec.sliding_window >= seq_len
+        mask = gemma4_mask(replace(spec, sliding_window=None) if whole else spec, documents, blocks, pads)
     batch = next((t.shape[0] for t in (documents, blocks, pads) if t is not None), rows)
     return PlanContext(spec, mask, document_cuts(documents), layout, seq_len, batch,
                        BLOCK_SIZE if block_size is None else block_size, device)

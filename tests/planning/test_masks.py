@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import masking_utils as tm
 
-from gemma4_flexring import MaskSpec
+from gemma4_flexring import Layout, MaskSpec
+from gemma4_flexring.planning.context import plan_context
 from gemma4_flexring.planning.masks import gemma4_mask
 from gemma4_flexring.testing.reference import reference_mask
 from gemma4_flexring.planning.flags import evaluate_mask
@@ -61,6 +62,23 @@ def test_window_edges():
     assert causal[10, 8] and not causal[10, 7] and not causal[10, 11]
     symmetric = ours(MaskSpec(causal=False, sliding_window=3), "none")[0]
     assert symmetric[10, 7] and symmetric[10, 13] and not symmetric[10, 14] and not symmetric[10, 6]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_window_past_the_sequence_plans_as_no_window(causal):
+    """A compiled flex kernel gives the mask_mod int32 indices, where ``i - 2**40`` wraps around
+    silently; the planned mask of a window at least as long as the sequence has no window term."""
+    seq_len = 64
+    grid = torch.arange(seq_len, dtype=torch.int32)
+    for window in (seq_len, 2**31 + 5, 2**40):
+        ctx = plan_context(MaskSpec(causal=causal, sliding_window=window), Layout("zigzag", 2), seq_len,
+                           torch.device("cpu"))
+        if not causal:
+            assert ctx.mask is None  # every pair allowed: nothing to evaluate
+            continue
+        zero = torch.zeros((), dtype=torch.int32)
+        mine = torch.broadcast_to(ctx.mask.mask_mod(zero, zero, grid[:, None], grid[None, :]), (seq_len, seq_len))
+        assert torch.equal(mine, torch.ones(seq_len, seq_len).tril().bool())
 
 
 def test_vision_block_on_a_sliding_layer():
