@@ -17,6 +17,8 @@ exchange), in three cases:
 
 It prints the per-rank maximum of new - cached and ahead - cached (wall seconds, one thread per
 rank, best of ``--repeats`` batches), and the target: ahead - cached <= 5 ms at S=131072, P=8.
+Beside them, the floor no planning can move: one bare all_gather of a signature's size among the
+ranks (the op's agreement, once per new batch and kind of mask, before any exchange).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from gemma4_flexring import Layout, MaskSpec, SequenceInfo, plan_ahead
+from gemma4_flexring.comm import all_gather_ints
 from gemma4_flexring.prepare import RingArgs, mask_arguments, prepare
 from gemma4_flexring.testing.launch import spawn
 
@@ -70,7 +73,19 @@ def run_rank(rank: int, world_size: int, seq_len: int, repeats: int) -> dict[str
         plan_ahead(info, MASKS, layout=layout, dtype=q.dtype).result()
         ahead.append(prepared_in(info, layout, q))
     best = lambda runs: tuple(min(r[i] for r in runs) for i in range(2))  # noqa: E731
-    return {"cached": best(cached), "new": best(new), "ahead": best(ahead)}
+    return {"cached": best(cached), "new": best(new), "ahead": best(ahead), "all_gather": bare_all_gather(repeats)}
+
+
+def bare_all_gather(repeats: int) -> float:
+    """Best wall seconds of one all_gather of 17 int64s (a signature's size) among the ranks,
+    lined up by a barrier first."""
+    times = []
+    for _ in range(max(repeats, 5)):
+        dist.barrier()
+        start = time.perf_counter()
+        all_gather_ints(dist.group.WORLD, list(range(17)))
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def main() -> None:
@@ -87,6 +102,9 @@ def main() -> None:
         ahead = max(r["ahead"][i] - r["cached"][i] for r in ranks)
         print(f"  {clock:4s}: cached batch {cached * 1e3:.1f} ms; beyond it: new batch {new * 1e3:.1f} ms, planned "
               f"ahead {ahead * 1e3:.1f} ms (target <= {TARGET_S * 1e3:.0f} ms: {'OK' if ahead <= TARGET_S else 'MISSED'})")
+    floor = max(r["all_gather"] for r in ranks)
+    print(f"  one bare all_gather among the {args.world_size} ranks: {floor * 1e3:.1f} ms wall (the op agrees once per "
+          f"new batch and kind of mask: {len(MASKS)} here, planned ahead or not)")
 
 
 if __name__ == "__main__":
