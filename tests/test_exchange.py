@@ -19,6 +19,7 @@ from gemma4_flexring.planning.tiles import Tile, TileKind, split_tile
 from gemma4_flexring.testing.cases import EXCHANGE_CASES, FLEX_EXCHANGE_CASES
 from gemma4_flexring.testing.strategies import random_plans
 from gemma4_flexring.testing.workers import exchange_traffic
+from gemma4_flexring.ring import MAX_HEAD_MESSAGES, incoming, outgoing
 
 CPU = torch.device("cpu")
 
@@ -237,3 +238,26 @@ def test_travelling_rows_are_paced_to_a_whole_chunks_piece_count():
         step = ex.steps[1]
         assert len(step.pieces) == len(step.home) == 4
         assert max(p.stop - p.start for p in step.pieces) <= most
+
+
+@pytest.mark.parametrize("heads, rows, messages, copied", [
+    (3, ((0, 64),), 1, False),                  # the whole chunk: the chunk itself
+    (3, ((8, 40),), 6, False),                  # one run: a view per (batch row, head)
+    (3, ((0, 8), (40, 64)), 1, True),           # several runs: one packed copy
+    (MAX_HEAD_MESSAGES, ((8, 40),), 1, True),   # too many (row, head) pairs for a message each
+])
+def test_rows_sent_travel_as_views_when_they_are_one_run(heads, rows, messages, copied):
+    """A step's K/V rows: the messages the owner sends and the receiver posts match in number and
+    shape, put the rows in the receive buffer in order, and copy nothing for one run of rows."""
+    chunk = torch.randn(2, heads, 64, 4)
+    sent = outgoing(chunk, rows)
+    assert len(sent) == messages and all(m.is_contiguous() for m in sent)
+    storage = chunk.untyped_storage().data_ptr()
+    assert any(m.untyped_storage().data_ptr() != storage for m in sent) == copied
+    buffer = torch.empty(2, heads, row_count(rows), 4)
+    received = incoming(buffer, rows, 64)
+    assert [m.shape for m in received] == [m.shape for m in sent]
+    for into, message in zip(received, sent):
+        into.copy_(message)
+    assert torch.equal(buffer, torch.cat([chunk[:, :, a:b] for a, b in rows], 2))
+
