@@ -29,9 +29,10 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .planning.flags import DENSE_CHUNK
+from .planning.flags import DENSE_CHUNK, evaluate_at
 from .planning.flexmask import FlexMask
 from .planning.masks import MaskSpec
+from .planning.metadata import document_starts
 
 FIXED_LAYOUTS = ("contiguous", "zigzag")
 TABLE_LAYOUTS = ("balanced", "explicit")
@@ -58,10 +59,19 @@ TWO_RUN_SLACK = Fraction(1, 10)
 LayerMix = Sequence[tuple[MaskSpec | FlexMask, int]]
 
 
-def layer_mix(masks: Iterable[MaskSpec]) -> list[tuple[MaskSpec, int]]:
+def layer_mix(masks: Iterable[MaskSpec | FlexMask]) -> list[tuple[MaskSpec | FlexMask, int]]:
     """A stack's masks, one per layer, as (distinct mask, layer count) pairs in first-seen order:
-    the ``masks`` of ``Layout.balanced``."""
-    return list(Counter(masks).items())
+    the ``masks`` of ``Layout.balanced``. FlexMasks are one mask when they have one factory name
+    and the very same tensors (every chunked layer's mask of a batch)."""
+    def key(mask):
+        return (mask.name, tuple(map(id, mask.tensors.values()))) if isinstance(mask, FlexMask) else mask
+
+    first: dict = {}
+    counts: Counter = Counter()
+    for mask in masks:
+        first.setdefault(key(mask), mask)
+        counts[key(mask)] += 1
+    return [(mask, counts[k]) for k, mask in first.items()]
 
 
 class Segment(NamedTuple):
@@ -322,19 +332,12 @@ def document_work(document_ids: Tensor, masks: LayerMix | None = None) -> Tensor
 
 
 def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per position, the first position of its document and the position after its last.
+    """Per position, the first position of its document and the position after its last (the
+    first of the reversed row's document, mirrored).
 
     Shapes: document_ids [B, S] -> (first, end), int64 [B, S] each.
     """
-    rows, seq_len = document_ids.shape
-    index = torch.arange(seq_len).expand(rows, seq_len)
-    starts = torch.ones(rows, seq_len, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
-    ends = torch.ones(rows, seq_len, dtype=torch.bool)
-    ends[:, :-1] = starts[:, 1:]
-    last = torch.where(ends, index, torch.full_like(index, seq_len)).flip(1).cummin(1).values.flip(1)
-    return first, last + 1
+    return document_starts(document_ids), document_ids.shape[1] - document_starts(document_ids.flip(1)).flip(1)
 
 
 def keys_seen(spec: MaskSpec, first: Tensor, end: Tensor) -> Tensor:
@@ -359,12 +362,12 @@ def flex_keys_seen(mask: FlexMask, first: Tensor) -> Tensor:
     """
     rows, seq_len = first.shape
     mask_mod = mask.factory(**{k: t.cpu() for k, t in mask.tensors.items()})
-    b, h, keys = torch.arange(rows).view(-1, 1, 1), torch.zeros((), dtype=torch.int64), torch.arange(seq_len)
+    keys = torch.arange(seq_len).view(1, 1, -1)
     step = max(1, DENSE_CHUNK // (rows * seq_len))
     counts = []
     for start in range(0, seq_len, step):
         queries = torch.arange(start, min(start + step, seq_len))
-        allowed = mask_mod(b, h, queries.view(1, -1, 1), keys.view(1, 1, -1))
+        allowed = evaluate_at(mask_mod, rows, queries.view(1, -1, 1), keys)[:, 0]  # [B, queries, S]
         same = first[:, queries, None] == first[:, None, :]
         counts.append((allowed & same).sum(-1))
     return torch.cat(counts, 1)

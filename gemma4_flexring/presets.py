@@ -27,6 +27,7 @@ from torch import Tensor
 from .planning.blocks import and_classes, classes, equal_classes, or_classes, order_classes, window_classes
 from .planning.flexmask import unknown_classes
 from .planning.masks import MaskMod
+from .planning.metadata import document_starts
 
 
 def _classed(mask_mod: MaskMod, block_classes) -> MaskMod:
@@ -131,14 +132,6 @@ def dilated_sliding_window(window: Tensor, dilation: Tensor, document_ids: Tenso
         return and_classes(window_classes(q, k, window, causal=False), unknown_classes(q, k))
 
     return _within_documents(_classed(mask_mod, block_classes), document_ids)
-
-
-def document_starts(document_ids: Tensor) -> Tensor:
-    """Per position, the first position of its document (a run of equal ids): int64 [B, S]."""
-    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
-    new = torch.ones_like(document_ids, dtype=torch.bool)
-    new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return torch.where(new, index, torch.zeros_like(index)).cummax(1).values
 
 
 def _within_documents(mask_mod: MaskMod, document_ids: Tensor | None, shift_invariant: bool = True) -> MaskMod:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 from ..api import ring_attention
 from ..comm import resolve_group
 from ..info import SequenceInfo
-from ..layout import Layout
+from ..layout import Layout, layer_mix
 from .. import presets
 from ..planning.flexmask import FlexMask
 from ..planning.masks import MaskSpec
@@ -123,14 +122,9 @@ def chunked_mask(chunk: int, info: SequenceInfo | None) -> FlexMask:
     only (the chunk is in the factory's name), so every layer's mask of a batch is described once."""
     if info is None:
         return FlexMask(presets.chunked, chunk=torch.tensor(chunk))
-    return FlexMask.of_batch(info.generation, chunked_factory(chunk), name=f"{ATTN_IMPLEMENTATION}.chunked_{chunk}",
-                             document_ids=info.document_ids)
-
-
-def chunked_factory(chunk: int):
-    """``presets.chunked`` with its chunk fixed (made per call: a cache would be one more thing for
-    dynamo to trace around)."""
-    return functools.partial(presets.chunked, chunk)
+    # The factory is made per call (a cache would be one more thing for dynamo to trace around).
+    return FlexMask.of_batch(info.generation, functools.partial(presets.chunked, chunk),
+                             name=f"{ATTN_IMPLEMENTATION}.chunked_{chunk}", document_ids=info.document_ids)
 
 
 def chunk_size(module: torch.nn.Module) -> int | None:
@@ -181,18 +175,9 @@ def ring_masks(model: torch.nn.Module, info: SequenceInfo | None = None) -> list
 
 def ring_layer_mix(model: torch.nn.Module, info: SequenceInfo | None = None) -> list[tuple[MaskSpec | FlexMask, int]]:
     """``model``'s ring layers as (distinct mask, layer count) pairs for the batch ``info``, in
-    layer order: the layer mix ``Layout.balanced(..., masks=...)`` weighs (Gemma 4: five sliding
-    layers to one global). FlexMasks are one mask when they have one factory name and the very
-    same tensors (every chunked layer's mask of a batch)."""
-    def key(mask):
-        return (mask.name, tuple(map(id, mask.tensors.values()))) if isinstance(mask, FlexMask) else mask
-
-    masks = ring_layer_masks(model, info)
-    first = {}
-    for mask in masks:
-        first.setdefault(key(mask), mask)
-    counts = Counter(key(m) for m in masks)
-    return [(mask, counts[k]) for k, mask in first.items()]
+    layer order (``layer_mix``): the layer mix ``Layout.balanced(..., masks=...)`` weighs (Gemma 4:
+    five sliding layers to one global)."""
+    return layer_mix(ring_layer_masks(model, info))
 
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,

@@ -242,6 +242,13 @@ def flex_spec(op_name: str, tensors: list[Tensor]) -> FlexSpec:
     return FlexSpec(op_name, digest, Mask(mask_mod, getattr(mask_mod, "block_classes", unknown_classes)), per_row)
 
 
+def planner_spec(mask, device: torch.device):
+    """A layer's mask as ``plan_context`` takes it, built afresh (tools and tests; the op goes
+    through ``PlanCache.flex``): a ``FlexMask`` as its ``FlexSpec`` (tensors on ``device``), a
+    ``MaskSpec`` as it is."""
+    return flex_spec(mask.op_name, mask.op_tensors(device)) if isinstance(mask, FlexMask) else mask
+
+
 def unknown_classes(q, k) -> Tensor:
     """Classes of a mask known only entry by entry: PARTIAL for every block pair (sound), int8
     [1, Qb, KVb]; ``q``, ``k`` are ``Blocks`` or ``Spans``."""

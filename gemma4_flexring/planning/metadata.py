@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -85,3 +86,11 @@ def stamp(tensors: tuple[Tensor, ...]) -> tuple | None:
     if any(t.is_inference() for t in tensors):
         return None
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.device)) for t in tensors)
+
+
+def document_starts(document_ids: Tensor) -> Tensor:
+    """Per position, the first position of its document (a run of equal ids): int64 [B, S]."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    new = torch.ones_like(document_ids, dtype=torch.bool)
+    new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(new, index, torch.zeros_like(index)).cummax(1).values

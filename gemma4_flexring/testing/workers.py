@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import FlexMask, presets, Layout, MaskSpec, SequenceInfo, exchange, reset_ring_stats, ring_attention, ring_stats
 from ..planning import context
 from ..planning.context import plan_context
-from ..planning.flexmask import flex_spec
+from ..planning.flexmask import planner_spec
 from ..planning.plan import needed_kv_rows, plan_pair
 from .cases import SPECS, Case, layout_of, make_info, make_layout, make_tensors
 from .reference import reference_gradients, reference_mask
@@ -187,9 +187,8 @@ def exchange_traffic(rank: int, world_size: int, case: Case, layout_kind: str) -
     layout = Layout(layout_kind, world_size)
     info = case.metadata()
     mask = case.mask
-    spec = flex_spec(mask.op_name, mask.op_tensors(torch.device("cpu"))) if isinstance(mask, FlexMask) else mask
     fields = (info or SequenceInfo(shape=(case.batch, case.seq_len))).tensors()  # as the op gets them
-    ctx = plan_context(spec, layout, case.seq_len, torch.device("cpu"), *fields, block_size=case.block_size)
+    ctx = plan_context(planner_spec(mask, torch.device("cpu")), layout, case.seq_len, torch.device("cpu"), *fields, block_size=case.block_size)
     rows = lambda runs: sum(b - a for a, b in runs)  # noqa: E731
     whole_blocks = KERNELS[case.kernel or "aten"].reads_whole_blocks
     needed_by_others = sum(rows(needed_kv_rows(ctx, reader, rank, whole_blocks))

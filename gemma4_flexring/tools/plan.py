@@ -32,7 +32,7 @@ from ..layout import Layout
 from ..planning.blocks import EMPTY, FULL, PARTIAL, Blocks
 from ..planning.context import plan_context
 from ..planning.flags import segment_flags
-from ..planning.flexmask import FlexMask, flex_spec
+from ..planning.flexmask import FlexMask, planner_spec
 from ..planning.masks import MaskSpec
 from ..planning.plan import needed_kv_rows
 from ..testing.cases import FIGURES, FLEX_MASKS, PACKINGS, figure_info, figure_masks
@@ -61,9 +61,7 @@ class MaskPicture:
 def mask_picture(spec: MaskSpec | FlexMask, info, layout: Layout, seq_len: int, block_size: int = 128) -> MaskPicture:
     """The picture of ``spec`` (a MaskSpec or a FlexMask) over ``info`` ([B, S] metadata) sharded
     by ``layout``."""
-    if isinstance(spec, FlexMask):
-        spec = flex_spec(spec.op_name, spec.op_tensors(torch.device("cpu")))
-    ctx = plan_context(spec, layout, seq_len, torch.device("cpu"), *info.tensors(), block_size=block_size)
+    ctx = plan_context(planner_spec(spec, torch.device("cpu")), layout, seq_len, torch.device("cpu"), *info.tensors(), block_size=block_size)
     ranks = range(layout.world_size)
     bands = [[pair_classes(ctx, reader, owner) for owner in ranks] for reader in ranks]
     classes = torch.cat([torch.cat(band, dim=1) for band in bands], dim=0)
